@@ -1,0 +1,53 @@
+"""The long-lived aiobotocore clients: opened once per process, sized from consumer concurrency.
+
+`open_aws_clients` enters every client on an AsyncExitStack so they close in
+reverse order at shutdown; nothing else in the service creates an AWS client.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+
+from service.config import Settings
+
+if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
+    from types_aiobotocore_secretsmanager import SecretsManagerClient
+    from types_aiobotocore_sqs import SQSClient
+
+
+@dataclass(frozen=True, slots=True)
+class AwsClients:
+    dynamodb: DynamoDBClient
+    sqs: SQSClient
+    secrets: SecretsManagerClient
+
+
+def client_config(settings: Settings, *, max_attempts: int | None = None) -> AioConfig:
+    """Timeouts, standard retry mode (bounded, jittered backoff on throttling/5xx/network) and pool size."""
+    return AioConfig(
+        max_pool_connections=settings.aws_pool_size,
+        connect_timeout=settings.aws_connect_timeout_s,
+        read_timeout=settings.aws_read_timeout_s,
+        retries={"mode": "standard", "max_attempts": max_attempts or settings.aws_max_attempts},
+        tcp_keepalive=True,
+    )
+
+
+async def open_aws_clients(settings: Settings, stack: AsyncExitStack) -> AwsClients:
+    session = get_session()
+    common = {"region_name": settings.aws_region}
+
+    async def enter(service: str, config: AioConfig):  # type: ignore[no-untyped-def]
+        creator = session.create_client(service, endpoint_url=settings.endpoint_url(service), config=config, **common)
+        return await stack.enter_async_context(creator)
+
+    dynamodb = await enter("dynamodb", client_config(settings))
+    sqs = await enter("sqs", client_config(settings, max_attempts=settings.sqs_send_attempts))
+    secrets = await enter("secretsmanager", client_config(settings))
+    return AwsClients(dynamodb=dynamodb, sqs=sqs, secrets=secrets)

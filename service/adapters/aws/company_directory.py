@@ -1,0 +1,56 @@
+"""Company/project records from the company-data table, behind a short TTL cache."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from service.adapters.aws.dynamo_codec import from_item, to_attribute, to_item
+from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
+from service.adapters.ttl_cache import TtlCache
+from service.domain.company import CompanyRecord
+from service.domain.errors import InvalidStoredRecord
+
+if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
+
+
+class DynamoCompanyDirectory:
+    def __init__(self, dynamodb: DynamoDBClient, table: str, cache_ttl_s: float) -> None:
+        self._dynamodb = dynamodb
+        self._table = table
+        self._cache: TtlCache[tuple[str, str], CompanyRecord | None] = TtlCache(cache_ttl_s)
+
+    async def get(self, company_id: str, project_id: str) -> CompanyRecord | None:
+        return await self._cache.get((company_id, project_id), lambda: self._read(company_id, project_id))
+
+    async def _read(self, company_id: str, project_id: str) -> CompanyRecord | None:
+        try:
+            answer = await self._dynamodb.get_item(
+                TableName=self._table,
+                Key={"company_id": to_attribute(company_id), "project_id": to_attribute(project_id)},
+            )
+        except AWS_FAILURES as exc:
+            raise unavailable("dynamodb", "GetItem", exc) from exc
+        item = answer.get("Item")
+        if item is None:
+            return None
+        try:
+            return CompanyRecord.model_validate(from_item(item))
+        except ValidationError as exc:
+            raise InvalidStoredRecord(f"company-data {company_id}/{project_id}: {exc.error_count()} invalid fields") from exc
+
+    async def put(self, record: CompanyRecord, *, overwrite: bool) -> bool:
+        """Store a record; without `overwrite` refuse (return False) when it already exists."""
+        extra = {} if overwrite else {"ConditionExpression": "attribute_not_exists(company_id)"}
+        try:
+            await self._dynamodb.put_item(
+                TableName=self._table, Item=to_item(record.model_dump(mode="json", exclude_none=True)), **extra
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return False
+            raise unavailable("dynamodb", "PutItem", exc) from exc
+        self._cache.invalidate((record.company_id, record.project_id))
+        return True

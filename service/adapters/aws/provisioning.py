@@ -1,0 +1,96 @@
+"""Idempotent creation of the tables and queues of `service.resources` (bootstrap, local stack).
+
+Existing resources are left as they are; the result maps each queue kind to its URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from botocore.exceptions import ClientError
+
+from service.adapters.aws.errors import error_code
+from service.resources import (
+    DLQ_MAX_RECEIVE_COUNT,
+    DLQ_RETENTION_S,
+    QUEUE_RETENTION_S,
+    QueueSpec,
+    TableSpec,
+)
+
+if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
+    from types_aiobotocore_sqs import SQSClient
+
+
+def _key_schema(partition: str, sort: str | None) -> list[dict[str, str]]:
+    schema = [{"AttributeName": partition, "KeyType": "HASH"}]
+    if sort:
+        schema.append({"AttributeName": sort, "KeyType": "RANGE"})
+    return schema
+
+
+async def ensure_table(dynamodb: DynamoDBClient, spec: TableSpec) -> bool:
+    """Create the table (on-demand billing) if absent; True when it was created."""
+    request: dict[str, Any] = {
+        "TableName": spec.name,
+        "BillingMode": "PAY_PER_REQUEST",
+        "KeySchema": _key_schema(spec.partition_key, spec.sort_key),
+        "AttributeDefinitions": [{"AttributeName": a, "AttributeType": "S"} for a in spec.key_attributes],
+    }
+    if spec.indexes:
+        request["GlobalSecondaryIndexes"] = [
+            {
+                "IndexName": index.name,
+                "KeySchema": _key_schema(index.partition_key, index.sort_key),
+                "Projection": {"ProjectionType": "ALL"},
+            }
+            for index in spec.indexes
+        ]
+    try:
+        await dynamodb.create_table(**request)
+    except ClientError as exc:
+        if error_code(exc) != "ResourceInUseException":
+            raise
+        return False
+    await dynamodb.get_waiter("table_exists").wait(TableName=spec.name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    if spec.ttl_attribute:
+        await dynamodb.update_time_to_live(
+            TableName=spec.name, TimeToLiveSpecification={"Enabled": True, "AttributeName": spec.ttl_attribute}
+        )
+    return True
+
+
+async def ensure_queue(sqs: SQSClient, spec: QueueSpec) -> str:
+    """Create the queue and its DLQ with redrive (maxReceiveCount 3); return the queue URL."""
+    dlq = await sqs.create_queue(
+        QueueName=spec.dead_letter_name, Attributes={"MessageRetentionPeriod": str(DLQ_RETENTION_S)}
+    )
+    dlq_arn = (
+        await sqs.get_queue_attributes(QueueUrl=dlq["QueueUrl"], AttributeNames=["QueueArn"])
+    )["Attributes"]["QueueArn"]
+    redrive = orjson.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": DLQ_MAX_RECEIVE_COUNT}).decode()
+    attributes = {
+        "VisibilityTimeout": str(spec.visibility_timeout_s),
+        "MessageRetentionPeriod": str(QUEUE_RETENTION_S),
+        "ReceiveMessageWaitTimeSeconds": "20",
+        "RedrivePolicy": redrive,
+    }
+    try:
+        queue = await sqs.create_queue(QueueName=spec.name, Attributes=attributes)
+    except ClientError as exc:
+        if error_code(exc) not in ("QueueAlreadyExists", "QueueNameExists"):
+            raise
+        queue = await sqs.get_queue_url(QueueName=spec.name)
+        await sqs.set_queue_attributes(QueueUrl=queue["QueueUrl"], Attributes=attributes)
+    return queue["QueueUrl"]
+
+
+async def provision(
+    dynamodb: DynamoDBClient, sqs: SQSClient, tables: list[TableSpec], queues: list[QueueSpec]
+) -> dict[str, str]:
+    await asyncio.gather(*(ensure_table(dynamodb, spec) for spec in tables))
+    urls = await asyncio.gather(*(ensure_queue(sqs, spec) for spec in queues))
+    return {spec.kind: url for spec, url in zip(queues, urls, strict=True)}

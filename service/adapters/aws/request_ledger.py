@@ -1,0 +1,98 @@
+"""The request-idempotency records of `service.domain.request_claim`, in the idempotency table.
+
+The claim is one conditional PutItem that also returns the refusing record
+(ReturnValuesOnConditionCheckFailure), so a repeat costs one request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from service.adapters.aws.dynamo_codec import from_item, to_attribute, to_item
+from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
+from service.domain.request_claim import RequestRecord, RequestState
+
+if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
+
+
+def _record(data: dict[str, Any]) -> RequestRecord:
+    return RequestRecord(
+        key=data["idempotency_key"],
+        state=RequestState(data["request_state"]),
+        conversation_id=data["conversation_id"],
+        lease_expires_at=float(data.get("lease_expires_at", 0)),
+        queue_timestamp=data.get("queue_timestamp"),
+    )
+
+
+class DynamoRequestLedger:
+    def __init__(self, dynamodb: DynamoDBClient, table: str, ttl_s: int) -> None:
+        self._dynamodb = dynamodb
+        self._table = table
+        self._ttl_s = ttl_s
+
+    async def claim(self, record: RequestRecord, now: float) -> RequestRecord | None:
+        item = {
+            "idempotency_key": record.key,
+            "request_state": record.state.value,
+            "conversation_id": record.conversation_id,
+            "lease_expires_at": int(record.lease_expires_at),
+            "expires_at": int(now) + self._ttl_s,
+        }
+        try:
+            await self._dynamodb.put_item(
+                TableName=self._table,
+                Item=to_item(item),
+                ConditionExpression=(
+                    "attribute_not_exists(idempotency_key) OR (request_state = :in_progress AND lease_expires_at < :now)"
+                ),
+                ExpressionAttributeValues={
+                    ":in_progress": to_attribute(RequestState.IN_PROGRESS.value),
+                    ":now": to_attribute(int(now)),
+                },
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                old = getattr(exc, "response", {}).get("Item")
+                return _record(from_item(old)) if old else await self._read(record.key)
+            raise unavailable("dynamodb", "PutItem", exc) from exc
+        return None
+
+    async def _read(self, key: str) -> RequestRecord | None:
+        try:
+            answer = await self._dynamodb.get_item(
+                TableName=self._table, Key={"idempotency_key": to_attribute(key)}, ConsistentRead=True
+            )
+        except AWS_FAILURES as exc:
+            raise unavailable("dynamodb", "GetItem", exc) from exc
+        item = answer.get("Item")
+        return _record(from_item(item)) if item else None
+
+    async def complete(self, key: str, queue_timestamp: str) -> None:
+        try:
+            await self._dynamodb.update_item(
+                TableName=self._table,
+                Key={"idempotency_key": to_attribute(key)},
+                UpdateExpression="SET request_state = :done, queue_timestamp = :at",
+                ExpressionAttributeValues={
+                    ":done": to_attribute(RequestState.COMPLETED.value),
+                    ":at": to_attribute(queue_timestamp),
+                },
+            )
+        except AWS_FAILURES as exc:
+            raise unavailable("dynamodb", "UpdateItem", exc) from exc
+
+    async def release(self, key: str) -> None:
+        try:
+            await self._dynamodb.delete_item(
+                TableName=self._table,
+                Key={"idempotency_key": to_attribute(key)},
+                ConditionExpression="request_state = :in_progress",
+                ExpressionAttributeValues={":in_progress": to_attribute(RequestState.IN_PROGRESS.value)},
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return
+            raise unavailable("dynamodb", "DeleteItem", exc) from exc

@@ -1,0 +1,26 @@
+"""Liveness, readiness and the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service.api.responses import json_response
+from service.api.state import DEPS
+from service.metrics import render
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the event loop answers. Never depends on AWS, so a slow dependency cannot restart pods."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    problems = await deps.readiness.problems(deps.probe_aws)
+    if problems:
+        return json_response({"status": "not_ready", "problems": problems}, status=503)
+    return json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=render(request.app[DEPS].registry), content_type="text/plain", charset="utf-8")

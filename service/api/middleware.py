@@ -1,0 +1,99 @@
+"""Cross-cutting HTTP behaviour: request context, CORS on every response, errors as JSON, metrics.
+
+Handlers raise `ApiError` (or let a dependency failure escape); `errors_as_json`
+is the one place that turns any exception into the SPEC §2 error body.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from service.api.responses import error_response
+from service.api.state import DEPS, PAYLOAD_REQUEST_ID, REQUEST_ID, TRACE_ID
+from service.domain.errors import ApiError, DependencyUnavailable, ErrorCode, InvalidStoredRecord
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = structlog.get_logger("service.api")
+
+CORS_METHODS = "OPTIONS,POST"
+CORS_HEADERS = "Content-Type,X-Amz-Date,Authorization,X-Api-Key,X-Amz-Security-Token"
+
+
+def _trace_id(request: web.Request) -> str:
+    for header in ("X-Amzn-Trace-Id", "traceparent", "X-Request-Id"):
+        value = request.headers.get(header)
+        if value and len(value) <= 200:
+            return value
+    return uuid.uuid4().hex
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind request and trace ids to every log line of this request; log one line when it ends."""
+    request_id = str(uuid.uuid4())
+    trace_id = _trace_id(request)
+    request[REQUEST_ID] = request_id
+    request[TRACE_ID] = trace_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id, trace_id=trace_id)
+    started = time.perf_counter()
+    metrics = request.app[DEPS].api_metrics
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-Id"] = request_id
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.requests.labels(route=route, status=str(status)).inc()
+        metrics.latency.labels(route=route).observe(elapsed)
+        if route not in ("/healthz", "/readyz", "/metrics"):
+            log.info("http_request", method=request.method, route=route, status=status, ms=round(elapsed * 1000, 1))
+        structlog.contextvars.clear_contextvars()
+
+
+def _error_request_id(request: web.Request) -> str:
+    return request.get(PAYLOAD_REQUEST_ID) or request.get(REQUEST_ID) or str(uuid.uuid4())
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "OPTIONS":
+        return web.Response(status=200)
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        code, message, retry = exc.code, exc.message, exc.retry_after_s
+    except DependencyUnavailable as exc:
+        code = ErrorCode.QUEUE_ERROR if exc.service == "sqs" else ErrorCode.DATABASE_ERROR
+        message, retry = f"{exc.service} is unavailable; retry later", 5
+        log.warning("dependency_unavailable", service=exc.service, operation=exc.operation, detail=exc.detail)
+    except InvalidStoredRecord as exc:
+        code, message, retry = ErrorCode.CONFIGURATION_ERROR, "the project's stored configuration is invalid", None
+        log.error("invalid_stored_record", detail=str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = ErrorCode.METHOD_NOT_ALLOWED if exc.status == 405 else ErrorCode.NOT_FOUND
+        message, retry = exc.reason, None
+        response = error_response(code, message, _error_request_id(request), status=exc.status)
+        return response
+    except Exception:
+        log.exception("unhandled_error")
+        code, message, retry = ErrorCode.INTERNAL_ERROR, "internal error", None
+    request.app[DEPS].api_metrics.errors.labels(error_code=code.value).inc()
+    return error_response(code, message, _error_request_id(request), retry_after_s=retry)
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare hook: the same CORS headers on every response, errors included."""
+    response.headers["Access-Control-Allow-Origin"] = request.app[DEPS].settings.cors_allow_origin
+    response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+    response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS

@@ -1,0 +1,127 @@
+"""The OpenAPI 3.1 document served at /openapi.json, built from the error-code enum so they cannot drift."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.domain.errors import ErrorCode
+from service.domain.initiate import SUPPORTED_CHANNELS
+
+_JSON = "application/json"
+
+
+def _codes_with_status(status: int) -> list[str]:
+    return [code.value for code in ErrorCode if code.http_status == status]
+
+
+def _error_response(description: str, status: int) -> dict[str, Any]:
+    schema = {
+        "allOf": [
+            {"$ref": "#/components/schemas/ErrorBody"},
+            {"properties": {"error_code": {"enum": _codes_with_status(status)}}},
+        ]
+    }
+    return {"description": description, "content": {_JSON: {"schema": schema}}}
+
+
+def _request_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["company_data", "recipient_data", "request_data"],
+        "properties": {
+            "company_data": {
+                "type": "object",
+                "required": ["company_id", "project_id"],
+                "properties": {"company_id": {"type": "string", "minLength": 1}, "project_id": {"type": "string", "minLength": 1}},
+            },
+            "recipient_data": {
+                "type": "object",
+                "required": ["comms_consent"],
+                "properties": {
+                    "recipient_first_name": {"type": "string"},
+                    "recipient_last_name": {"type": "string"},
+                    "recipient_tel": {"type": "string", "pattern": r"^\+[1-9][0-9]{7,14}$"},
+                    "recipient_email": {"type": "string", "format": "email"},
+                    "comms_consent": {"type": "boolean"},
+                },
+            },
+            "project_data": {"type": "object", "description": "Passed to the AI as context"},
+            "request_data": {
+                "type": "object",
+                "required": ["request_id", "channel_method", "initial_request_timestamp"],
+                "properties": {
+                    "request_id": {"type": "string", "format": "uuid", "description": "Lowercase UUID v4"},
+                    "channel_method": {"type": "string", "enum": list(SUPPORTED_CHANNELS)},
+                    "initial_request_timestamp": {"type": "string", "format": "date-time"},
+                },
+            },
+        },
+    }
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    plain_ok = {"description": "OK", "content": {_JSON: {"schema": {"type": "object"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "AI Multi-Comms Engine", "version": version},
+        "paths": {
+            "/initiate-conversation": {
+                "post": {
+                    "summary": "Start an AI-written conversation on WhatsApp, SMS or email",
+                    "security": [{"ApiKey": []}],
+                    "requestBody": {"required": True, "content": {_JSON: {"schema": _request_schema()}}},
+                    "responses": {
+                        "200": {
+                            "description": "Accepted and queued (or a repeat of an accepted request_id)",
+                            "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Accepted"}}},
+                        },
+                        "400": _error_response("Invalid request", 400),
+                        "401": _error_response("Missing or unknown API key", 401),
+                        "403": _error_response("Key not authorised, project inactive or channel not allowed", 403),
+                        "404": _error_response("Company/project not found", 404),
+                        "409": _error_response("The same request_id is being queued right now", 409),
+                        "413": _error_response("Body over 64 KiB", 413),
+                        "422": _error_response("No consent, or recipient opted out", 422),
+                        "429": _error_response("Rate limit exceeded; see Retry-After", 429),
+                        "500": _error_response("Configuration or internal error", 500),
+                        "503": _error_response("DynamoDB or SQS unavailable; retry", 503),
+                    },
+                },
+                "options": {"summary": "CORS preflight", "responses": {"200": {"description": "CORS headers"}}},
+            },
+            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": plain_ok}}},
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: AWS reachable, consumers running",
+                    "responses": {"200": plain_ok, "503": {"description": "Not ready", "content": {_JSON: {"schema": {"type": "object"}}}}},
+                }
+            },
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        },
+        "components": {
+            "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+            "schemas": {
+                "Accepted": {
+                    "type": "object",
+                    "required": ["status", "request_id", "conversation_id", "message", "queue_timestamp"],
+                    "properties": {
+                        "status": {"const": "success"},
+                        "request_id": {"type": "string"},
+                        "conversation_id": {"type": "string"},
+                        "message": {"type": "string"},
+                        "queue_timestamp": {"type": "string"},
+                    },
+                },
+                "ErrorBody": {
+                    "type": "object",
+                    "required": ["status", "error_code", "message", "request_id"],
+                    "properties": {
+                        "status": {"const": "error"},
+                        "error_code": {"type": "string", "enum": [code.value for code in ErrorCode]},
+                        "message": {"type": "string"},
+                        "request_id": {"type": "string"},
+                    },
+                },
+            },
+        },
+    }

@@ -1,0 +1,123 @@
+"""Service configuration: every setting comes from an environment variable.
+
+`Settings()` validates at start-up; `load_settings()` turns a validation error into
+one readable message so a bad deployment fails fast and says why.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Channel = Literal["whatsapp", "sms", "email"]
+CHANNELS: tuple[Channel, ...] = ("whatsapp", "sms", "email")
+
+
+class ConfigurationError(Exception):
+    """The environment does not describe a runnable service."""
+
+
+class Settings(BaseSettings):
+    """All configuration, read from `COMMS_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="COMMS_", extra="ignore", frozen=True)
+
+    environment: str = Field("dev", description="Environment name, used in secret names and logs")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    # AWS
+    aws_region: str = "eu-west-2"
+    aws_endpoint_url: str | None = Field(None, description="Override for every AWS service (local stack)")
+    dynamodb_endpoint_url: str | None = Field(None, description="Override for DynamoDB only (VPC endpoint)")
+    sqs_endpoint_url: str | None = Field(None, description="Override for SQS only")
+    secretsmanager_endpoint_url: str | None = Field(None, description="Override for Secrets Manager only")
+    aws_max_attempts: int = Field(4, ge=1, le=10)
+    aws_connect_timeout_s: float = Field(2.0, gt=0)
+    aws_read_timeout_s: float = Field(25.0, gt=0, description="Must exceed the SQS long-poll wait")
+
+    # Resource names
+    company_table: str = "comms-company-data"
+    conversations_table: str = "comms-conversations"
+    stage_table: str = "comms-stage"
+    lock_table: str = "comms-locks"
+    idempotency_table: str = "comms-idempotency"
+    api_keys_table: str = "comms-api-keys"
+    opt_out_table: str = "comms-opt-outs"
+    whatsapp_queue_url: str | None = None
+    sms_queue_url: str | None = None
+    email_queue_url: str | None = None
+    replies_queue_url: str | None = None
+    handoff_queue_url: str | None = None
+    secrets_prefix: str = "comms"
+
+    # HTTP API
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    cors_allow_origin: str = "*"
+    max_body_bytes: int = Field(64 * 1024, gt=0)
+    rate_limit_per_second: float = Field(10.0, gt=0)
+    rate_limit_burst: int = Field(20, ge=1)
+    company_cache_ttl_s: float = Field(30.0, ge=0)
+    api_key_cache_ttl_s: float = Field(60.0, ge=0)
+    request_claim_lease_s: int = Field(30, ge=1, description="How long an in-flight initiate owns its request_id")
+    request_idempotency_ttl_s: int = Field(7 * 86400, ge=60, description="How long a request_id is remembered")
+    sqs_send_attempts: int = Field(3, ge=1, le=10)
+    public_base_url: str | None = Field(None, description="Public URL Twilio calls (webhooks, status callbacks)")
+
+    # Consumers
+    consumer_concurrency: int = Field(64, ge=1, le=2000)
+    visibility_timeout_s: int = Field(60, ge=10, le=43200)
+    drain_grace_s: float = Field(25.0, ge=0)
+    batching_window_s: int = Field(10, ge=0, le=900)
+
+    # Providers (empty means the real public endpoints)
+    openai_base_url: str | None = None
+    twilio_base_url: str | None = None
+    sendgrid_base_url: str = "https://api.sendgrid.com"
+
+    router_version: str = "comms-router-0.1.0"
+
+    @field_validator("cors_allow_origin")
+    @classmethod
+    def _origin_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be '*' or an origin such as https://app.example.com")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _read_timeout_covers_long_poll(self) -> Settings:
+        if self.aws_read_timeout_s <= 20:
+            raise ValueError("aws_read_timeout_s must exceed the 20 s SQS long-poll wait")
+        return self
+
+    def endpoint_url(self, service: str) -> str | None:
+        """The endpoint for one AWS service: its own override, else the shared one, else AWS's."""
+        own: str | None = getattr(self, f"{service}_endpoint_url", None)
+        return own or self.aws_endpoint_url
+
+    def queue_url(self, channel: str) -> str | None:
+        """The SQS queue URL for a channel, or None when it is not configured."""
+        return {
+            "whatsapp": self.whatsapp_queue_url,
+            "sms": self.sms_queue_url,
+            "email": self.email_queue_url,
+        }.get(channel)
+
+    @property
+    def aws_pool_size(self) -> int:
+        """Connections per AWS client: every consumer slot may hold one, plus headroom for the API."""
+        return self.consumer_concurrency + 32
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; raise `ConfigurationError` with every problem listed."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"COMMS_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigurationError(f"invalid configuration: {problems}") from exc

@@ -1,0 +1,98 @@
+"""The company-data record (SPEC §3) as a typed model, and the view of it that may leave the service.
+
+Unknown attributes are kept (`extra="allow"`) so operators can add `auto_queue_*`
+rules and project settings without a code change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Attributes never copied into a queue message or a log line.
+_PRIVATE_ATTRIBUTES = frozenset({"api_key_hashes", "api_keys"})
+
+
+class RateLimits(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    requests_per_second: float | None = Field(None, gt=0)
+    burst: int | None = Field(None, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    requests_per_day: int | None = Field(None, gt=0)
+    concurrent_conversations: int | None = Field(None, gt=0)
+    max_message_length: int | None = Field(None, gt=0)
+
+
+class WhatsAppConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    company_whatsapp_number: str
+    whatsapp_credentials_id: str
+    whatsapp_template_sid: str | None = None
+
+
+class SmsConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    company_sms_number: str
+    sms_credentials_id: str
+
+
+class EmailConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    company_email: str
+    email_credentials_id: str
+    from_name: str | None = None
+
+
+class ChannelConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    whatsapp: WhatsAppConfig | None = None
+    sms: SmsConfig | None = None
+    email: EmailConfig | None = None
+
+
+class CompanyRecord(BaseModel):
+    """One company/project row of the company-data table."""
+
+    model_config = ConfigDict(extra="allow")
+
+    company_id: str = Field(min_length=1)
+    project_id: str = Field(min_length=1)
+    company_name: str = ""
+    project_name: str = ""
+    project_status: str = "inactive"
+    allowed_channels: list[str] = Field(default_factory=list)
+    rate_limits: RateLimits | None = None
+    company_rep: dict[str, Any] = Field(default_factory=dict)
+    channel_config: ChannelConfig = Field(default_factory=ChannelConfig)
+    ai_config: dict[str, Any] = Field(default_factory=dict)
+    created_at: str | None = None
+    updated_at: str | None = None
+
+    @property
+    def is_active(self) -> bool:
+        return self.project_status == "active"
+
+    def allows(self, channel: str) -> bool:
+        return channel in {c.lower() for c in self.allowed_channels}
+
+    def sender_address(self, channel: str) -> str | None:
+        """The company's own number or email on a channel, or None when that channel is not configured."""
+        config = self.channel_config
+        if channel == "whatsapp" and config.whatsapp:
+            return config.whatsapp.company_whatsapp_number
+        if channel == "sms" and config.sms:
+            return config.sms.company_sms_number
+        if channel == "email" and config.email:
+            return config.email.company_email
+        return None
+
+    def public_view(self) -> dict[str, Any]:
+        """The record as it may travel in a queue message: no key hashes, no secrets."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        return {k: v for k, v in data.items() if k not in _PRIVATE_ATTRIBUTES}

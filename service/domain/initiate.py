@@ -1,0 +1,170 @@
+"""Validation of a POST /initiate-conversation body (SPEC §2), first failure wins.
+
+`validate_initiate_body` turns untrusted JSON into an `InitiateRequest` or raises
+`ApiError` with the code of the first rule broken. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from service.domain.errors import ApiError, ErrorCode
+
+SUPPORTED_CHANNELS = ("whatsapp", "sms", "email")
+
+_UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+_E164 = re.compile(r"^\+[1-9][0-9]{7,14}$")
+_EMAIL = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class InitiateRequest:
+    """A body that passed every shape rule; `body` is the normalised original for the queue."""
+
+    company_id: str
+    project_id: str
+    request_id: str
+    channel: str
+    initial_request_timestamp: str
+    recipient_tel: str | None
+    recipient_email: str | None
+    body: dict[str, Any]
+
+    @property
+    def recipient(self) -> str:
+        """The address the channel sends to: the phone number, or the email for email."""
+        address = self.recipient_email if self.channel == "email" else self.recipient_tel
+        assert address is not None  # guaranteed by validation
+        return address
+
+
+def payload_request_id(body: object) -> str | None:
+    """The caller's request_id if the body carries one as a string, for echoing in errors."""
+    if isinstance(body, dict):
+        request_data = body.get("request_data")
+        if isinstance(request_data, dict):
+            value = request_data.get("request_id")
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+def is_valid_e164(value: str) -> bool:
+    return bool(_E164.match(value))
+
+
+def is_valid_email(value: str) -> bool:
+    return len(value) <= 254 and bool(_EMAIL.match(value))
+
+
+def is_iso8601_with_zone(value: str) -> bool:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return "T" in value.upper() and parsed.tzinfo is not None
+
+
+def _section(body: dict[str, Any], name: str, missing: ErrorCode, invalid: ErrorCode) -> dict[str, Any]:
+    if name not in body or body[name] is None:
+        raise ApiError(missing, f"'{name}' is required")
+    value = body[name]
+    if not isinstance(value, dict):
+        raise ApiError(invalid, f"'{name}' must be a JSON object")
+    return value
+
+
+def _identifier(company_data: dict[str, Any], name: str) -> str:
+    value = company_data.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(ErrorCode.MISSING_IDENTIFIERS, f"company_data.{name} is required and must be a non-empty string")
+    return value
+
+
+def _request_field(request_data: dict[str, Any], name: str, missing: ErrorCode, invalid: ErrorCode) -> str:
+    if name not in request_data or request_data[name] is None:
+        raise ApiError(missing, f"request_data.{name} is required")
+    value = request_data[name]
+    if not isinstance(value, str) or not value.strip():
+        raise ApiError(invalid, f"request_data.{name} must be a non-empty string")
+    return value
+
+
+def validate_identifiers(body: object) -> tuple[str, str]:
+    """The company_id and project_id of a body, checked before authorisation is decided."""
+    if not isinstance(body, dict):
+        raise ApiError(ErrorCode.INVALID_REQUEST, "request body must be a JSON object")
+    company_data = _section(body, "company_data", ErrorCode.MISSING_COMPANY_DATA, ErrorCode.INVALID_COMPANY_DATA_TYPE)
+    return _identifier(company_data, "company_id"), _identifier(company_data, "project_id")
+
+
+def validate_initiate_body(body: object) -> InitiateRequest:
+    """Apply every SPEC §2 shape rule in order; raise `ApiError` on the first one broken."""
+    company_id, project_id = validate_identifiers(body)
+    assert isinstance(body, dict)
+    recipient = _section(body, "recipient_data", ErrorCode.MISSING_RECIPIENT_DATA, ErrorCode.INVALID_RECIPIENT_DATA_TYPE)
+    request = _section(body, "request_data", ErrorCode.MISSING_REQUEST_DATA, ErrorCode.INVALID_REQUEST_DATA_TYPE)
+    project_data = body.get("project_data", {})
+    if project_data is None:
+        project_data = {}
+    if not isinstance(project_data, dict):
+        raise ApiError(ErrorCode.INVALID_PROJECT_DATA_TYPE, "'project_data' must be a JSON object")
+
+    request_id = _request_field(
+        request, "request_id", ErrorCode.MISSING_REQUEST_ID, ErrorCode.INVALID_REQUEST_ID_FORMAT
+    )
+    channel_raw = _request_field(
+        request, "channel_method", ErrorCode.MISSING_CHANNEL_METHOD, ErrorCode.INVALID_CHANNEL_METHOD_FORMAT
+    )
+    timestamp = _request_field(
+        request,
+        "initial_request_timestamp",
+        ErrorCode.MISSING_INITIAL_REQUEST_TIMESTAMP,
+        ErrorCode.INVALID_INITIAL_REQUEST_TIMESTAMP_FORMAT,
+    )
+    if not _UUID4.match(request_id):
+        raise ApiError(ErrorCode.INVALID_REQUEST_ID, "request_id must be a lowercase hyphenated UUID v4")
+    channel = channel_raw.strip().lower()
+    if channel not in SUPPORTED_CHANNELS:
+        raise ApiError(ErrorCode.UNSUPPORTED_CHANNEL, f"channel_method must be one of {', '.join(SUPPORTED_CHANNELS)}")
+    if not is_iso8601_with_zone(timestamp):
+        raise ApiError(ErrorCode.INVALID_TIMESTAMP, "initial_request_timestamp must be ISO 8601 with a time zone")
+
+    tel = recipient.get("recipient_tel")
+    email = recipient.get("recipient_email")
+    if channel in ("whatsapp", "sms"):
+        if tel is None or tel == "":
+            raise ApiError(ErrorCode.MISSING_RECIPIENT_TEL, f"recipient_data.recipient_tel is required for {channel}")
+        if not isinstance(tel, str) or not is_valid_e164(tel):
+            raise ApiError(ErrorCode.INVALID_RECIPIENT_TEL, "recipient_tel must be E.164: '+' then 8 to 15 digits")
+    else:
+        if email is None or email == "":
+            raise ApiError(ErrorCode.MISSING_RECIPIENT_EMAIL, "recipient_data.recipient_email is required for email")
+        if not isinstance(email, str) or not is_valid_email(email):
+            raise ApiError(ErrorCode.INVALID_RECIPIENT_EMAIL, "recipient_email is not a valid email address")
+
+    if "comms_consent" not in recipient or recipient["comms_consent"] is None:
+        raise ApiError(ErrorCode.MISSING_COMMS_CONSENT, "recipient_data.comms_consent is required")
+    consent = recipient["comms_consent"]
+    if not isinstance(consent, bool):
+        raise ApiError(ErrorCode.INVALID_COMMS_CONSENT_TYPE, "recipient_data.comms_consent must be a boolean")
+    if not consent:
+        raise ApiError(ErrorCode.CONSENT_REQUIRED, "the recipient has not consented to communications")
+
+    normalised = {**body, "project_data": project_data, "request_data": {**request, "channel_method": channel}}
+    return InitiateRequest(
+        company_id=company_id,
+        project_id=project_id,
+        request_id=request_id,
+        channel=channel,
+        initial_request_timestamp=timestamp,
+        recipient_tel=tel if isinstance(tel, str) and tel else None,
+        recipient_email=email if isinstance(email, str) and email else None,
+        body=normalised,
+    )

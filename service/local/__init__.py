@@ -1,0 +1,1 @@
+"""The embedded local stack: moto server, resource bootstrap, demo seed and provider sandboxes."""

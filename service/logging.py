@@ -1,0 +1,67 @@
+"""structlog set-up: one JSON object per line, request/trace ids bound per request, secrets redacted.
+
+Values under secret-looking keys are replaced; phone numbers and emails anywhere in
+a log line are masked, so a recipient's address never reaches the log store whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import orjson
+import structlog
+
+_SECRET_KEY = re.compile(r"(api[_-]?key|auth[_-]?token|token|secret|password|authorization|signature)", re.I)
+_PHONE = re.compile(r"(?<![\w-])\+?\d{8,15}(?![\w-])")
+_EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+REDACTED = "[REDACTED]"
+
+
+def mask_phone(match: re.Match[str]) -> str:
+    digits = match.group(0)
+    return digits[:3] + "*" * (len(digits) - 6) + digits[-3:]
+
+
+def mask_text(text: str) -> str:
+    return _EMAIL.sub(r"\1***@\2", _PHONE.sub(mask_phone, text))
+
+
+def _redact(value: Any, key: str = "") -> Any:
+    if key and _SECRET_KEY.search(key) and not key.endswith(("_id", "_ref", "_reference", "_sid_ref")):
+        return REDACTED if value not in (None, "") else value
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, dict):
+        return {k: _redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact(v, key) for v in value]
+    return value
+
+
+def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event):
+        if key in ("timestamp", "level", "logger"):
+            continue
+        event[key] = _redact(event[key], key)
+    return event
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(format="%(message)s", stream=sys.stdout, level=getattr(logging, level))
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact_event,
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)),
+        logger_factory=structlog.BytesLoggerFactory(),
+        cache_logger_on_first_use=True,
+    )

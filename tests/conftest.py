@@ -1,0 +1,81 @@
+"""Shared fixtures: a moto server on a random loopback port, provisioned once, and the API over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from service.api.app import create_app
+from service.bootstrap import Dependencies, build
+from service.config import Settings
+from service.local.moto_server import LOCAL_CREDENTIALS, MotoServer, start_moto_server
+from service.local.provision import provision_resources
+from service.local.seed import DemoTenant, seed_demo_tenant
+
+for _name, _value in LOCAL_CREDENTIALS.items():
+    os.environ.setdefault(_name, _value)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    server = start_moto_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+async def settings(moto_server: MotoServer) -> Settings:
+    base = Settings(aws_endpoint_url=moto_server.url, aws_max_attempts=2, consumer_concurrency=8)
+    return await provision_resources(base)
+
+
+@pytest.fixture(scope="session")
+async def deps(settings: Settings) -> AsyncIterator[Dependencies]:
+    async with build(settings) as wired:
+        yield wired
+
+
+@pytest.fixture(scope="session")
+async def tenant(deps: Dependencies) -> DemoTenant:
+    return await seed_demo_tenant(
+        deps.companies, deps.api_keys, deps.aws.secrets, prefix=deps.settings.secrets_prefix, env="dev"
+    )
+
+
+@pytest.fixture(scope="session")
+async def api(deps: Dependencies, tenant: DemoTenant) -> AsyncIterator[TestClient[Any, Any]]:
+    client: TestClient[Any, Any] = TestClient(TestServer(create_app(deps)))
+    await client.start_server()
+    yield client
+    await client.close()
+
+
+def initiate_body(channel: str = "whatsapp", **overrides: Any) -> dict[str, Any]:
+    """A valid request for the demo tenant; every call gets a fresh request_id."""
+    body: dict[str, Any] = {
+        "company_data": {"company_id": "ci-demo-001", "project_id": "pi-demo-001"},
+        "recipient_data": {
+            "recipient_first_name": "Lee",
+            "recipient_last_name": "Hayton",
+            "recipient_tel": "+447700900123",
+            "recipient_email": "lee@example.com",
+            "comms_consent": True,
+        },
+        "project_data": {"property": "12 Acacia Avenue", "viewing": "Saturday 10am"},
+        "request_data": {
+            "request_id": str(uuid.uuid4()),
+            "channel_method": channel,
+            "initial_request_timestamp": "2025-04-27T05:45:56Z",
+        },
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(body.get(section), dict):
+            body[section] = {**body[section], **values}
+        else:
+            body[section] = values
+    return body
