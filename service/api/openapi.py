@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.domain.errors import ErrorCode
-from service.domain.initiate import SUPPORTED_CHANNELS
+from service.domain.initiate import E164_PATTERN, SUPPORTED_CHANNELS, UUID4_PATTERN
 
 _JSON = "application/json"
 
@@ -40,7 +40,7 @@ def _request_schema() -> dict[str, Any]:
                 "properties": {
                     "recipient_first_name": {"type": "string"},
                     "recipient_last_name": {"type": "string"},
-                    "recipient_tel": {"type": "string", "pattern": r"^\+[1-9][0-9]{7,14}$"},
+                    "recipient_tel": {"type": "string", "pattern": E164_PATTERN},
                     "recipient_email": {"type": "string", "format": "email"},
                     "comms_consent": {"type": "boolean"},
                 },
@@ -50,7 +50,11 @@ def _request_schema() -> dict[str, Any]:
                 "type": "object",
                 "required": ["request_id", "channel_method", "initial_request_timestamp"],
                 "properties": {
-                    "request_id": {"type": "string", "format": "uuid", "description": "Lowercase UUID v4"},
+                    "request_id": {
+                        "type": "string",
+                        "pattern": UUID4_PATTERN,
+                        "description": "Lowercase hyphenated UUID v4; repeats of one request_id queue once",
+                    },
                     "channel_method": {"type": "string", "enum": list(SUPPORTED_CHANNELS)},
                     "initial_request_timestamp": {"type": "string", "format": "date-time"},
                 },

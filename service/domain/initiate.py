@@ -15,8 +15,10 @@ from service.domain.errors import ApiError, ErrorCode
 
 SUPPORTED_CHANNELS = ("whatsapp", "sms", "email")
 
-_UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-_E164 = re.compile(r"^\+[1-9][0-9]{7,14}$")
+UUID4_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+E164_PATTERN = r"^\+[1-9][0-9]{7,14}$"
+_UUID4 = re.compile(UUID4_PATTERN)
+_E164 = re.compile(E164_PATTERN)
 _EMAIL = re.compile(
     r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"

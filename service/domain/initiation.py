@@ -140,7 +140,8 @@ class ConversationInitiator:
             await self._ports.publisher.publish(
                 queue_url, body, message_attributes(request, conversation_id, queue_timestamp)
             )
-        except DependencyUnavailable:
+        except Exception:
+            # Nothing was queued: free the request_id so the caller's retry can queue it at once.
             await self._release_quietly(key)
             raise
         try:

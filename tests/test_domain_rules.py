@@ -1,0 +1,104 @@
+"""Pure domain rules, no I/O: token buckets, request-claim verdicts, API keys, conversation ids, timestamps."""
+
+from __future__ import annotations
+
+from service.domain.api_keys import issue_key, parse_key, secret_matches
+from service.domain.company import CompanyRecord, RateLimits
+from service.domain.access import rate_limit_for
+from service.domain.conversation import conversation_id
+from service.domain.initiate import is_iso8601_with_zone
+from service.domain.rate_limit import RateLimit, RateLimiter
+from service.domain.request_claim import ClaimVerdict, RequestRecord, RequestState, verdict_for_existing
+from service.domain.timefmt import utc_iso
+
+LIMIT = RateLimit(per_second=2.0, burst=3)
+
+
+def test_bucket_allows_the_burst_then_refuses():
+    limiter = RateLimiter()
+    assert [limiter.check("k", LIMIT, 100.0) for _ in range(3)] == [0, 0, 0]
+    assert limiter.check("k", LIMIT, 100.0) == 1
+
+
+def test_bucket_refills_at_the_configured_rate():
+    limiter = RateLimiter()
+    for _ in range(3):
+        limiter.check("k", LIMIT, 100.0)
+    assert limiter.check("k", LIMIT, 100.2) == 1
+    assert limiter.check("k", LIMIT, 100.7) == 0
+
+
+def test_retry_after_rounds_up_to_whole_seconds():
+    limiter = RateLimiter()
+    slow = RateLimit(per_second=0.25, burst=1)
+    limiter.check("k", slow, 0.0)
+    assert limiter.check("k", slow, 0.0) == 4
+
+
+def test_limiter_forgets_the_least_recently_used_keys():
+    limiter = RateLimiter(max_keys=2)
+    tight = RateLimit(per_second=0.001, burst=1)
+    limiter.check("a", tight, 0.0)
+    limiter.check("b", tight, 0.0)
+    limiter.check("c", tight, 0.0)
+    assert limiter.check("a", tight, 0.0) == 0  # "a" was evicted, so it starts with a full bucket
+
+
+def test_project_limit_per_minute_becomes_per_second():
+    company = CompanyRecord(company_id="c", project_id="p", rate_limits=RateLimits(requests_per_minute=120))
+    assert rate_limit_for(company, RateLimit(10, 20)) == RateLimit(per_second=2.0, burst=20)
+
+
+def test_project_without_limits_gets_the_default():
+    assert rate_limit_for(CompanyRecord(company_id="c", project_id="p"), RateLimit(10, 20)) == RateLimit(10, 20)
+
+
+def _record(state: RequestState, lease: float) -> RequestRecord:
+    return RequestRecord("k", state, "conv", lease, "2025-01-01T00:00:00.000Z")
+
+
+def test_completed_request_is_already_queued():
+    assert verdict_for_existing(_record(RequestState.COMPLETED, 0), now=50) is ClaimVerdict.ALREADY_QUEUED
+
+
+def test_live_claim_is_in_progress_elsewhere():
+    assert verdict_for_existing(_record(RequestState.IN_PROGRESS, 100), now=50) is ClaimVerdict.IN_PROGRESS_ELSEWHERE
+
+
+def test_expired_claim_may_be_taken():
+    assert verdict_for_existing(_record(RequestState.IN_PROGRESS, 40), now=50) is ClaimVerdict.CLAIMED
+
+
+def test_vanished_record_is_treated_as_in_progress():
+    assert verdict_for_existing(None, now=50) is ClaimVerdict.IN_PROGRESS_ELSEWHERE
+
+
+def test_issued_key_verifies_against_its_hash_only():
+    issued = issue_key()
+    parsed = parse_key(issued.plaintext)
+    assert parsed is not None and parsed.key_id == issued.key_id
+    assert secret_matches(parsed, issued.secret_hash)
+    assert not secret_matches(parsed, issue_key().secret_hash)
+    assert issued.plaintext not in issued.secret_hash
+
+
+def test_malformed_keys_do_not_parse():
+    assert parse_key("") is None
+    assert parse_key("mce_short_x") is None
+    assert parse_key("Bearer something") is None
+
+
+def test_conversation_id_uses_the_number_without_plus_or_the_email():
+    assert conversation_id("c", "p", "r", "whatsapp", "+447700900001") == "c#p#r#447700900001"
+    assert conversation_id("c", "p", "r", "email", "hi@x.example") == "c#p#r#hi@x.example"
+
+
+def test_timestamps_have_exactly_one_zone_designator():
+    assert utc_iso(0) == "1970-01-01T00:00:00.000Z"
+
+
+def test_iso_timestamp_needs_a_time_and_a_zone():
+    assert is_iso8601_with_zone("2025-04-27T05:45:56Z")
+    assert is_iso8601_with_zone("2025-04-27T05:45:56.123+01:00")
+    assert not is_iso8601_with_zone("2025-04-27T05:45:56")
+    assert not is_iso8601_with_zone("2025-04-27")

@@ -1,0 +1,61 @@
+"""Liveness, readiness, metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+from service.domain.errors import ErrorCode
+from service.local.moto_server import free_port
+from tests.conftest import initiate_body
+from tests.support import api_client
+
+
+async def test_healthz_answers_ok(api):
+    response = await api.get("/healthz")
+    assert (response.status, await response.json()) == (200, {"status": "ok"})
+
+
+async def test_readyz_is_ready_when_aws_answers(api):
+    response = await api.get("/readyz")
+    assert (response.status, (await response.json())["status"]) == (200, "ready")
+
+
+async def test_readyz_is_not_ready_when_dynamodb_is_unreachable(settings):
+    dead = f"http://127.0.0.1:{free_port()}"
+    async with api_client(settings, dynamodb_endpoint_url=dead, aws_max_attempts=1) as (client, _):
+        response = await client.get("/readyz")
+        answer = await response.json()
+    assert response.status == 503
+    assert any(problem.startswith("dynamodb") for problem in answer["problems"])
+
+
+async def test_readyz_is_not_ready_while_draining(settings):
+    async with api_client(settings) as (client, deps):
+        deps.readiness.draining = True
+        response = await client.get("/readyz")
+        answer = await response.json()
+    assert response.status == 503
+    assert "draining" in answer["problems"]
+
+
+async def test_readyz_is_not_ready_when_expected_consumers_are_not_running(settings):
+    async with api_client(settings) as (client, deps):
+        deps.readiness.expects_consumers = True
+        answer = await (await client.get("/readyz")).json()
+    assert "consumers not running" in answer["problems"]
+
+
+async def test_metrics_count_requests_by_route_and_status_and_queue_sends(api, tenant):
+    await api.post("/initiate-conversation", json=initiate_body("sms"), headers={"x-api-key": tenant.api_key})
+    text = await (await api.get("/metrics")).text()
+    assert 'comms_http_requests_total{route="/initiate-conversation",status="200"}' in text
+    assert 'comms_http_request_duration_seconds_bucket{le="0.005",route="/initiate-conversation"}' in text
+    assert 'comms_queue_sends_total{channel="sms",outcome="queued"}' in text
+
+
+async def test_openapi_documents_every_error_code_of_the_endpoint(api):
+    document = await (await api.get("/openapi.json")).json()
+    responses = document["paths"]["/initiate-conversation"]["post"]["responses"]
+    documented = set(document["components"]["schemas"]["ErrorBody"]["properties"]["error_code"]["enum"])
+    assert documented == {code.value for code in ErrorCode}
+    # 405 is the router's answer to another method on the path, never the POST operation's.
+    answered_by_post = {code for code in ErrorCode if code is not ErrorCode.METHOD_NOT_ALLOWED}
+    assert {str(code.http_status) for code in answered_by_post} <= set(responses)
