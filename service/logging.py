@@ -50,8 +50,14 @@ def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
     return event
 
 
+# Libraries that log every request (and, for botocore, where credentials came from) at INFO.
+_CHATTY_LOGGERS = ("botocore", "aiobotocore", "twilio", "aiohttp.access")
+
+
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(format="%(message)s", stream=sys.stdout, level=getattr(logging, level))
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level)))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FaultMode = Literal["http", "hang", "reset"]
@@ -85,7 +86,7 @@ def _fault_response(fault: Fault) -> web.Response:
     return json_response(body, status=fault.status, headers=headers)
 
 
-def sandbox_middleware(control: SandboxControl) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def sandbox_middleware(control: SandboxControl) -> Middleware:
     @web.middleware
     async def apply_behaviour(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/_sandbox/"):
@@ -157,7 +158,5 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 0) ->
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
-    server = site._server
-    assert server is not None and server.sockets  # type: ignore[union-attr]
-    bound_port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    bound_port = runner.addresses[0][1]
     return RunningServer(url=f"http://{host}:{bound_port}", runner=runner)

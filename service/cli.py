@@ -1,0 +1,80 @@
+"""The `comms` command: run the service (by role), run it on the embedded local stack, bootstrap AWS.
+
+    comms local                 everything on 127.0.0.1, seeded, prints a ready curl
+    comms serve --role api      the service against the AWS/OpenAI/Twilio the env vars name
+    comms bootstrap             create the tables and queues in the configured account (idempotent)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from service.config import ConfigurationError, Settings, load_settings
+from service.logging import configure_logging
+from service.runner import Role, run_service
+
+EXIT_CONFIG = 2
+
+
+async def _run_local(base: Settings, role: Role, ai_latency_s: float) -> None:
+    from service.local.moto_server import LOCAL_CREDENTIALS
+    from service.local.stack import local_stack, ready_banner
+
+    for name, value in LOCAL_CREDENTIALS.items():
+        os.environ.setdefault(name, value)  # moto accepts any credentials; aiobotocore needs some
+    async with local_stack(base, ai_latency_s=ai_latency_s) as stack:
+
+        def announce(_: object) -> None:
+            print(ready_banner(stack), file=sys.stderr, flush=True)
+
+        await run_service(stack.settings, role, on_ready=announce)
+
+
+async def _bootstrap(settings: Settings) -> None:
+    from service.local.provision import provision_resources
+
+    provisioned = await provision_resources(settings)
+    for kind in ("whatsapp", "sms", "email", "replies", "handoff"):
+        print(f"COMMS_{kind.upper()}_QUEUE_URL={getattr(provisioned, f'{kind}_queue_url')}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comms", description="AI Multi-Comms Engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    local = commands.add_parser("local", help="run everything on the embedded local stack (127.0.0.1)")
+    local.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
+    local.add_argument("--role", choices=["api", "all"], default="all")
+    local.add_argument("--ai-latency", type=float, default=0.2, help="seconds the OpenAI sandbox takes per answer")
+
+    serve = commands.add_parser("serve", help="run the service against the configured endpoints")
+    serve.add_argument("--role", choices=["api", "worker", "all"], default="all")
+
+    commands.add_parser("bootstrap", help="create tables and queues in the configured AWS account (idempotent)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        overrides = {"host": "127.0.0.1", "port": args.port} if args.command == "local" else {}
+        settings = load_settings(**overrides)
+    except ConfigurationError as exc:
+        print(f"comms: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level)
+    if args.command == "local":
+        asyncio.run(_run_local(settings, args.role, args.ai_latency))
+    elif args.command == "serve":
+        asyncio.run(run_service(settings, args.role))
+    elif args.command == "bootstrap":
+        asyncio.run(_bootstrap(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

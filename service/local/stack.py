@@ -1,0 +1,117 @@
+"""The embedded default: moto server, tables and queues, provider sandboxes, the demo tenant.
+
+Everything listens on 127.0.0.1; the service talks to it through the real SDKs,
+exactly as it would talk to AWS, OpenAI, Twilio and SendGrid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from service.bootstrap import build
+from service.config import Settings
+from service.local.moto_server import MotoServer, start_moto_server
+from service.local.openai_sandbox import create_openai_sandbox
+from service.local.provision import provision_resources
+from service.local.sandbox_http import RunningServer, SandboxControl, serve
+from service.local.seed import (
+    DEMO_SENDGRID_KEY,
+    DEMO_TWILIO_ACCOUNT_SID,
+    DEMO_TWILIO_AUTH_TOKEN,
+    DemoTenant,
+    seed_demo_tenant,
+)
+from service.local.sendgrid_sandbox import create_sendgrid_sandbox
+from service.local.twilio_sandbox import create_twilio_sandbox
+
+
+@dataclass(slots=True)
+class LocalStack:
+    settings: Settings
+    moto: MotoServer
+    tenant: DemoTenant
+    openai: RunningServer
+    twilio: RunningServer
+    sendgrid: RunningServer
+
+
+@asynccontextmanager
+async def local_stack(base: Settings, *, ai_latency_s: float = 0.2) -> AsyncIterator[LocalStack]:
+    moto = await asyncio.to_thread(start_moto_server)
+    servers: list[RunningServer] = []
+    try:
+        settings = await provision_resources(base.model_copy(update={"aws_endpoint_url": moto.url}))
+        openai = await serve(create_openai_sandbox(SandboxControl(latency_s=ai_latency_s)))
+        twilio = await serve(create_twilio_sandbox({DEMO_TWILIO_ACCOUNT_SID: DEMO_TWILIO_AUTH_TOKEN}))
+        sendgrid = await serve(create_sendgrid_sandbox({DEMO_SENDGRID_KEY}))
+        servers += [openai, twilio, sendgrid]
+        settings = settings.model_copy(
+            update={
+                "openai_base_url": f"{openai.url}/v1",
+                "twilio_base_url": twilio.url,
+                "sendgrid_base_url": sendgrid.url,
+                "public_base_url": base.public_base_url or f"http://127.0.0.1:{base.port}",
+            }
+        )
+        async with build(settings) as deps:
+            tenant = await seed_demo_tenant(
+                deps.companies, deps.api_keys, deps.aws.secrets, prefix=settings.secrets_prefix, env=settings.environment
+            )
+        yield LocalStack(settings, moto, tenant, openai, twilio, sendgrid)
+    finally:
+        for server in reversed(servers):
+            await server.close()
+        await asyncio.to_thread(moto.stop)
+
+
+def demo_request(tenant: DemoTenant, channel: str = "whatsapp") -> dict[str, Any]:
+    return {
+        "company_data": {"company_id": tenant.company_id, "project_id": tenant.project_id},
+        "recipient_data": {
+            "recipient_first_name": "Lee",
+            "recipient_last_name": "Hayton",
+            "recipient_tel": "+447700900123",
+            "recipient_email": "lee@example.com",
+            "comms_consent": True,
+        },
+        "project_data": {"property": "12 Acacia Avenue", "viewing_slot": "Saturday 10:00"},
+        "request_data": {
+            "request_id": str(uuid.uuid4()),
+            "channel_method": channel,
+            "initial_request_timestamp": "2025-04-27T05:45:56Z",
+        },
+    }
+
+
+def ready_banner(stack: LocalStack) -> str:
+    port = stack.settings.port
+    body = orjson.dumps(demo_request(stack.tenant)).decode()
+    return "\n".join(
+        [
+            "",
+            "AI Multi-Comms Engine is running on the embedded local stack.",
+            f"  API              http://127.0.0.1:{port}  (health /healthz, readiness /readyz, metrics /metrics)",
+            f"  AWS (moto)       {stack.moto.url}",
+            f"  OpenAI sandbox   {stack.openai.url}/v1",
+            f"  Twilio sandbox   {stack.twilio.url}   (sent messages: {stack.twilio.url}/_sandbox/twilio/messages)",
+            f"  SendGrid sandbox {stack.sendgrid.url} (sent mail: {stack.sendgrid.url}/_sandbox/sendgrid/messages)",
+            f"  Demo API key     {stack.tenant.api_key}",
+            "",
+            "Start a conversation (repeat it and you get the same conversation_id, queued once):",
+            "",
+            f"curl -sS -X POST http://127.0.0.1:{port}/initiate-conversation \\",
+            "  -H 'Content-Type: application/json' \\",
+            f"  -H 'x-api-key: {stack.tenant.api_key}' \\",
+            f"  -d '{body}'",
+            "",
+            "Stop with Ctrl-C.",
+            "",
+        ]
+    )
