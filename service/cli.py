@@ -1,8 +1,8 @@
 """The `comms` command: run the service (by role), run it on the embedded local stack, bootstrap AWS.
 
-    comms local                 everything on 127.0.0.1, seeded, prints a ready curl
-    comms serve --role api      the service against the AWS/OpenAI/Twilio the env vars name
-    comms bootstrap             create the tables and queues in the configured account (idempotent)
+comms local                 everything on 127.0.0.1, seeded, prints a ready curl
+comms serve --role api      the service against the AWS/OpenAI/Twilio the env vars name
+comms bootstrap             create the tables and queues in the configured account (idempotent)
 """
 
 from __future__ import annotations

@@ -13,11 +13,16 @@ class ApiMetrics:
             "comms_http_requests_total", "HTTP requests by route and status", ["route", "status"], registry=registry
         )
         self.latency = Histogram(
-            "comms_http_request_duration_seconds", "HTTP latency by route", ["route"],
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "comms_http_request_duration_seconds",
+            "HTTP latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.queue_sends = Counter(
-            "comms_queue_sends_total", "Context messages put on channel queues", ["channel", "outcome"],
+            "comms_queue_sends_total",
+            "Context messages put on channel queues",
+            ["channel", "outcome"],
             registry=registry,
         )
         self.errors = Counter(

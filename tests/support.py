@@ -29,7 +29,9 @@ async def add_tenant(
         data.update(company_id=company_id, project_id=project_id, **changes)
         await deps.companies.put(CompanyRecord.model_validate(data), overwrite=True)
     key = issue_key()
-    await deps.api_keys.put(ApiKeyRecord(key.key_id, key.secret_hash, company_id, project_id, "active"), utc_iso(time.time()))
+    await deps.api_keys.put(
+        ApiKeyRecord(key.key_id, key.secret_hash, company_id, project_id, "active"), utc_iso(time.time())
+    )
     return key.plaintext
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from service.domain.access import rate_limit_for
 from service.domain.api_keys import issue_key, parse_key, secret_matches
 from service.domain.company import CompanyRecord, RateLimits
-from service.domain.access import rate_limit_for
 from service.domain.conversation import conversation_id
 from service.domain.initiate import is_iso8601_with_zone
 from service.domain.rate_limit import RateLimit, RateLimiter

@@ -44,7 +44,10 @@ async def test_revoked_key_is_401(api, deps):
     stored = await deps.api_keys.find(key_id)
     await deps.api_keys.put(replace(stored, status="revoked"), utc_iso(time.time()))
     body = initiate_body(company_data={"company_id": "ci-revoked", "project_id": "pi-revoked"})
-    assert await _code(await api.post("/initiate-conversation", json=body, headers={"x-api-key": key})) == (401, "UNAUTHORIZED")
+    assert await _code(await api.post("/initiate-conversation", json=body, headers={"x-api-key": key})) == (
+        401,
+        "UNAUTHORIZED",
+    )
 
 
 async def test_key_of_company_a_used_for_company_b_is_403(api, deps, tenant):
@@ -65,7 +68,9 @@ async def test_rate_limit_trips_with_retry_after_and_recovers(api, deps):
     def body():
         return initiate_body(company_data={"company_id": "ci-slow-001", "project_id": "pi-slow-001"})
 
-    statuses = [(await api.post("/initiate-conversation", json=body(), headers={"x-api-key": key})).status for _ in range(2)]
+    statuses = [
+        (await api.post("/initiate-conversation", json=body(), headers={"x-api-key": key})).status for _ in range(2)
+    ]
     limited = await api.post("/initiate-conversation", json=body(), headers={"x-api-key": key})
     assert statuses == [200, 200]
     assert await _code(limited) == (429, "RATE_LIMIT_EXCEEDED")
@@ -119,7 +124,9 @@ async def test_chunked_body_over_64_kib_is_413(api, tenant):
         yield b'"}'
 
     response = await api.post(
-        "/initiate-conversation", data=chunks(), headers={"x-api-key": tenant.api_key, "Content-Type": "application/json"}
+        "/initiate-conversation",
+        data=chunks(),
+        headers={"x-api-key": tenant.api_key, "Content-Type": "application/json"},
     )
     assert await _code(response) == (413, "PAYLOAD_TOO_LARGE")
 

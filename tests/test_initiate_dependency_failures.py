@@ -52,7 +52,9 @@ async def test_unexpected_failure_is_500_internal_error_without_a_stack_trace(se
             lease_s=30,
             clock=time.time,
         )
-        response = await client.post("/initiate-conversation", json=initiate_body(), headers={"x-api-key": tenant.api_key})
+        response = await client.post(
+            "/initiate-conversation", json=initiate_body(), headers={"x-api-key": tenant.api_key}
+        )
         answer: dict[str, Any] = await response.json()
     assert (response.status, answer["error_code"]) == (500, "INTERNAL_ERROR")
     assert "boom" not in answer["message"]

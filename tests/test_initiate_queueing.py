@@ -7,7 +7,6 @@ import time
 import pytest
 
 from service.domain.request_claim import RequestRecord, RequestState, request_key
-
 from service.domain.timefmt import utc_iso
 from tests.conftest import initiate_body
 from tests.support import add_tenant, api_client, queued_messages
@@ -45,9 +44,7 @@ async def test_valid_request_queues_one_context_message_on_its_channel_queue(api
     assert attributes["conversationId"] == expected_id
     assert attributes["routerTimestamp"] == answer["queue_timestamp"]
     recipient_attribute = "recipientEmail" if channel == "email" else "recipientTel"
-    assert attributes[recipient_attribute] == (
-        "lee@example.com" if channel == "email" else "+447700900123"
-    )
+    assert attributes[recipient_attribute] == ("lee@example.com" if channel == "email" else "+447700900123")
 
 
 async def test_queued_context_never_carries_key_hashes(api, deps, tenant):

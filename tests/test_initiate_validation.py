@@ -41,9 +41,19 @@ CASES: list[tuple[str, Any, int, ErrorCode]] = [
         400,
         ErrorCode.INVALID_REQUEST_ID,
     ),
-    ("request_id a uuid1", initiate_body(request_data={"request_id": str(uuid.uuid1())}), 400, ErrorCode.INVALID_REQUEST_ID),
+    (
+        "request_id a uuid1",
+        initiate_body(request_data={"request_id": str(uuid.uuid1())}),
+        400,
+        ErrorCode.INVALID_REQUEST_ID,
+    ),
     ("channel missing", _without("request_data", "channel_method"), 400, ErrorCode.MISSING_CHANNEL_METHOD),
-    ("channel a list", initiate_body(request_data={"channel_method": ["sms"]}), 400, ErrorCode.INVALID_CHANNEL_METHOD_FORMAT),
+    (
+        "channel a list",
+        initiate_body(request_data={"channel_method": ["sms"]}),
+        400,
+        ErrorCode.INVALID_CHANNEL_METHOD_FORMAT,
+    ),
     ("channel fax", initiate_body(request_data={"channel_method": "fax"}), 400, ErrorCode.UNSUPPORTED_CHANNEL),
     (
         "timestamp missing",
@@ -116,7 +126,9 @@ async def test_invalid_body_is_refused_with_its_error_code(api, tenant, case, bo
 
 async def test_body_that_is_not_json_is_an_invalid_request(api, tenant):
     response = await api.post(
-        "/initiate-conversation", data=b"{not json", headers={"x-api-key": tenant.api_key, "Content-Type": "application/json"}
+        "/initiate-conversation",
+        data=b"{not json",
+        headers={"x-api-key": tenant.api_key, "Content-Type": "application/json"},
     )
     assert response.status == 400
     assert (await response.json())["error_code"] == "INVALID_REQUEST"
@@ -129,7 +141,9 @@ async def test_error_body_echoes_the_callers_request_id(api, tenant):
 
 
 async def test_error_body_without_a_request_id_gets_a_generated_one(api, tenant):
-    response = await api.post("/initiate-conversation", json=_without("request_data", "request_id"), headers={"x-api-key": tenant.api_key})
+    response = await api.post(
+        "/initiate-conversation", json=_without("request_data", "request_id"), headers={"x-api-key": tenant.api_key}
+    )
     generated = (await response.json())["request_id"]
     assert uuid.UUID(generated)
     assert response.headers["X-Request-Id"] == generated

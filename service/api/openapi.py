@@ -32,7 +32,10 @@ def _request_schema() -> dict[str, Any]:
             "company_data": {
                 "type": "object",
                 "required": ["company_id", "project_id"],
-                "properties": {"company_id": {"type": "string", "minLength": 1}, "project_id": {"type": "string", "minLength": 1}},
+                "properties": {
+                    "company_id": {"type": "string", "minLength": 1},
+                    "project_id": {"type": "string", "minLength": 1},
+                },
             },
             "recipient_data": {
                 "type": "object",
@@ -97,10 +100,20 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/readyz": {
                 "get": {
                     "summary": "Readiness: AWS reachable, consumers running",
-                    "responses": {"200": plain_ok, "503": {"description": "Not ready", "content": {_JSON: {"schema": {"type": "object"}}}}},
+                    "responses": {
+                        "200": plain_ok,
+                        "503": {"description": "Not ready", "content": {_JSON: {"schema": {"type": "object"}}}},
+                    },
                 }
             },
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}
+                    },
+                }
+            },
         },
         "components": {
             "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},

@@ -110,7 +110,9 @@ def validate_initiate_body(body: object) -> InitiateRequest:
     """Apply every SPEC §2 shape rule in order; raise `ApiError` on the first one broken."""
     company_id, project_id = validate_identifiers(body)
     assert isinstance(body, dict)
-    recipient = _section(body, "recipient_data", ErrorCode.MISSING_RECIPIENT_DATA, ErrorCode.INVALID_RECIPIENT_DATA_TYPE)
+    recipient = _section(
+        body, "recipient_data", ErrorCode.MISSING_RECIPIENT_DATA, ErrorCode.INVALID_RECIPIENT_DATA_TYPE
+    )
     request = _section(body, "request_data", ErrorCode.MISSING_REQUEST_DATA, ErrorCode.INVALID_REQUEST_DATA_TYPE)
     project_data = body.get("project_data", {})
     if project_data is None:

@@ -87,7 +87,9 @@ class ConversationInitiator:
     async def _checked_company(self, request: InitiateRequest) -> CompanyRecord:
         """Opt-out first (a validation rule), then the tenant rules, in SPEC §2 order."""
         opted_out, company = await asyncio.gather(
-            self._ports.opt_outs.is_opted_out(request.company_id, request.project_id, request.channel, request.recipient),
+            self._ports.opt_outs.is_opted_out(
+                request.company_id, request.project_id, request.channel, request.recipient
+            ),
             self._ports.companies.get(request.company_id, request.project_id),
             return_exceptions=True,
         )

@@ -60,7 +60,10 @@ def demo_secrets(prefix: str, env: str) -> dict[str, dict[str, str]]:
             "from_email": "hello@demo-homes.example",
             "from_name": "Demo Homes",
         },
-        **{openai_secret_name(prefix, channel, env): {"ai_api_key": DEMO_OPENAI_KEY} for channel in ("whatsapp", "sms", "email")},
+        **{
+            openai_secret_name(prefix, channel, env): {"ai_api_key": DEMO_OPENAI_KEY}
+            for channel in ("whatsapp", "sms", "email")
+        },
     }
 
 
@@ -96,7 +99,9 @@ def demo_company(prefix: str, env: str, now: float) -> CompanyRecord:
             "channel_config": {
                 "whatsapp": {
                     "company_whatsapp_number": "+447700900001",
-                    "whatsapp_credentials_id": credentials_secret_name(prefix, "whatsapp", company, project, "twilio", env),
+                    "whatsapp_credentials_id": credentials_secret_name(
+                        prefix, "whatsapp", company, project, "twilio", env
+                    ),
                     "whatsapp_template_sid": DEMO_TEMPLATE_SID,
                 },
                 "sms": {
@@ -109,7 +114,9 @@ def demo_company(prefix: str, env: str, now: float) -> CompanyRecord:
                     "from_name": "Demo Homes",
                 },
             },
-            "ai_config": {"openai_config": {c: _ai_channel_config(prefix, c, env) for c in ("whatsapp", "sms", "email")}},
+            "ai_config": {
+                "openai_config": {c: _ai_channel_config(prefix, c, env) for c in ("whatsapp", "sms", "email")}
+            },
             "auto_queue_reply_message": False,
             "auto_queue_reply_message_from_number": [],
             "auto_queue_reply_message_from_email": [],

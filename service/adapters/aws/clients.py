@@ -41,13 +41,29 @@ def client_config(settings: Settings, *, max_attempts: int | None = None) -> Aio
 
 async def open_aws_clients(settings: Settings, stack: AsyncExitStack) -> AwsClients:
     session = get_session()
-    common = {"region_name": settings.aws_region}
-
-    async def enter(service: str, config: AioConfig):  # type: ignore[no-untyped-def]
-        creator = session.create_client(service, endpoint_url=settings.endpoint_url(service), config=config, **common)
-        return await stack.enter_async_context(creator)
-
-    dynamodb = await enter("dynamodb", client_config(settings))
-    sqs = await enter("sqs", client_config(settings, max_attempts=settings.sqs_send_attempts))
-    secrets = await enter("secretsmanager", client_config(settings))
+    region = settings.aws_region
+    dynamodb = await stack.enter_async_context(
+        session.create_client(
+            "dynamodb",
+            region_name=region,
+            endpoint_url=settings.endpoint_url("dynamodb"),
+            config=client_config(settings),
+        )
+    )
+    sqs = await stack.enter_async_context(
+        session.create_client(
+            "sqs",
+            region_name=region,
+            endpoint_url=settings.endpoint_url("sqs"),
+            config=client_config(settings, max_attempts=settings.sqs_send_attempts),
+        )
+    )
+    secrets = await stack.enter_async_context(
+        session.create_client(
+            "secretsmanager",
+            region_name=region,
+            endpoint_url=settings.endpoint_url("secretsmanager"),
+            config=client_config(settings),
+        )
+    )
     return AwsClients(dynamodb=dynamodb, sqs=sqs, secrets=secrets)

@@ -39,15 +39,20 @@ class DynamoCompanyDirectory:
         try:
             return CompanyRecord.model_validate(from_item(item))
         except ValidationError as exc:
-            raise InvalidStoredRecord(f"company-data {company_id}/{project_id}: {exc.error_count()} invalid fields") from exc
+            raise InvalidStoredRecord(
+                f"company-data {company_id}/{project_id}: {exc.error_count()} invalid fields"
+            ) from exc
 
     async def put(self, record: CompanyRecord, *, overwrite: bool) -> bool:
         """Store a record; without `overwrite` refuse (return False) when it already exists."""
-        extra = {} if overwrite else {"ConditionExpression": "attribute_not_exists(company_id)"}
+        item = to_item(record.model_dump(mode="json", exclude_none=True))
         try:
-            await self._dynamodb.put_item(
-                TableName=self._table, Item=to_item(record.model_dump(mode="json", exclude_none=True)), **extra
-            )
+            if overwrite:
+                await self._dynamodb.put_item(TableName=self._table, Item=item)
+            else:
+                await self._dynamodb.put_item(
+                    TableName=self._table, Item=item, ConditionExpression="attribute_not_exists(company_id)"
+                )
         except AWS_FAILURES as exc:
             if is_conditional_check_failure(exc):
                 return False

@@ -6,6 +6,7 @@ JSON without Decimal leaking into the domain.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -28,8 +29,8 @@ def to_attribute(value: Any) -> AttributeValue:
     raise TypeError(f"cannot store {type(value).__name__} in DynamoDB")
 
 
-def from_attribute(attribute: AttributeValue) -> Any:
-    (kind, value), = attribute.items()
+def from_attribute(attribute: Mapping[str, Any]) -> Any:
+    ((kind, value),) = attribute.items()
     if kind == "S":
         return value
     if kind == "N":
@@ -52,5 +53,5 @@ def to_item(data: dict[str, Any]) -> dict[str, AttributeValue]:
     return {k: to_attribute(v) for k, v in data.items() if v is not None}
 
 
-def from_item(item: dict[str, AttributeValue]) -> dict[str, Any]:
+def from_item(item: Mapping[str, Any]) -> dict[str, Any]:
     return {k: from_attribute(v) for k, v in item.items()}

@@ -23,6 +23,7 @@ from service.resources import (
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
     from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.literals import QueueAttributeNameType
 
 
 def _key_schema(partition: str, sort: str | None) -> list[dict[str, str]]:
@@ -68,11 +69,11 @@ async def ensure_queue(sqs: SQSClient, spec: QueueSpec) -> str:
     dlq = await sqs.create_queue(
         QueueName=spec.dead_letter_name, Attributes={"MessageRetentionPeriod": str(DLQ_RETENTION_S)}
     )
-    dlq_arn = (
-        await sqs.get_queue_attributes(QueueUrl=dlq["QueueUrl"], AttributeNames=["QueueArn"])
-    )["Attributes"]["QueueArn"]
+    dlq_arn = (await sqs.get_queue_attributes(QueueUrl=dlq["QueueUrl"], AttributeNames=["QueueArn"]))["Attributes"][
+        "QueueArn"
+    ]
     redrive = orjson.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": DLQ_MAX_RECEIVE_COUNT}).decode()
-    attributes = {
+    attributes: dict[QueueAttributeNameType, str] = {
         "VisibilityTimeout": str(spec.visibility_timeout_s),
         "MessageRetentionPeriod": str(QUEUE_RETENTION_S),
         "ReceiveMessageWaitTimeSeconds": "20",

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
 
 
+# Absent, or an IN_PROGRESS claim whose lease has run out (its holder crashed).
+CLAIMABLE = "attribute_not_exists(idempotency_key) OR (request_state = :in_progress AND lease_expires_at < :now)"
+
+
 def _record(data: dict[str, Any]) -> RequestRecord:
     return RequestRecord(
         key=data["idempotency_key"],
@@ -44,9 +48,7 @@ class DynamoRequestLedger:
             await self._dynamodb.put_item(
                 TableName=self._table,
                 Item=to_item(item),
-                ConditionExpression=(
-                    "attribute_not_exists(idempotency_key) OR (request_state = :in_progress AND lease_expires_at < :now)"
-                ),
+                ConditionExpression=CLAIMABLE,
                 ExpressionAttributeValues={
                     ":in_progress": to_attribute(RequestState.IN_PROGRESS.value),
                     ":now": to_attribute(int(now)),

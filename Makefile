@@ -1,0 +1,27 @@
+# The two commands the README promises. Both install what they need from pyproject.toml first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install local test lint
+
+$(BIN)/comms: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/comms
+
+install: $(BIN)/comms
+
+## Run the whole service on the embedded local stack (moto, sandboxes, demo tenant) and print a curl.
+local: install
+	$(BIN)/comms local
+
+lint: install
+	$(BIN)/ruff check service consumers tests
+	$(BIN)/ruff format --check service consumers tests
+	$(BIN)/mypy
+
+## Lint, type-check and run every test (what CI runs).
+test: lint
+	$(BIN)/python -m pytest -q
