@@ -22,8 +22,11 @@ class ConsumerMetrics:
         )
         self.in_flight = Gauge("comms_messages_in_flight", "Messages being processed", ["queue"], registry=registry)
         self.duration = Histogram(
-            "comms_message_duration_seconds", "Whole-message processing time", ["queue"],
-            buckets=STEP_BUCKETS, registry=registry,
+            "comms_message_duration_seconds",
+            "Whole-message processing time",
+            ["queue"],
+            buckets=STEP_BUCKETS,
+            registry=registry,
         )
         self.step_duration = Histogram(
             "comms_step_duration_seconds",
@@ -33,7 +36,9 @@ class ConsumerMetrics:
             registry=registry,
         )
         self.visibility_extensions = Counter(
-            "comms_visibility_extensions_total", "Visibility extensions by result", ["queue", "result"],
+            "comms_visibility_extensions_total",
+            "Visibility extensions by result",
+            ["queue", "result"],
             registry=registry,
         )
         self.delete_failures = Counter(
