@@ -1,0 +1,171 @@
+"""SQS batch calls for the consumer runtime: visibility changes and deletes, at most ten entries per call.
+
+`change_visibility_batch` reports one result per entry; `DeleteBatcher` gathers deletes from many
+workers and sends them when ten are pending or the flush interval has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import structlog
+
+from consumers.metrics import ConsumerMetrics
+from service.adapters.aws.errors import AWS_FAILURES, error_code
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.type_defs import (
+        BatchResultErrorEntryTypeDef,
+        ChangeMessageVisibilityBatchRequestEntryTypeDef,
+        DeleteMessageBatchRequestEntryTypeDef,
+    )
+
+SQS_BATCH_LIMIT = 10
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class EntryFailure:
+    """Why SQS did not apply one batch entry.
+
+    `sender_fault` True means the entry itself is wrong (receipt handle invalid or expired, timeout out of
+    range) and repeating it cannot help; False means SQS or the network failed and a later try may succeed.
+    """
+
+    code: str
+    sender_fault: bool
+
+
+def chunks(items: Sequence[T], size: int = SQS_BATCH_LIMIT) -> Iterator[tuple[int, Sequence[T]]]:
+    """`(offset, slice)` pairs covering `items` in slices of at most `size`."""
+    for offset in range(0, len(items), size):
+        yield offset, items[offset : offset + size]
+
+
+def _failures_by_entry(failed: Sequence[BatchResultErrorEntryTypeDef], offset: int) -> dict[int, EntryFailure]:
+    """Failed entries keyed by their position in the call (entry ids are `offset + position`)."""
+    return {int(entry["Id"]) - offset: EntryFailure(entry["Code"], entry["SenderFault"]) for entry in failed}
+
+
+def _call_failure(exc: BaseException) -> EntryFailure:
+    return EntryFailure(error_code(exc) or type(exc).__name__, sender_fault=False)
+
+
+async def change_visibility_batch(
+    sqs: SQSClient, queue_url: str, changes: Sequence[tuple[str, int]]
+) -> list[EntryFailure | None]:
+    """Set each `(receipt_handle, visibility_timeout_s)`; one result per change, in order (None = applied).
+
+    Calls of up to ten entries run concurrently; a call that fails as a whole fails each of its entries.
+    """
+    results: list[EntryFailure | None] = [None] * len(changes)
+
+    async def send(offset: int, chunk: Sequence[tuple[str, int]]) -> None:
+        entries: list[ChangeMessageVisibilityBatchRequestEntryTypeDef] = [
+            {"Id": str(offset + i), "ReceiptHandle": receipt, "VisibilityTimeout": timeout}
+            for i, (receipt, timeout) in enumerate(chunk)
+        ]
+        try:
+            answer = await sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
+        except AWS_FAILURES as exc:
+            for i in range(len(chunk)):
+                results[offset + i] = _call_failure(exc)
+            return
+        for i, failure in _failures_by_entry(answer.get("Failed", []), offset).items():
+            results[offset + i] = failure
+
+    await asyncio.gather(*(send(offset, chunk) for offset, chunk in chunks(changes)))
+    return results
+
+
+@dataclass(slots=True)
+class _PendingDelete:
+    message_id: str
+    receipt_handle: str
+    deleted: asyncio.Future[bool]
+
+
+class DeleteBatcher:
+    """Deletes finished messages with DeleteMessageBatch: ten per call, or fewer after `flush_interval_s`.
+
+    A delete SQS reports as Failed (or a call that fails after botocore's own retries) is logged and
+    counted, never retried here: the message comes back and the processor's idempotency handles it.
+    """
+
+    def __init__(
+        self,
+        sqs: SQSClient,
+        queue_url: str,
+        queue_name: str,
+        metrics: ConsumerMetrics,
+        flush_interval_s: float,
+    ) -> None:
+        self._sqs = sqs
+        self._queue_url = queue_url
+        self._queue_name = queue_name
+        self._metrics = metrics
+        self._flush_interval_s = flush_interval_s
+        self._pending: list[_PendingDelete] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+
+    async def delete(self, message_id: str, receipt_handle: str) -> bool:
+        """Queue one delete and wait for its batch; True when SQS deleted the message."""
+        deleted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append(_PendingDelete(message_id, receipt_handle, deleted))
+        if len(self._pending) >= SQS_BATCH_LIMIT:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._flush_interval_s, self.flush)
+        return await deleted
+
+    def flush(self) -> None:
+        """Send everything pending now, in calls of at most ten."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        for _, batch in chunks(pending):
+            call = asyncio.create_task(self._send(list(batch)), name=f"delete-batch:{self._queue_name}")
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+
+    async def close(self) -> None:
+        """Flush and wait for every call in progress."""
+        self.flush()
+        if self._calls:
+            await asyncio.wait(set(self._calls))
+
+    async def _send(self, batch: list[_PendingDelete]) -> None:
+        entries: list[DeleteMessageBatchRequestEntryTypeDef] = [
+            {"Id": str(i), "ReceiptHandle": item.receipt_handle} for i, item in enumerate(batch)
+        ]
+        failures: dict[int, EntryFailure]
+        try:
+            answer = await self._sqs.delete_message_batch(QueueUrl=self._queue_url, Entries=entries)
+            failures = _failures_by_entry(answer.get("Failed", []), 0)
+        except AWS_FAILURES as exc:
+            failures = dict.fromkeys(range(len(batch)), _call_failure(exc))
+        except BaseException:
+            for item in batch:
+                if not item.deleted.done():
+                    item.deleted.set_result(False)
+            raise
+        for i, item in enumerate(batch):
+            failure = failures.get(i)
+            if failure is not None:
+                self._metrics.delete_failures.labels(queue=self._queue_name).inc()
+                log.warning(
+                    "delete_failed",
+                    queue=self._queue_name,
+                    message_id=item.message_id,
+                    code=failure.code,
+                    sender_fault=failure.sender_fault,
+                )
+            if not item.deleted.done():
+                item.deleted.set_result(failure is None)

@@ -1,0 +1,498 @@
+"""The generic SQS consumer: one long-poll loop per queue feeding a bounded pool of worker slots.
+
+Steps, each a method named for it: poll (only for free slots), dispatch (one task per message), heartbeat
+(`consumers.heartbeat`), finish (shielded delete / visibility change / dead-letter) and drain on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from consumers.backoff import MAX_VISIBILITY_S, PollBackoff, retry_delay_s
+from consumers.batching import DeleteBatcher, change_visibility_batch
+from consumers.contracts import Disposition, Lease, Outcome, Processor
+from consumers.heartbeat import InFlight, VisibilityHeartbeat
+from consumers.metrics import ConsumerMetrics
+from consumers.sqs_messages import find_dead_letter_queue, resendable_attributes, to_queue_message
+from service.adapters.aws.errors import AWS_FAILURES, error_code
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.type_defs import MessageTypeDef
+
+log = structlog.get_logger(__name__)
+
+UNHANDLED_ERROR = "unhandled_error"  # the processor raised
+LEASE_LOST = "lease_lost"  # visibility could not be kept; the work was cancelled (or finished protected)
+SHUTDOWN = "shutdown"  # cancelled by stop() after the grace period; made visible again at once
+CANCELLED = "cancelled"  # cancelled by something else; made visible again at once
+
+
+class ConsumerConfig(BaseModel):
+    """How one consumer polls, keeps leases, finishes and drains."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    concurrency: int = Field(64, ge=1, le=2000, description="Worker slots: messages processed at once")
+    wait_time_s: int = Field(20, ge=0, le=20, description="ReceiveMessage WaitTimeSeconds (long poll)")
+    max_messages: int = Field(10, ge=1, le=10, description="Upper bound for MaxNumberOfMessages")
+    visibility_timeout_s: int = Field(
+        60, ge=2, le=MAX_VISIBILITY_S, description="Visibility asked for on receive and added by each extension (N)"
+    )
+    heartbeat_interval_s: float | None = Field(None, gt=0, description="Heartbeat tick; default min(1 s, N/4)")
+    max_lease_s: int = Field(MAX_VISIBILITY_S, ge=1, le=MAX_VISIBILITY_S, description="Visibility cap from receive")
+    delete_flush_interval_s: float = Field(0.05, ge=0, description="Longest a finished delete waits for its batch")
+    retry_base_s: float = Field(5.0, gt=0, description="Retry backoff: base * 2^(receive_count-1), jittered")
+    retry_cap_s: float = Field(300.0, gt=0, le=MAX_VISIBILITY_S)
+    poll_backoff_base_s: float = Field(0.5, gt=0, description="Rest after a failed poll, doubling per failure")
+    poll_backoff_cap_s: float = Field(30.0, gt=0)
+    protected_grace_s: float = Field(10.0, ge=0, description="Extra wait at stop for work inside lease.protected()")
+    finish_timeout_s: float = Field(30.0, gt=0, description="Longest stop() waits for finishing SQS calls")
+    dead_letter_queue_url: str | None = Field(None, description="Default: the queue's RedrivePolicy target")
+
+    @model_validator(mode="after")
+    def _heartbeat_beats_before_half_lapses(self) -> ConsumerConfig:
+        if self.heartbeat_interval_s is not None and self.heartbeat_interval_s >= self.visibility_timeout_s / 2:
+            raise ValueError("heartbeat_interval_s must be shorter than half the visibility timeout")
+        return self
+
+    @property
+    def heartbeat_tick_s(self) -> float:
+        return self.heartbeat_interval_s or min(1.0, self.visibility_timeout_s / 4)
+
+
+@dataclass(slots=True)
+class ConsumerCounts:
+    """Since start: what arq calls complete / failed / retried, plus dead letters, lost leases and returns."""
+
+    received: int = 0
+    complete: int = 0  # DONE
+    retried: int = 0  # RETRY, including processor errors, lost leases and work cancelled at stop
+    dead_lettered: int = 0  # DEAD_LETTER
+    failed: int = 0  # the processor raised (also counted in retried)
+    leases_lost: int = 0
+    returned: int = 0  # made visible again at once at stop (received after stop began, or cancelled)
+
+
+class QueueConsumer:
+    """Receives from one queue and runs `processor` on each message, at most `config.concurrency` at once."""
+
+    def __init__(
+        self,
+        sqs: SQSClient,
+        queue_url: str,
+        queue_name: str,
+        processor: Processor,
+        metrics: ConsumerMetrics,
+        config: ConsumerConfig | None = None,
+    ) -> None:
+        self._sqs = sqs
+        self._queue_url = queue_url
+        self._queue_name = queue_name
+        self._processor = processor
+        self._metrics = metrics
+        self._config = config = config or ConsumerConfig()
+        self._dead_letter_url = config.dead_letter_queue_url
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._heartbeat = VisibilityHeartbeat(
+            sqs,
+            queue_url,
+            queue_name,
+            metrics,
+            extension_s=config.visibility_timeout_s,
+            tick_s=config.heartbeat_tick_s,
+            max_lease_s=config.max_lease_s,
+        )
+        self._deletes = DeleteBatcher(sqs, queue_url, queue_name, metrics, config.delete_flush_interval_s)
+        self._in_flight: dict[asyncio.Task[None], InFlight] = {}
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._returns: set[asyncio.Task[None]] = set()
+        self._poller: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self.counts = ConsumerCounts()
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    @property
+    def queue_name(self) -> str:
+        return self._queue_name
+
+    @property
+    def running(self) -> bool:
+        """Ready: started, not stopping, poller and heartbeat alive."""
+        return (
+            self._poller is not None
+            and self._heartbeat_task is not None
+            and not self._stopping
+            and not self._poller.done()
+            and not self._heartbeat_task.done()
+        )
+
+    @property
+    def ongoing(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def dead_letter_queue_url(self) -> str | None:
+        return self._dead_letter_url
+
+    async def start(self) -> None:
+        """Find the DLQ (unless configured), then start the heartbeat and the poller. Starts once."""
+        if self._poller is not None:
+            raise RuntimeError(f"consumer for {self._queue_name} already started")
+        if self._dead_letter_url is None:
+            self._dead_letter_url = await find_dead_letter_queue(self._sqs, self._queue_url)
+        if self._dead_letter_url is None:
+            log.warning("no_dead_letter_queue", queue=self._queue_name)
+        self._heartbeat_task = asyncio.create_task(self._heartbeat.run(), name=f"heartbeat:{self._queue_name}")
+        self._poller = asyncio.create_task(self.poll(), name=f"poller:{self._queue_name}")
+        self._poller.add_done_callback(self._poller_ended)
+        log.info(
+            "consumer_started",
+            queue=self._queue_name,
+            concurrency=self._config.concurrency,
+            visibility_timeout_s=self._config.visibility_timeout_s,
+            dead_letter_queue=self._dead_letter_url is not None,
+        )
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop polling at once, drain in-flight work within `grace_s`, return the rest, flush, log the counts."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        log.info("consumer_stopping", queue=self._queue_name, ongoing=self.ongoing, grace_s=grace_s)
+        try:
+            await self.stop_polling()
+            await self.drain(grace_s)
+            await self.settle_finishing()
+        finally:
+            if self._heartbeat_task is not None:
+                self._heartbeat_task.cancel()
+                await asyncio.wait({self._heartbeat_task})
+            self._stopped.set()
+            log.info("consumer_stopped", queue=self._queue_name, ongoing=self.ongoing, **asdict(self.counts))
+
+    async def stop_polling(self) -> None:
+        """Cancel the poll in progress; anything it still returns goes straight back (visibility 0)."""
+        if self._poller is not None and not self._poller.done():
+            self._poller.cancel()
+            await asyncio.wait({self._poller})
+
+    async def drain(self, grace_s: float) -> None:
+        """Wait for in-flight work up to `grace_s`; cancel what is unprotected, give protected work a bounded while."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=grace_s)
+        await self.cancel_unprotected_work(self._config.protected_grace_s)
+        self.cancel_protected_work()
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=self._config.finish_timeout_s)
+
+    async def cancel_unprotected_work(self, protected_grace_s: float) -> None:
+        """Cancel every task outside `lease.protected()`, again each tick as protection ends, until none run."""
+        deadline = time.monotonic() + protected_grace_s
+        while self._in_flight:
+            for item in list(self._in_flight.values()):
+                if not item.lease.is_protected:
+                    self.cancel(item)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.wait(set(self._in_flight), timeout=min(left, self._config.heartbeat_tick_s))
+
+    def cancel_protected_work(self) -> None:
+        protected = [item for item in self._in_flight.values() if not item.cancel_requested]
+        if protected:
+            log.warning("cancelling_protected_work", queue=self._queue_name, count=len(protected))
+        for item in protected:
+            self.cancel(item)
+
+    @staticmethod
+    def cancel(item: InFlight) -> None:
+        if item.task is not None and not item.cancel_requested:
+            item.cancel_requested = True
+            item.task.cancel()
+
+    async def settle_finishing(self) -> None:
+        """Wait (bounded) for shielded finishing steps and returns, then flush pending deletes."""
+        pending = self._finishing | self._returns
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self._config.finish_timeout_s)
+            if late:
+                log.error("finishing_timed_out", queue=self._queue_name, pending=len(late))
+        await self._deletes.close()
+
+    def _poller_ended(self, poller: asyncio.Task[None]) -> None:
+        if not poller.cancelled() and poller.exception() is not None:
+            log.error("poller_died", queue=self._queue_name, exc_info=poller.exception())
+
+    # -- poll and dispatch -----------------------------------------------------------------------------
+
+    async def poll(self) -> None:
+        """Long-poll while running, asking for no more messages than there are free worker slots."""
+        backoff = PollBackoff(self._config.poll_backoff_base_s, self._config.poll_backoff_cap_s)
+        while not self._stopping:
+            reserved = await self.reserve_slots()
+            received_at = time.monotonic()
+            try:
+                messages = await self.receive(reserved)
+            except asyncio.CancelledError:
+                self.release_slots(reserved)
+                raise
+            except Exception as exc:
+                self.release_slots(reserved)
+                delay = backoff.next_delay_s()
+                log.warning(
+                    "poll_failed",
+                    queue=self._queue_name,
+                    code=error_code(exc) or type(exc).__name__,
+                    retry_in_s=round(delay, 2),
+                    exc_info=not isinstance(exc, AWS_FAILURES),
+                )
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            if self._stopping:
+                self.release_slots(reserved)
+                self.return_unstarted(messages)
+                return
+            self.release_slots(reserved - len(messages))
+            for raw in messages:
+                self.dispatch(raw, received_at)
+
+    async def reserve_slots(self) -> int:
+        """Wait for one free worker slot, then take every other free one (up to `max_messages`)."""
+        await self._slots.acquire()
+        reserved = 1
+        while reserved < self._config.max_messages and not self._slots.locked():
+            await self._slots.acquire()  # free: returns without suspending
+            reserved += 1
+        return reserved
+
+    def release_slots(self, count: int) -> None:
+        for _ in range(max(0, count)):
+            self._slots.release()
+
+    async def receive(self, count: int) -> list[MessageTypeDef]:
+        """One long poll for up to `count` messages; if cancelled after SQS answered, the answer goes back."""
+        request = asyncio.create_task(
+            self._sqs.receive_message(
+                QueueUrl=self._queue_url,
+                MaxNumberOfMessages=count,
+                WaitTimeSeconds=self._config.wait_time_s,
+                VisibilityTimeout=self._config.visibility_timeout_s,
+                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+                MessageAttributeNames=["All"],
+            )
+        )
+        try:
+            answer = await request
+        except asyncio.CancelledError:
+            if request.done() and not request.cancelled() and request.exception() is None:
+                self.return_unstarted(request.result().get("Messages", []))
+            raise
+        return answer.get("Messages", [])
+
+    def dispatch(self, raw: MessageTypeDef, received_at: float) -> None:
+        """Start one message in its own task, holding the slot reserved for it until the task ends."""
+        message = to_queue_message(raw)
+        item = InFlight(
+            message=message,
+            message_attributes=resendable_attributes(raw),
+            lease=Lease(),
+            received_at=received_at,
+            visible_until=received_at + self._config.visibility_timeout_s,
+        )
+        task = asyncio.create_task(self.run_message(item), name=f"message:{self._queue_name}:{message.message_id}")
+        item.task = task
+        self._in_flight[task] = item
+        task.add_done_callback(self._message_ended)
+        self._heartbeat.track(item)
+        self.counts.received += 1
+        self._metrics.received.labels(queue=self._queue_name).inc()
+        self._metrics.in_flight.labels(queue=self._queue_name).inc()
+
+    def return_unstarted(self, messages: Sequence[MessageTypeDef]) -> None:
+        """Make messages this consumer will not process visible again at once."""
+        if not messages:
+            return
+        self.counts.returned += len(messages)
+        changes = [(raw.get("ReceiptHandle", ""), 0) for raw in messages]
+        ids = [raw.get("MessageId", "") for raw in messages]
+        returning = asyncio.create_task(self._make_visible_now(changes, ids), name=f"return:{self._queue_name}")
+        self._returns.add(returning)
+        returning.add_done_callback(self._returns.discard)
+
+    async def _make_visible_now(self, changes: list[tuple[str, int]], message_ids: list[str]) -> None:
+        results = await change_visibility_batch(self._sqs, self._queue_url, changes)
+        for message_id, failure in zip(message_ids, results, strict=True):
+            log.info(
+                "message_returned",
+                queue=self._queue_name,
+                message_id=message_id,
+                result="visible" if failure is None else failure.code,
+            )
+
+    # -- one message -----------------------------------------------------------------------------------
+
+    async def run_message(self, item: InFlight) -> None:
+        """Process, then finish in a shielded step that a cancellation cannot interrupt."""
+        started = time.perf_counter()
+        outcome: Outcome | None = None
+        try:
+            outcome = await self.process(item)
+        finally:
+            if outcome is None:
+                outcome = self.abandoned_outcome(item)
+            await asyncio.shield(self.finish_soon(item, outcome, time.perf_counter() - started))
+
+    async def process(self, item: InFlight) -> Outcome:
+        try:
+            return await self._processor.process(item.message, item.lease)
+        except Exception:
+            self.counts.failed += 1
+            log.error("processor_raised", queue=self._queue_name, message_id=item.message.message_id, exc_info=True)
+            return Outcome.retry(UNHANDLED_ERROR)
+
+    def abandoned_outcome(self, item: InFlight) -> Outcome:
+        """What a cancelled message's finish does: nothing after a lost lease, else visible again at once."""
+        if item.lease.lost.is_set():
+            return Outcome.retry(LEASE_LOST)
+        return Outcome.retry(SHUTDOWN if self._stopping else CANCELLED, 0)
+
+    def finish_soon(self, item: InFlight, outcome: Outcome, duration_s: float) -> asyncio.Task[None]:
+        """The message's one finishing task (created on first call), tracked so stop() can wait for it."""
+        if item.finishing is None:
+            item.finishing = asyncio.create_task(
+                self.finish(item, outcome, duration_s), name=f"finish:{self._queue_name}:{item.message.message_id}"
+            )
+            self._finishing.add(item.finishing)
+            item.finishing.add_done_callback(self._finishing.discard)
+        return item.finishing
+
+    def _message_ended(self, task: asyncio.Task[None]) -> None:
+        item = self._in_flight.pop(task)
+        self._slots.release()
+        self._metrics.in_flight.labels(queue=self._queue_name).dec()
+        if item.finishing is None:  # cancelled before it ever ran
+            self.finish_soon(item, self.abandoned_outcome(item), 0.0)
+
+    # -- finish ------------------------------------------------------------------------------------------
+
+    async def finish(self, item: InFlight, outcome: Outcome, duration_s: float) -> None:
+        """Stop the heartbeat for it, settle it on SQS by disposition, count and log one line."""
+        settled: dict[str, Any]
+        try:
+            await self._heartbeat.forget(item)
+            if outcome.disposition is Disposition.DONE:
+                settled = await self.delete(item)
+            elif outcome.disposition is Disposition.DEAD_LETTER:
+                settled = await self.dead_letter(item)
+            else:
+                settled = await self.retry_later(item, outcome)
+        except Exception:
+            log.error("finish_failed", queue=self._queue_name, message_id=item.message.message_id, exc_info=True)
+            settled = {"sqs": "finish_failed"}
+        self.record(item, outcome, duration_s, settled)
+
+    async def delete(self, item: InFlight) -> dict[str, Any]:
+        deleted = await self._deletes.delete(item.message.message_id, item.message.receipt_handle)
+        return {"sqs": "deleted" if deleted else "delete_failed"}
+
+    async def retry_later(self, item: InFlight, outcome: Outcome) -> dict[str, Any]:
+        """Make the message visible after the processor's delay, or a backoff from its receive count."""
+        if item.lease.lost.is_set():
+            return {"sqs": "left_to_reappear"}
+        delay = outcome.retry_delay_s
+        if delay is None:
+            delay = retry_delay_s(item.message.receive_count, self._config.retry_base_s, self._config.retry_cap_s)
+        left_in_lease = int(item.received_at + self._config.max_lease_s - time.monotonic())
+        delay = max(0, min(delay, left_in_lease, MAX_VISIBILITY_S))
+        try:
+            await self._sqs.change_message_visibility(
+                QueueUrl=self._queue_url, ReceiptHandle=item.message.receipt_handle, VisibilityTimeout=delay
+            )
+        except AWS_FAILURES as exc:
+            log.warning(
+                "retry_visibility_failed",
+                queue=self._queue_name,
+                message_id=item.message.message_id,
+                code=error_code(exc) or type(exc).__name__,
+            )
+            return {"sqs": "visibility_change_failed"}
+        return {"sqs": "visibility_set", "retry_in_s": delay}
+
+    async def dead_letter(self, item: InFlight) -> dict[str, Any]:
+        """Copy body and attributes to the DLQ, then delete; if the copy fails, leave it for the redrive policy."""
+        if self._dead_letter_url is None:
+            log.error("dead_letter_queue_unknown", queue=self._queue_name, message_id=item.message.message_id)
+            return {"sqs": "no_dead_letter_queue"}
+        try:
+            sent = await self._sqs.send_message(
+                QueueUrl=self._dead_letter_url,
+                MessageBody=item.message.body,
+                MessageAttributes=item.message_attributes,
+            )
+        except AWS_FAILURES as exc:
+            log.error(
+                "dead_letter_send_failed",
+                queue=self._queue_name,
+                message_id=item.message.message_id,
+                code=error_code(exc) or type(exc).__name__,
+            )
+            return {"sqs": "dead_letter_send_failed"}
+        deleted = await self._deletes.delete(item.message.message_id, item.message.receipt_handle)
+        return {
+            "sqs": "moved_to_dead_letter_queue" if deleted else "copied_to_dead_letter_queue_delete_failed",
+            "dead_letter_message_id": sent.get("MessageId"),
+        }
+
+    def record(self, item: InFlight, outcome: Outcome, duration_s: float, settled: dict[str, Any]) -> None:
+        disposition = outcome.disposition
+        if disposition is Disposition.DONE:
+            self.counts.complete += 1
+        elif disposition is Disposition.DEAD_LETTER:
+            self.counts.dead_lettered += 1
+        else:
+            self.counts.retried += 1
+        if item.lease.lost.is_set():
+            self.counts.leases_lost += 1
+        if outcome.reason in (SHUTDOWN, CANCELLED):
+            self.counts.returned += 1
+        self._metrics.finished.labels(queue=self._queue_name, disposition=disposition, reason=outcome.reason).inc()
+        self._metrics.duration.labels(queue=self._queue_name).observe(duration_s)
+        log.info(
+            "message_finished",
+            queue=self._queue_name,
+            message_id=item.message.message_id,
+            disposition=str(disposition),
+            reason=outcome.reason,
+            receive_count=item.message.receive_count,
+            duration_ms=round(duration_s * 1000, 1),
+            lease_lost=item.lease.lost.is_set(),
+            **settled,
+        )
+
+
+async def run_consumers(consumers: Sequence[QueueConsumer], stop: asyncio.Event, grace_s: float) -> None:
+    """Start every consumer, wait for `stop`, then drain them all in parallel within `grace_s`.
+
+    Readiness is `all(c.running for c in consumers)`; each goes False as soon as its stop begins.
+    """
+    started: list[QueueConsumer] = []
+    try:
+        for consumer in consumers:
+            await consumer.start()
+            started.append(consumer)
+        await stop.wait()
+    finally:
+        await asyncio.gather(*(consumer.stop(grace_s) for consumer in started))

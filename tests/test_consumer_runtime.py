@@ -1,0 +1,586 @@
+"""The SQS consumer runtime against moto: polling with backpressure, heartbeat, finishing, dead letters, drain.
+
+Every test makes its own queue (`rt-<uuid8>`, short visibility) and DLQ (redrive after 3 receives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from botocore.exceptions import EndpointConnectionError
+from prometheus_client import CollectorRegistry
+
+from consumers.backoff import retry_delay_s
+from consumers.contracts import Lease, Outcome, QueueMessage
+from consumers.heartbeat import InFlight, VisibilityHeartbeat, next_visibility_s
+from consumers.metrics import ConsumerMetrics
+from consumers.runtime import ConsumerConfig, QueueConsumer, run_consumers
+
+# -- queues, clients and metrics -------------------------------------------------------------------------
+
+
+@dataclass
+class QueueUnderTest:
+    name: str
+    url: str
+    dlq_url: str
+
+
+@pytest.fixture
+async def sqs(deps):
+    return deps.aws.sqs
+
+
+async def create_queue(sqs, visibility_s: int = 3) -> QueueUnderTest:
+    name = f"rt-{uuid.uuid4().hex[:8]}"
+    dlq_url = (await sqs.create_queue(QueueName=f"{name}-dlq"))["QueueUrl"]
+    dlq_arn = (await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"]))["Attributes"]["QueueArn"]
+    redrive = orjson.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 3}).decode()
+    url = (
+        await sqs.create_queue(
+            QueueName=name, Attributes={"VisibilityTimeout": str(visibility_s), "RedrivePolicy": redrive}
+        )
+    )["QueueUrl"]
+    return QueueUnderTest(name, url, dlq_url)
+
+
+@pytest.fixture
+async def queue(sqs) -> AsyncIterator[QueueUnderTest]:
+    created = await create_queue(sqs)
+    yield created
+    await sqs.delete_queue(QueueUrl=created.url)
+    await sqs.delete_queue(QueueUrl=created.dlq_url)
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def metrics(registry) -> ConsumerMetrics:
+    return ConsumerMetrics(registry)
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def send(sqs, queue: QueueUnderTest, bodies: list[str], attributes: dict[str, Any] | None = None) -> None:
+    for offset in range(0, len(bodies), 10):
+        entries = [
+            {"Id": str(i), "MessageBody": body, **({"MessageAttributes": attributes} if attributes else {})}
+            for i, body in enumerate(bodies[offset : offset + 10])
+        ]
+        answer = await sqs.send_message_batch(QueueUrl=queue.url, Entries=entries)
+        assert not answer.get("Failed")
+
+
+async def message_counts(sqs, url: str) -> tuple[int, int]:
+    """(visible, in flight) as SQS reports them."""
+    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    attributes = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names))["Attributes"]
+    return int(attributes[names[0]]), int(attributes[names[1]])
+
+
+async def raw_receive(sqs, url: str, wait_s: int = 0) -> list[dict[str, Any]]:
+    answer = await sqs.receive_message(
+        QueueUrl=url,
+        MaxNumberOfMessages=10,
+        WaitTimeSeconds=wait_s,
+        MessageAttributeNames=["All"],
+        MessageSystemAttributeNames=["ApproximateReceiveCount"],
+    )
+    return answer.get("Messages", [])
+
+
+async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+def config(**changes: Any) -> ConsumerConfig:
+    return ConsumerConfig(**{"concurrency": 4, "visibility_timeout_s": 3, **changes})
+
+
+@asynccontextmanager
+async def consuming(
+    sqs, queue: QueueUnderTest, processor, metrics, cfg: ConsumerConfig
+) -> AsyncIterator[QueueConsumer]:
+    consumer = QueueConsumer(sqs, queue.url, queue.name, processor, metrics, cfg)
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop(grace_s=0.5)
+
+
+class RecordingSqs:
+    """The real client, with the consumer's receive and delete calls written down."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.receive_sizes: list[int] = []
+        self.delete_batch_sizes: list[int] = []
+        self.single_deletes = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def receive_message(self, **request: Any) -> Any:
+        self.receive_sizes.append(request["MaxNumberOfMessages"])
+        return await self._inner.receive_message(**request)
+
+    async def delete_message_batch(self, **request: Any) -> Any:
+        self.delete_batch_sizes.append(len(request["Entries"]))
+        return await self._inner.delete_message_batch(**request)
+
+    async def delete_message(self, **request: Any) -> Any:
+        self.single_deletes += 1
+        return await self._inner.delete_message(**request)
+
+
+class ReceiveIgnoringCancellation(RecordingSqs):
+    """A receive that completes even when cancelled: SQS answered just as stop() began."""
+
+    async def receive_message(self, **request: Any) -> Any:
+        self.receive_sizes.append(request["MaxNumberOfMessages"])
+        call = asyncio.ensure_future(self._inner.receive_message(**request))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            return await call
+
+
+# -- processors --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Recorder:
+    """Processes by a rule, remembering every delivery, what is running now and the most ever at once."""
+
+    rule: Callable[[QueueMessage, Lease], Awaitable[Outcome]]
+    seen: list[QueueMessage] = field(default_factory=list)
+    running: int = 0
+    most_at_once: int = 0
+    cancelled: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+
+    async def process(self, message: QueueMessage, lease: Lease) -> Outcome:
+        self.seen.append(message)
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            outcome = await self.rule(message, lease)
+        except asyncio.CancelledError:
+            self.cancelled.append(message.body)
+            raise
+        finally:
+            self.running -= 1
+        self.finished.append(message.body)
+        return outcome
+
+    def bodies(self) -> list[str]:
+        return [message.body for message in self.seen]
+
+
+def after(seconds: float, outcome: Outcome) -> Callable[[QueueMessage, Lease], Awaitable[Outcome]]:
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        await asyncio.sleep(seconds)
+        return outcome
+
+    return rule
+
+
+# -- polling and deleting ----------------------------------------------------------------------------------
+
+
+async def test_every_message_is_processed_once_and_deleted(sqs, queue, metrics, registry):
+    bodies = [f"m{i}" for i in range(25)]
+    await send(sqs, queue, bodies)
+    recorder = Recorder(after(0.05, Outcome.done("sent")))
+    async with consuming(sqs, queue, recorder, metrics, config(concurrency=5)) as consumer:
+        await eventually(lambda: consumer.counts.complete == 25, what="25 messages finished")
+        assert consumer.running
+    assert not consumer.running
+    assert sorted(recorder.bodies()) == sorted(bodies)
+    assert recorder.most_at_once <= 5
+    assert await message_counts(sqs, queue.url) == (0, 0)
+    assert sample(registry, "comms_messages_finished_total", queue=queue.name, disposition="done", reason="sent") == 25
+    assert sample(registry, "comms_messages_received_total", queue=queue.name) == 25
+    assert sample(registry, "comms_messages_in_flight", queue=queue.name) == 0
+
+
+async def test_polls_only_for_free_slots_and_leaves_the_rest_on_the_queue(sqs, queue, metrics):
+    await send(sqs, queue, [f"m{i}" for i in range(6)])
+    recording = RecordingSqs(sqs)
+    recorder = Recorder(after(0.8, Outcome.done("sent")))
+    async with consuming(recording, queue, recorder, metrics, config(concurrency=2)) as consumer:
+        await eventually(lambda: recorder.running == 2, what="two messages started")
+        assert await message_counts(sqs, queue.url) == (4, 2)
+        await eventually(lambda: consumer.counts.complete == 6, what="all six finished")
+    assert recorder.most_at_once == 2
+    assert recording.receive_sizes
+    assert max(recording.receive_sizes) <= 2
+
+
+async def test_finished_deletes_go_out_in_batches_of_at_most_ten(sqs, queue, metrics):
+    await send(sqs, queue, [f"m{i}" for i in range(20)])
+    recording = RecordingSqs(sqs)
+    recorder = Recorder(after(0, Outcome.done("sent")))
+    async with consuming(recording, queue, recorder, metrics, config(concurrency=20)) as consumer:
+        await eventually(lambda: consumer.counts.complete == 20, what="twenty finished")
+    assert recording.single_deletes == 0
+    assert sum(recording.delete_batch_sizes) == 20
+    assert max(recording.delete_batch_sizes) <= 10
+    assert len(recording.delete_batch_sizes) <= 4
+    assert await message_counts(sqs, queue.url) == (0, 0)
+
+
+# -- heartbeat and leases ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_heartbeat_keeps_a_message_invisible_past_its_visibility_timeout(sqs, metrics, registry):
+    queue = await create_queue(sqs, visibility_s=2)
+    await send(sqs, queue, ["long"])
+    recorder = Recorder(after(7, Outcome.done("sent")))
+    async with consuming(sqs, queue, recorder, metrics, config(visibility_timeout_s=2)) as consumer:
+        await eventually(lambda: recorder.running == 1, what="processing started")
+        while recorder.running:
+            assert await raw_receive(sqs, queue.url, wait_s=1) == [], "a second consumer received it"
+        await eventually(lambda: consumer.counts.complete == 1, what="message finished")
+    assert recorder.bodies() == ["long"]
+    assert sample(registry, "comms_visibility_extensions_total", queue=queue.name, result="ok") >= 4
+    assert sample(registry, "comms_visibility_extensions_total", queue=queue.name, result="failed") == 0
+    assert await message_counts(sqs, queue.url) == (0, 0)
+
+
+async def delete_own_message(sqs, queue: QueueUnderTest, message: QueueMessage) -> None:
+    """Invalidate the receipt handle under the consumer, as if the lease had gone elsewhere."""
+    await sqs.delete_message(QueueUrl=queue.url, ReceiptHandle=message.receipt_handle)
+
+
+async def test_lost_lease_cancels_unprotected_work(sqs, queue, metrics, registry):
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        await delete_own_message(sqs, queue, message)
+        await asyncio.sleep(30)
+        return Outcome.done("sent")
+
+    await send(sqs, queue, ["doomed"])
+    recorder = Recorder(rule)
+    started = time.monotonic()
+    async with consuming(sqs, queue, recorder, metrics, config(visibility_timeout_s=2)) as consumer:
+        await eventually(lambda: recorder.cancelled == ["doomed"], timeout_s=5, what="work cancelled")
+        await eventually(lambda: consumer.counts.retried == 1, what="finish recorded")
+    assert time.monotonic() - started < 5
+    assert len(recorder.seen) == 1
+    assert consumer.counts.leases_lost == 1
+    assert sample(registry, "comms_visibility_extensions_total", queue=queue.name, result="failed") == 1
+    reason = {"queue": queue.name, "disposition": "retry", "reason": "lease_lost"}
+    assert sample(registry, "comms_messages_finished_total", **reason) == 1
+
+
+async def test_lost_lease_does_not_cancel_protected_work(sqs, queue, metrics, registry):
+    lost_while_protected: list[bool] = []
+
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        with lease.protected():
+            await delete_own_message(sqs, queue, message)
+            await asyncio.sleep(2.5)
+            lost_while_protected.append(lease.lost.is_set())
+        return Outcome.done("sent")
+
+    await send(sqs, queue, ["sending"])
+    recorder = Recorder(rule)
+    async with consuming(sqs, queue, recorder, metrics, config(visibility_timeout_s=2)) as consumer:
+        await eventually(lambda: consumer.counts.complete == 1, what="protected work finished")
+    assert recorder.cancelled == []
+    assert lost_while_protected == [True]
+    assert consumer.counts.leases_lost == 1
+    assert sample(registry, "comms_messages_finished_total", queue=queue.name, disposition="done", reason="sent") == 1
+
+
+async def test_work_that_leaves_protection_after_a_lost_lease_is_cancelled(sqs, queue, metrics):
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        with lease.protected():
+            await delete_own_message(sqs, queue, message)
+            await lease.lost.wait()
+        await asyncio.sleep(30)
+        return Outcome.done("sent")
+
+    await send(sqs, queue, ["after-send"])
+    recorder = Recorder(rule)
+    async with consuming(sqs, queue, recorder, metrics, config(visibility_timeout_s=2)):
+        await eventually(lambda: recorder.cancelled == ["after-send"], timeout_s=5, what="cancelled after protection")
+
+
+async def test_visibility_is_never_extended_past_the_lease_cap(sqs, queue, metrics, registry):
+    recorder = Recorder(after(30, Outcome.done("sent")))
+    await send(sqs, queue, ["endless"])
+    started = time.monotonic()
+    async with consuming(sqs, queue, recorder, metrics, config(visibility_timeout_s=2, max_lease_s=4)) as consumer:
+        await eventually(lambda: recorder.cancelled == ["endless"], timeout_s=8, what="cancelled at the cap")
+        cancelled_after = time.monotonic() - started
+    assert 2.5 < cancelled_after < 5.5
+    assert consumer.counts.leases_lost == 1
+    assert sample(registry, "comms_visibility_extensions_total", queue=queue.name, result="failed") == 0
+
+
+def test_next_visibility_is_the_extension_until_the_cap_then_what_is_left():
+    assert next_visibility_s(now=100.0, received_at=0.0, extension_s=60, max_lease_s=43200) == 60
+    assert next_visibility_s(now=43170.0, received_at=0.0, extension_s=60, max_lease_s=43200) == 30
+    assert next_visibility_s(now=43300.0, received_at=0.0, extension_s=60, max_lease_s=43200) == 0
+
+
+class ScriptedVisibilityCalls:
+    """ChangeMessageVisibilityBatch that records entry counts and succeeds, or fails as a whole call."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.batch_sizes: list[int] = []
+
+    async def change_message_visibility_batch(self, **request: Any) -> Any:
+        self.batch_sizes.append(len(request["Entries"]))
+        if self.fail:
+            raise EndpointConnectionError(endpoint_url="http://sqs.invalid")
+        return {"Successful": [{"Id": entry["Id"]} for entry in request["Entries"]], "Failed": []}
+
+
+def heartbeat_over(sqs, metrics, clock: list[float]) -> VisibilityHeartbeat:
+    return VisibilityHeartbeat(
+        sqs, "url", "q", metrics, extension_s=60, tick_s=1.0, max_lease_s=43200, clock=lambda: clock[0]
+    )
+
+
+def in_flight(n: int) -> InFlight:
+    message = QueueMessage(f"id-{n}", f"receipt-{n}", "body", {}, 1, 0.0)
+    return InFlight(message, {}, Lease(), received_at=0.0, visible_until=60.0)
+
+
+async def test_heartbeat_extends_many_due_messages_in_batches_of_at_most_ten(metrics, registry):
+    calls, clock = ScriptedVisibilityCalls(), [10.0]
+    heartbeat = heartbeat_over(calls, metrics, clock)
+    items = [in_flight(n) for n in range(25)]
+    for item in items:
+        heartbeat.track(item)
+    await heartbeat.beat()
+    assert calls.batch_sizes == []  # 50 s of visibility left: nothing due
+    clock[0] = 31.0
+    await heartbeat.beat()
+    assert sorted(calls.batch_sizes) == [5, 10, 10]
+    assert all(item.visible_until == 91.0 for item in items)
+    assert sample(registry, "comms_visibility_extensions_total", queue="q", result="ok") == 25
+
+
+async def test_failed_extension_call_is_retried_until_visibility_runs_short_then_the_lease_is_lost(metrics, registry):
+    calls, clock = ScriptedVisibilityCalls(fail=True), [31.0]
+    heartbeat = heartbeat_over(calls, metrics, clock)
+    item = in_flight(1)
+    item.task = asyncio.create_task(asyncio.sleep(30))
+    heartbeat.track(item)
+    await heartbeat.beat()
+    assert not item.lease.lost.is_set()
+    clock[0] = 58.5
+    await heartbeat.beat()
+    assert item.lease.lost.is_set()
+    await asyncio.wait({item.task})
+    assert item.task.cancelled()
+    assert sample(registry, "comms_visibility_extensions_total", queue="q", result="failed") == 2
+
+
+# -- outcomes ----------------------------------------------------------------------------------------------
+
+
+async def test_retry_without_delay_makes_the_message_reappear_at_once(sqs, metrics, registry):
+    queue = await create_queue(sqs, visibility_s=30)
+
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        return Outcome.retry("ai_transient", delay_s=0) if message.receive_count == 1 else Outcome.done("sent")
+
+    await send(sqs, queue, ["again"])
+    recorder = Recorder(rule)
+    async with consuming(sqs, queue, recorder, metrics, config(visibility_timeout_s=30)) as consumer:
+        await eventually(lambda: consumer.counts.complete == 1, timeout_s=5, what="second delivery done")
+    assert [message.receive_count for message in recorder.seen] == [1, 2]
+    assert recorder.seen[0].message_id == recorder.seen[1].message_id
+    reason = {"queue": queue.name, "disposition": "retry", "reason": "ai_transient"}
+    assert sample(registry, "comms_messages_finished_total", **reason) == 1
+    assert await message_counts(sqs, queue.url) == (0, 0)
+
+
+def test_retry_backoff_doubles_with_the_receive_count_jittered_and_capped():
+    rng = random.Random(7)
+    for receive_count, ceiling in [(1, 5), (2, 10), (3, 20), (6, 160), (7, 300), (1000, 300)]:
+        delays = {retry_delay_s(receive_count, 5.0, 300.0, rng) for _ in range(50)}
+        assert min(delays) >= ceiling / 2
+        assert max(delays) <= ceiling
+        assert len(delays) > 1
+
+
+async def test_dead_letter_moves_the_message_to_the_dlq_with_body_and_attributes(sqs, queue, metrics, registry):
+    attributes = {
+        "channelMethod": {"DataType": "String", "StringValue": "whatsapp"},
+        "conversationId": {"DataType": "String", "StringValue": "ci#pi#r#447700900001"},
+        "attempt": {"DataType": "Number", "StringValue": "3"},
+        "blob": {"DataType": "Binary", "BinaryValue": b"\x00\x01"},
+    }
+    body = orjson.dumps({"frontend_payload": "not a context"}).decode()
+    await send(sqs, queue, [body], attributes)
+    recorder = Recorder(after(0, Outcome.dead_letter("invalid_context")))
+    async with consuming(sqs, queue, recorder, metrics, config()) as consumer:
+        await eventually(lambda: consumer.counts.dead_lettered == 1, what="dead-lettered")
+        assert consumer.dead_letter_queue_url == queue.dlq_url
+    assert recorder.seen[0].attributes == {
+        "channelMethod": "whatsapp",
+        "conversationId": "ci#pi#r#447700900001",
+        "attempt": "3",
+    }
+    moved = await raw_receive(sqs, queue.dlq_url, wait_s=1)
+    assert [m["Body"] for m in moved] == [body]
+    assert moved[0]["MessageAttributes"] == attributes
+    assert await message_counts(sqs, queue.url) == (0, 0)
+    reason = {"queue": queue.name, "disposition": "dead_letter", "reason": "invalid_context"}
+    assert sample(registry, "comms_messages_finished_total", **reason) == 1
+
+
+async def test_poison_message_lands_in_the_dlq_after_three_receives(sqs, metrics):
+    queue = await create_queue(sqs, visibility_s=30)
+    await send(sqs, queue, ["poison"])
+    recorder = Recorder(after(0, Outcome.retry("ai_transient", delay_s=0)))
+    async with consuming(sqs, queue, recorder, metrics, config(visibility_timeout_s=30)):
+        await eventually(
+            lambda: message_counts_are(sqs, queue.dlq_url, (1, 0)), timeout_s=10, what="redriven to the DLQ"
+        )
+    assert [message.receive_count for message in recorder.seen] == [1, 2, 3]
+    assert await message_counts(sqs, queue.url) == (0, 0)
+
+
+async def message_counts_are(sqs, url: str, expected: tuple[int, int]) -> bool:
+    return await message_counts(sqs, url) == expected
+
+
+async def test_processor_exception_is_treated_as_retry(sqs, queue, metrics, registry):
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        if message.receive_count == 1:
+            raise RuntimeError("bug in the processor")
+        return Outcome.done("sent")
+
+    await send(sqs, queue, ["flaky"])
+    recorder = Recorder(rule)
+    cfg = config(visibility_timeout_s=30, retry_base_s=1, retry_cap_s=1)
+    async with consuming(sqs, queue, recorder, metrics, cfg) as consumer:
+        await eventually(lambda: consumer.counts.complete == 1, timeout_s=6, what="redelivery done")
+    assert [message.receive_count for message in recorder.seen] == [1, 2]
+    assert consumer.counts.failed == 1
+    reason = {"queue": queue.name, "disposition": "retry", "reason": "unhandled_error"}
+    assert sample(registry, "comms_messages_finished_total", **reason) == 1
+
+
+# -- stopping ----------------------------------------------------------------------------------------------
+
+
+async def test_stop_lets_work_finish_within_grace_and_returns_the_rest_at_once(sqs, metrics, registry):
+    queue = await create_queue(sqs, visibility_s=30)
+
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        await asyncio.sleep(0.5 if message.body == "fast" else 30)
+        return Outcome.done("sent")
+
+    await send(sqs, queue, ["fast", "slow"])
+    recorder = Recorder(rule)
+    consumer = QueueConsumer(
+        sqs, queue.url, queue.name, recorder, metrics, config(concurrency=2, visibility_timeout_s=30)
+    )
+    await consumer.start()
+    await eventually(lambda: recorder.running == 2, what="both started")
+    started = time.monotonic()
+    stopping = asyncio.create_task(consumer.stop(grace_s=1.5))
+    await asyncio.sleep(0)
+    assert not consumer.running
+    await stopping
+    assert 1.4 < time.monotonic() - started < 3.0
+    assert recorder.finished == ["fast"]
+    assert recorder.cancelled == ["slow"]
+    returned = await raw_receive(sqs, queue.url)
+    assert [m["Body"] for m in returned] == ["slow"]
+    assert returned[0]["Attributes"]["ApproximateReceiveCount"] == "2"
+    assert consumer.counts.complete == 1
+    assert consumer.counts.returned == 1
+    reason = {"queue": queue.name, "disposition": "retry", "reason": "shutdown"}
+    assert sample(registry, "comms_messages_finished_total", **reason) == 1
+
+
+async def test_messages_received_after_stop_began_go_back_at_once(sqs, metrics):
+    queue = await create_queue(sqs, visibility_s=30)
+    recorder = Recorder(after(0, Outcome.done("sent")))
+    client = ReceiveIgnoringCancellation(sqs)
+    consumer = QueueConsumer(client, queue.url, queue.name, recorder, metrics, config(wait_time_s=3))
+    await consumer.start()
+    await eventually(lambda: len(client.receive_sizes) == 1, what="long poll in progress")
+    await asyncio.sleep(0.2)
+    stopping = asyncio.create_task(consumer.stop(grace_s=1))
+    await asyncio.sleep(0.1)
+    await send(sqs, queue, ["late"])
+    await stopping
+    assert recorder.seen == []
+    assert consumer.counts.returned == 1
+    assert [m["Body"] for m in await raw_receive(sqs, queue.url)] == ["late"]
+
+
+async def test_run_consumers_starts_all_and_drains_all_when_stop_is_set(sqs, metrics):
+    queues = [await create_queue(sqs), await create_queue(sqs)]
+    recorder = Recorder(after(0, Outcome.done("sent")))
+    consumers = [QueueConsumer(sqs, q.url, q.name, recorder, metrics, config()) for q in queues]
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_consumers(consumers, stop, grace_s=1))
+    await eventually(lambda: all(c.running for c in consumers), what="both running")
+    for q in queues:
+        await send(sqs, q, [q.name])
+    await eventually(lambda: len(recorder.finished) == 2, what="one message from each queue")
+    stop.set()
+    await asyncio.wait_for(running, timeout=5)
+    assert not any(c.running for c in consumers)
+    assert sorted(recorder.finished) == sorted(q.name for q in queues)
+
+
+async def test_stop_waits_a_bounded_while_for_protected_work_and_cancels_the_rest(sqs, metrics):
+    queue = await create_queue(sqs, visibility_s=30)
+
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        if message.body == "plain":
+            await asyncio.sleep(30)
+        with lease.protected():
+            await asyncio.sleep(0.8 if message.body == "sending" else 30)
+        return Outcome.done("sent")
+
+    await send(sqs, queue, ["plain", "sending", "stuck"])
+    recorder = Recorder(rule)
+    cfg = config(concurrency=3, visibility_timeout_s=30, protected_grace_s=1.5)
+    consumer = QueueConsumer(sqs, queue.url, queue.name, recorder, metrics, cfg)
+    await consumer.start()
+    await eventually(lambda: recorder.running == 3, what="all three started")
+    started = time.monotonic()
+    await consumer.stop(grace_s=0.2)
+    assert 1.6 < time.monotonic() - started < 3.0
+    assert recorder.finished == ["sending"]
+    assert sorted(recorder.cancelled) == ["plain", "stuck"]
+    assert consumer.counts.returned == 2
+    assert sorted(m["Body"] for m in await raw_receive(sqs, queue.url)) == ["plain", "stuck"]
