@@ -1,0 +1,315 @@
+"""OpenAiWriter against the OpenAI sandbox over real HTTP: structured output, threads, retries, background polling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import httpx2
+import orjson
+import pytest
+
+from service.adapters.providers.openai_writer import OpenAiWriter
+from service.domain.provider_ports import AiRequest, PermanentProviderError, TransientProviderError
+from service.local.openai_sandbox import create_openai_sandbox
+from service.local.sandbox_http import RunningServer, serve
+
+API_KEY = "sk-sandbox-tenant-a"
+CONTEXT = orjson.dumps({"recipient_data": {"recipient_first_name": "Lee", "recipient_last_name": "Hayton"}}).decode()
+TEMPLATE_KEYS = ("1", "2", "3")
+
+
+@pytest.fixture(scope="module")
+async def sandbox() -> AsyncIterator[RunningServer]:
+    server = await serve(create_openai_sandbox())
+    assert server.runner.server is not None
+    server.runner.server.handler_cancellation = True  # a client giving up on a hung request ends its handler
+    yield server
+    await server.close()
+
+
+@pytest.fixture(scope="module")
+async def http_client() -> AsyncIterator[httpx2.AsyncClient]:
+    async with httpx2.AsyncClient(
+        limits=httpx2.Limits(max_connections=100, max_keepalive_connections=100), timeout=httpx2.Timeout(10.0)
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def control(sandbox: RunningServer) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(base_url=sandbox.url) as session:
+        await steer(session, "/_sandbox/reset", {})
+        await steer(session, "/_sandbox/openai/reset", {})
+        yield session
+
+
+@pytest.fixture
+async def writer(sandbox: RunningServer, http_client: httpx2.AsyncClient) -> AsyncIterator[OpenAiWriter]:
+    writer = OpenAiWriter(
+        http_client, f"{sandbox.url}/v1", max_attempts=4, backoff_base_s=0.05, poll_first_s=0.1, poll_cap_s=0.4
+    )
+    yield writer
+    await writer.close()
+
+
+async def steer(control: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> Any:
+    async with control.post(path, json=body) as answer:
+        assert answer.status == 200, await answer.text()
+        return await answer.json()
+
+
+async def fetch(control: aiohttp.ClientSession, path: str) -> Any:
+    async with control.get(path, headers={"Authorization": f"Bearer {API_KEY}"}) as answer:
+        assert answer.status == 200, await answer.text()
+        return await answer.json()
+
+
+async def inject(control: aiohttp.ClientSession, **fault: Any) -> None:
+    await steer(control, "/_sandbox/faults", {"path_prefix": "/v1/responses", "method": "POST", **fault})
+
+
+async def requests_to(control: aiohttp.ClientSession, method: str, prefix: str) -> list[dict[str, Any]]:
+    recorded: list[dict[str, Any]] = await fetch(control, "/_sandbox/requests")
+    return [r for r in recorded if r["method"] == method and r["path"].startswith(prefix)]
+
+
+def ask(thread_id: str, **changes: Any) -> AiRequest:
+    fields: dict[str, Any] = {
+        "api_key": API_KEY,
+        "model": "gpt-sandbox",
+        "instructions": "Write the WhatsApp template variables for this viewing.",
+        "input_text": CONTEXT,
+        "output_keys": TEMPLATE_KEYS,
+        "thread_id": thread_id,
+        "timeout_s": 10.0,
+        "metadata": {"conversation_id": "conv-1"},
+    }
+    fields.update(changes)
+    return AiRequest(**fields)
+
+
+def response_body(output_text: str, **changes: Any) -> dict[str, Any]:
+    """A Responses API object as OpenAI would answer, for faults that stand in for a real answer."""
+    body: dict[str, Any] = {
+        "id": "resp_injected",
+        "object": "response",
+        "created_at": 0,
+        "status": "completed",
+        "model": "gpt-sandbox",
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_injected",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": output_text, "annotations": []}],
+            }
+        ],
+        "usage": {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
+        "error": None,
+        "incomplete_details": None,
+    }
+    body.update(changes)
+    return body
+
+
+# ---- structured output and threads ------------------------------------------------------------
+
+
+async def test_output_has_exactly_the_requested_keys(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    thread_id = await writer.start_thread(API_KEY, {})
+    result = await writer.write(ask(thread_id))
+    assert set(result.output) == set(TEMPLATE_KEYS)
+    assert all(isinstance(value, str) and value for value in result.output.values())
+    assert result.output["1"] == "Hi Lee"
+
+
+async def test_token_usage_is_recorded(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    result = await writer.write(ask(await writer.start_thread(API_KEY, {})))
+    assert result.prompt_tokens > 0 and result.completion_tokens > 0
+    assert result.total_tokens == result.prompt_tokens + result.completion_tokens
+
+
+async def test_thread_is_created_with_the_metadata(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    thread_id = await writer.start_thread(API_KEY, {"conversation_id": "conv-42"})
+    conversation = await fetch(control, f"/v1/conversations/{thread_id}")
+    assert thread_id.startswith("conv_") and conversation["metadata"] == {"conversation_id": "conv-42"}
+
+
+async def test_exchange_is_stored_in_the_thread(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    thread_id = await writer.start_thread(API_KEY, {})
+    result = await writer.write(ask(thread_id))
+    items = (await fetch(control, f"/v1/conversations/{thread_id}/items?order=asc"))["data"]
+    assert [item["role"] for item in items] == ["user", "assistant"]
+    assert items[0]["content"][0]["text"] == CONTEXT
+    assert orjson.loads(items[1]["content"][0]["text"]) == result.output
+
+
+async def test_output_missing_a_key_is_permanent(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    await inject(control, status=200, body=response_body('{"1": "Hi Lee", "2": "Saturday"}'))
+    with pytest.raises(PermanentProviderError) as caught:
+        await writer.write(ask(""))
+    assert caught.value.reason == "ai_output_invalid" and caught.value.code == "missing_keys"
+
+
+async def test_output_that_is_not_a_json_object_is_permanent(
+    writer: OpenAiWriter, control: aiohttp.ClientSession
+) -> None:
+    await inject(control, status=200, body=response_body('["Hi Lee"]'))
+    with pytest.raises(PermanentProviderError) as caught:
+        await writer.write(ask(""))
+    assert caught.value.reason == "ai_output_invalid"
+
+
+# ---- retries --------------------------------------------------------------------------------------
+
+
+async def test_rate_limit_is_retried_after_retry_after(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    await inject(control, status=429, retry_after=1)
+    started = time.monotonic()
+    result = await writer.write(ask(""))
+    assert time.monotonic() - started >= 1.0
+    assert set(result.output) == set(TEMPLATE_KEYS)
+    assert len(await requests_to(control, "POST", "/v1/responses")) == 2
+
+
+async def test_server_errors_are_retried_until_success(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    await inject(control, status=500, count=2)
+    result = await writer.write(ask(""))
+    assert set(result.output) == set(TEMPLATE_KEYS)
+    assert len(await requests_to(control, "POST", "/v1/responses")) == 3
+
+
+async def test_persistent_server_error_is_transient_after_max_attempts(
+    writer: OpenAiWriter, control: aiohttp.ClientSession
+) -> None:
+    await inject(control, status=500, count=100)
+    with pytest.raises(TransientProviderError) as caught:
+        await writer.write(ask(""))
+    assert caught.value.retry_after_s is not None
+    assert len(await requests_to(control, "POST", "/v1/responses")) == 4
+
+
+async def test_retry_after_beyond_the_budget_fails_at_once_with_it(
+    writer: OpenAiWriter, control: aiohttp.ClientSession
+) -> None:
+    await inject(control, status=429, retry_after=30)
+    started = time.monotonic()
+    with pytest.raises(TransientProviderError) as caught:
+        await writer.write(ask("", timeout_s=5.0))
+    assert time.monotonic() - started < 1.0
+    assert caught.value.retry_after_s == 30
+
+
+async def test_unauthorized_is_permanent_and_not_retried(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    await inject(control, status=401)
+    with pytest.raises(PermanentProviderError) as caught:
+        await writer.write(ask(""))
+    assert caught.value.code == "invalid_api_key"
+    assert len(await requests_to(control, "POST", "/v1/responses")) == 1
+
+
+async def test_unknown_thread_is_permanent(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    with pytest.raises(PermanentProviderError) as caught:
+        await writer.write(ask("conv_does_not_exist"))
+    assert caught.value.code == "404"
+
+
+async def test_insufficient_quota_is_permanent(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    quota = {"error": {"message": "quota", "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}
+    await inject(control, status=429, body=quota)
+    with pytest.raises(PermanentProviderError) as caught:
+        await writer.write(ask(""))
+    assert caught.value.code == "insufficient_quota"
+
+
+async def test_hang_is_transient_within_the_timeout(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    await inject(control, mode="hang")
+    started = time.monotonic()
+    with pytest.raises(TransientProviderError) as caught:
+        await writer.write(ask("", timeout_s=0.5))
+    assert caught.value.reason == "ai_timeout"
+    assert 0.5 <= time.monotonic() - started < 1.0
+
+
+async def test_dropped_connection_is_retried(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    await inject(control, mode="reset")
+    result = await writer.write(ask(""))
+    assert set(result.output) == set(TEMPLATE_KEYS)
+
+
+# ---- background mode ------------------------------------------------------------------------------
+
+
+async def test_background_response_completes_by_polling(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    await steer(control, "/_sandbox/openai/background_latency", {"seconds": 0.5})
+    thread_id = await writer.start_thread(API_KEY, {})
+    started = time.monotonic()
+    result = await writer.write(ask(thread_id, background=True))
+    assert time.monotonic() - started >= 0.5
+    assert set(result.output) == set(TEMPLATE_KEYS) and result.total_tokens > 0
+    assert len(await requests_to(control, "GET", f"/v1/responses/{result.response_id}")) >= 2
+
+
+async def test_background_timeout_cancels_the_response(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    await steer(control, "/_sandbox/openai/background_latency", {"seconds": 30})
+    started = time.monotonic()
+    with pytest.raises(TransientProviderError) as caught:
+        await writer.write(ask("", background=True, timeout_s=0.6))
+    assert caught.value.reason == "ai_timeout" and time.monotonic() - started < 1.5
+    [cancel] = await requests_to(control, "POST", "/v1/responses/")
+    response_id = cancel["path"].split("/")[3]
+    assert (await fetch(control, f"/v1/responses/{response_id}"))["status"] == "cancelled"
+
+
+async def test_background_poll_that_keeps_failing_cancels_the_response(
+    writer: OpenAiWriter, control: aiohttp.ClientSession
+) -> None:
+    await steer(control, "/_sandbox/openai/background_latency", {"seconds": 30})
+    await steer(
+        control, "/_sandbox/faults", {"path_prefix": "/v1/responses/", "method": "GET", "status": 500, "count": 100}
+    )
+    with pytest.raises(TransientProviderError):
+        await writer.write(ask("", background=True))
+    [cancel] = await requests_to(control, "POST", "/v1/responses/")
+    response_id = cancel["path"].split("/")[3]
+    await steer(control, "/_sandbox/reset", {})  # lift the GET faults to look
+    assert (await fetch(control, f"/v1/responses/{response_id}"))["status"] == "cancelled"
+
+
+async def test_failed_background_response_is_permanent_with_its_code(
+    writer: OpenAiWriter, control: aiohttp.ClientSession
+) -> None:
+    await steer(control, "/_sandbox/openai/background_latency", {"seconds": 5})
+    failed = response_body("", status="failed", output=[], error={"code": "invalid_prompt", "message": "no"})
+    await steer(
+        control, "/_sandbox/faults", {"path_prefix": "/v1/responses/", "method": "GET", "status": 200, "body": failed}
+    )
+    with pytest.raises(PermanentProviderError) as caught:
+        await writer.write(ask("", background=True))
+    assert (caught.value.reason, caught.value.code) == ("ai_response_failed", "invalid_prompt")
+
+
+async def test_concurrent_background_writes_interleave(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+    await steer(control, "/_sandbox/openai/background_latency", {"seconds": 0.5})
+    started = time.monotonic()
+    results = await asyncio.gather(*(writer.write(ask("", background=True)) for _ in range(50)))
+    elapsed = time.monotonic() - started
+    assert len({result.response_id for result in results}) == 50
+    assert 0.5 <= elapsed < 2.0  # one generation time plus polling, not 50 of them
+
+
+# ---- clients --------------------------------------------------------------------------------------
+
+
+async def test_clients_per_api_key_share_one_connection_pool(
+    writer: OpenAiWriter, http_client: httpx2.AsyncClient, control: aiohttp.ClientSession
+) -> None:
+    assert await writer.start_thread("sk-tenant-a", {}) != await writer.start_thread("sk-tenant-b", {})
+    clients = [writer._client_for(key) for key in ("sk-tenant-a", "sk-tenant-b", "sk-tenant-a")]
+    assert clients[0] is clients[2] and clients[0] is not clients[1]
+    assert all(client._client is http_client for client in clients)
