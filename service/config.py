@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(60, ge=10, le=43200)
     drain_grace_s: float = Field(25.0, ge=0)
     batching_window_s: int = Field(10, ge=0, le=900)
+    consumer_queues: str = Field("whatsapp,sms,email", description="Channel queues this process consumes")
+    secrets_cache_ttl_s: float = Field(300.0, ge=0)
+    ai_timeout_s: float = Field(90.0, gt=0, description="Whole AI call, retries and background polling included")
+    ai_max_attempts: int = Field(4, ge=1, le=10)
+    provider_timeout_s: float = Field(15.0, gt=0, description="One Twilio/SendGrid call")
+    processor_version: str = "comms-template-sender-0.1.0"
 
     # Providers (empty means the real public endpoints)
     openai_base_url: str | None = None
@@ -85,6 +91,14 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("must be '*' or an origin such as https://app.example.com")
         return value.strip()
+
+    @field_validator("consumer_queues")
+    @classmethod
+    def _known_channels(cls, value: str) -> str:
+        unknown = {c.strip().lower() for c in value.split(",") if c.strip()} - set(CHANNELS)
+        if unknown:
+            raise ValueError(f"unknown channels {sorted(unknown)}; use a comma list of {', '.join(CHANNELS)}")
+        return value
 
     @model_validator(mode="after")
     def _read_timeout_covers_long_poll(self) -> Settings:
@@ -104,6 +118,15 @@ class Settings(BaseSettings):
             "sms": self.sms_queue_url,
             "email": self.email_queue_url,
         }.get(channel)
+
+    @property
+    def claim_lease_s(self) -> float:
+        """Below the visibility timeout, so a crashed worker's claim expires before its message reappears."""
+        return self.visibility_timeout_s * 0.8
+
+    @property
+    def consumed_channels(self) -> list[str]:
+        return [c.strip().lower() for c in self.consumer_queues.split(",") if c.strip()]
 
     @property
     def aws_pool_size(self) -> int:

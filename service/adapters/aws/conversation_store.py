@@ -1,0 +1,228 @@
+"""Conversation records in the conversations table: the claim, the send ledger and the final update.
+
+Every write that changes ownership or the ledger is conditional (see
+`service.domain.conversation_claim` for the states). Key: `primary_channel` + `conversation_id`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from service.adapters.aws.dynamo_codec import from_item, to_attribute
+from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
+from service.domain.conversation import ConversationStatus
+from service.domain.conversation_claim import ClaimVerdict, ConversationSnapshot, SendState, verdict_for_refusal
+
+if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
+
+_CLAIMABLE = "attribute_not_exists(conversation_id) OR (#status = :processing AND claim_expires_at < :now)"
+_OWNED = "claim_owner = :owner AND #status = :processing"
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationKey:
+    primary_channel: str
+    conversation_id: str
+
+    def item_key(self) -> dict[str, Any]:
+        return {
+            "primary_channel": to_attribute(self.primary_channel),
+            "conversation_id": to_attribute(self.conversation_id),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    verdict: ClaimVerdict
+    snapshot: ConversationSnapshot
+
+
+def _values(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: to_attribute(value) for name, value in values.items()}
+
+
+class DynamoConversationStore:
+    def __init__(self, dynamodb: DynamoDBClient, table: str) -> None:
+        self._dynamodb = dynamodb
+        self._table = table
+
+    async def claim(
+        self, key: ConversationKey, initial: Mapping[str, Any], owner: str, lease_until: float, now: float, stamp: str
+    ) -> ClaimResult:
+        """Create the record (PROCESSING) or take over an expired claim, keeping what it already holds."""
+        names = {"#status": "conversation_status"}
+        values: dict[str, Any] = {
+            ":processing": ConversationStatus.PROCESSING.value,
+            ":owner": owner,
+            ":lease": lease_until,
+            ":now": now,
+            ":stamp": stamp,
+            ":zero": 0,
+            ":one": 1,
+        }
+        assignments = []
+        for index, (field, value) in enumerate(initial.items()):
+            names[f"#i{index}"] = field
+            values[f":i{index}"] = value
+            assignments.append(f"#i{index} = if_not_exists(#i{index}, :i{index})")
+        assignments += [
+            "#status = :processing",
+            "claim_owner = :owner",
+            "claim_expires_at = :lease",
+            "updated_at = :stamp",
+            "claim_count = if_not_exists(claim_count, :zero) + :one",
+        ]
+        try:
+            answer = await self._dynamodb.update_item(
+                TableName=self._table,
+                Key=key.item_key(),
+                UpdateExpression="SET " + ", ".join(assignments),
+                ConditionExpression=_CLAIMABLE,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=_values(values),
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except AWS_FAILURES as exc:
+            if not is_conditional_check_failure(exc):
+                raise unavailable("dynamodb", "UpdateItem", exc) from exc
+            old = getattr(exc, "response", {}).get("Item") or {}
+            snapshot = ConversationSnapshot.from_record(from_item(old))
+            return ClaimResult(verdict_for_refusal(snapshot, now), snapshot)
+        return ClaimResult(ClaimVerdict.CLAIMED, ConversationSnapshot.from_record(from_item(answer["Attributes"])))
+
+    async def _owned_update(
+        self, key: ConversationKey, owner: str, expression: str, values: Mapping[str, Any], operation: str
+    ) -> bool:
+        """A write that applies only while `owner` still holds the claim; False when it does not."""
+        try:
+            await self._dynamodb.update_item(
+                TableName=self._table,
+                Key=key.item_key(),
+                UpdateExpression=expression,
+                ConditionExpression=_OWNED,
+                ExpressionAttributeNames={"#status": "conversation_status"},
+                ExpressionAttributeValues=_values(
+                    {":owner": owner, ":processing": ConversationStatus.PROCESSING.value, **values}
+                ),
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return False
+            raise unavailable("dynamodb", operation, exc) from exc
+        return True
+
+    async def refresh_claim(self, key: ConversationKey, owner: str, lease_until: float) -> bool:
+        return await self._owned_update(key, owner, "SET claim_expires_at = :lease", {":lease": lease_until}, "refresh")
+
+    async def record_attempt(
+        self,
+        key: ConversationKey,
+        owner: str,
+        *,
+        thread_id: str,
+        generated: dict[str, str],
+        usage: dict[str, int],
+        attempted_at: float,
+        stamp: str,
+    ) -> bool:
+        """The ledger entry written before the provider is called; False if the claim was lost (do not send)."""
+        expression = (
+            "SET send_state = :attempting, send_attempted_at = :at, thread_id = :thread, "
+            "generated_content = :generated, ai_usage = :usage, updated_at = :stamp"
+        )
+        values = {
+            ":attempting": SendState.ATTEMPTING.value,
+            ":at": attempted_at,
+            ":thread": thread_id,
+            ":generated": generated,
+            ":usage": usage,
+            ":stamp": stamp,
+        }
+        return await self._owned_update(key, owner, expression, values, "record_attempt")
+
+    async def clear_attempt(self, key: ConversationKey, owner: str, stamp: str) -> bool:
+        """The provider certainly did not send: a later attempt may send without reconciling."""
+        values = {":not_sent": SendState.NOT_SENT.value, ":stamp": stamp}
+        return await self._owned_update(
+            key, owner, "SET send_state = :not_sent, updated_at = :stamp", values, "clear_attempt"
+        )
+
+    async def mark_failed(
+        self, key: ConversationKey, owner: str, status: ConversationStatus, reason: str, stamp: str
+    ) -> bool:
+        expression = "SET #status = :failed, failure_reason = :reason, claim_expires_at = :zero, updated_at = :stamp"
+        values = {":failed": status.value, ":reason": reason, ":zero": 0, ":stamp": stamp}
+        return await self._owned_update(key, owner, expression, values, "mark_failed")
+
+    async def finalise(
+        self,
+        key: ConversationKey,
+        *,
+        message: dict[str, Any],
+        provider_message_id: str,
+        thread_id: str,
+        processing_time_ms: int,
+        stamp: str,
+    ) -> bool:
+        """Status INITIAL_MESSAGE_SENT, message appended; once only (False if it was already finalised)."""
+        expression = (
+            "SET #status = :sent_status, send_state = :sent, provider_message_id = :sid, thread_id = :thread, "
+            "#messages = list_append(if_not_exists(#messages, :empty), :message), processing_time_ms = :ms, "
+            "task_complete = :zero, claim_expires_at = :zero, updated_at = :stamp"
+        )
+        values = {
+            ":sent_status": ConversationStatus.INITIAL_MESSAGE_SENT.value,
+            ":sent": SendState.SENT.value,
+            ":sid": provider_message_id,
+            ":thread": thread_id,
+            ":empty": [],
+            ":message": [message],
+            ":ms": processing_time_ms,
+            ":zero": 0,
+            ":stamp": stamp,
+        }
+        try:
+            await self._dynamodb.update_item(
+                TableName=self._table,
+                Key=key.item_key(),
+                UpdateExpression=expression,
+                ConditionExpression="attribute_exists(conversation_id) AND send_state <> :sent",
+                ExpressionAttributeNames={"#status": "conversation_status", "#messages": "messages"},
+                ExpressionAttributeValues=_values(values),
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return False
+            raise unavailable("dynamodb", "UpdateItem", exc) from exc
+        return True
+
+    async def record_invalid(self, key: ConversationKey, fields: Mapping[str, Any], reason: str, stamp: str) -> None:
+        """A context too malformed to process, but naming its conversation: record why (once)."""
+        item = {
+            **fields,
+            "conversation_status": ConversationStatus.FAILED_INVALID_CONTEXT.value,
+            "failure_reason": reason,
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
+        try:
+            await self._dynamodb.put_item(
+                TableName=self._table,
+                Item={**key.item_key(), **{k: to_attribute(v) for k, v in item.items() if v is not None}},
+                ConditionExpression="attribute_not_exists(conversation_id)",
+            )
+        except AWS_FAILURES as exc:
+            if not is_conditional_check_failure(exc):
+                raise unavailable("dynamodb", "PutItem", exc) from exc
+
+    async def get(self, key: ConversationKey) -> dict[str, Any] | None:
+        try:
+            answer = await self._dynamodb.get_item(TableName=self._table, Key=key.item_key(), ConsistentRead=True)
+        except AWS_FAILURES as exc:
+            raise unavailable("dynamodb", "GetItem", exc) from exc
+        item = answer.get("Item")
+        return from_item(item) if item else None
