@@ -130,8 +130,8 @@ class Settings(BaseSettings):
 
     @property
     def aws_pool_size(self) -> int:
-        """Connections per AWS client: every consumer slot may hold one, plus headroom for the API."""
-        return self.consumer_concurrency + 32
+        """Connections per AWS client: every consumer slot of every queue may hold one, plus API headroom."""
+        return self.consumer_concurrency * max(1, len(self.consumed_channels)) + 32
 
 
 def load_settings(**overrides: object) -> Settings:

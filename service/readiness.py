@@ -13,7 +13,7 @@ class Readiness:
     """Flags the worker and the shutdown path flip; the probe result is cached briefly."""
 
     expects_consumers: bool = False
-    consumers_running: bool = False
+    consumers_running: Callable[[], bool] = field(default=lambda: False)
     draining: bool = False
     probe_ttl_s: float = 5.0
     _last_probe_at: float = field(default=-1e9)
@@ -23,7 +23,7 @@ class Readiness:
         found: list[str] = []
         if self.draining:
             found.append("draining")
-        if self.expects_consumers and not self.consumers_running:
+        if self.expects_consumers and not self.consumers_running():
             found.append("consumers not running")
         now = time.monotonic()
         if now - self._last_probe_at > self.probe_ttl_s:

@@ -48,11 +48,18 @@ async def run_service(
     runs_consumers = role in ("worker", "all")
     async with build(settings, expects_consumers=runs_consumers) as deps:
         http = await start_http(deps)
-        log.info("service_started", role=role, port=settings.port)
-        if on_ready:
-            on_ready(deps)
-        await stop.wait()
-        deps.readiness.draining = True
-        log.info("service_stopping", role=role)
-        await http.cleanup()
+        try:
+            for consumer in deps.consumers:
+                await consumer.start()
+            deps.readiness.consumers_running = lambda: all(c.running for c in deps.consumers)
+            log.info("service_started", role=role, port=settings.port, queues=[c.queue_name for c in deps.consumers])
+            if on_ready:
+                on_ready(deps)
+            await stop.wait()
+        finally:
+            # Readiness goes false first, so load balancers and KEDA stop counting on this process.
+            deps.readiness.draining = True
+            log.info("service_stopping", role=role, grace_s=settings.drain_grace_s)
+            await asyncio.gather(*(consumer.stop(settings.drain_grace_s) for consumer in deps.consumers))
+            await http.cleanup()
     log.info("service_stopped", role=role)
