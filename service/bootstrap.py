@@ -15,7 +15,9 @@ import aiohttp
 import httpx2
 from prometheus_client import CollectorRegistry
 
+from consumers.contracts import Processor
 from consumers.metrics import ConsumerMetrics
+from consumers.reply_sender import ReplyPorts, ReplySender, ReplySenderConfig
 from consumers.runtime import ConsumerConfig, QueueConsumer
 from consumers.template_sender import TemplateSender, TemplateSenderConfig
 from service.adapters.aws.api_key_store import DynamoApiKeyStore
@@ -25,13 +27,17 @@ from service.adapters.aws.conversation_store import DynamoConversationStore
 from service.adapters.aws.errors import AWS_FAILURES, error_code
 from service.adapters.aws.opt_out_registry import DynamoOptOutRegistry
 from service.adapters.aws.queue_publisher import SqsPublisher
+from service.adapters.aws.reply_store import DynamoReplyStore
 from service.adapters.aws.request_ledger import DynamoRequestLedger
 from service.adapters.aws.secrets_store import SecretsManagerStore
+from service.adapters.aws.stage_store import DynamoStageStore
 from service.adapters.providers.openai_writer import OpenAiWriter
 from service.adapters.providers.sendgrid_sender import SendGridSender
 from service.adapters.providers.twilio_client import build_async_http_client
 from service.adapters.providers.twilio_sender import TwilioSender
+from service.adapters.providers.twilio_signature import TwilioSignatureVerifier
 from service.config import CHANNELS, ConfigurationError, Settings
+from service.domain.inbound_intake import InboundIntake, IntakeConfig, IntakePorts
 from service.domain.initiation import ConversationInitiator, InitiationPorts
 from service.domain.provider_ports import MessageSender
 from service.domain.rate_limit import RateLimit, RateLimiter
@@ -49,6 +55,7 @@ class Dependencies:
     ledger: DynamoRequestLedger
     publisher: SqsPublisher
     initiator: ConversationInitiator
+    intake: InboundIntake
     rate_limiter: RateLimiter
     default_rate_limit: RateLimit
     registry: CollectorRegistry
@@ -73,32 +80,63 @@ class Dependencies:
         return problems
 
 
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """Adapters the API side and the consumers both use (one instance per process)."""
+
+    aws: AwsClients
+    opt_outs: DynamoOptOutRegistry
+    publisher: SqsPublisher
+    secrets: SecretsManagerStore
+    stage: DynamoStageStore
+    replies: DynamoReplyStore
+
+
 @asynccontextmanager
 async def build(settings: Settings, *, expects_consumers: bool = False) -> AsyncIterator[Dependencies]:
     async with AsyncExitStack() as stack:
         aws = await open_aws_clients(settings, stack)
+        shared = Shared(
+            aws=aws,
+            opt_outs=DynamoOptOutRegistry(aws.dynamodb, settings.opt_out_table),
+            publisher=SqsPublisher(aws.sqs),
+            secrets=SecretsManagerStore(aws.secrets, settings.secrets_cache_ttl_s),
+            stage=DynamoStageStore(aws.dynamodb, settings.stage_table, settings.lock_table),
+            replies=DynamoReplyStore(aws.dynamodb, settings.conversations_table),
+        )
         companies = DynamoCompanyDirectory(aws.dynamodb, settings.company_table, settings.company_cache_ttl_s)
-        opt_outs = DynamoOptOutRegistry(aws.dynamodb, settings.opt_out_table)
         ledger = DynamoRequestLedger(aws.dynamodb, settings.idempotency_table, settings.request_idempotency_ttl_s)
-        publisher = SqsPublisher(aws.sqs)
         initiator = ConversationInitiator(
-            InitiationPorts(companies=companies, opt_outs=opt_outs, ledger=ledger, publisher=publisher),
+            InitiationPorts(companies=companies, opt_outs=shared.opt_outs, ledger=ledger, publisher=shared.publisher),
             {channel: settings.queue_url(channel) for channel in CHANNELS},
             router_version=settings.router_version,
             lease_s=settings.request_claim_lease_s,
             clock=time.time,
         )
+        intake = InboundIntake(
+            IntakePorts(
+                conversations=shared.replies,
+                companies=companies,
+                secrets=shared.secrets,
+                suppressions=shared.opt_outs,
+                stage=shared.stage,
+                publisher=shared.publisher,
+                signatures=TwilioSignatureVerifier(),
+            ),
+            IntakeConfig(settings.replies_queue_url, settings.handoff_queue_url, settings.batching_window_s),
+        )
         registry = CollectorRegistry()
-        consumers = await build_consumers(settings, aws, registry, stack) if expects_consumers else []
+        consumers = await build_consumers(settings, shared, registry, stack) if expects_consumers else []
         yield Dependencies(
             settings=settings,
             aws=aws,
             companies=companies,
             api_keys=DynamoApiKeyStore(aws.dynamodb, settings.api_keys_table, settings.api_key_cache_ttl_s),
-            opt_outs=opt_outs,
+            opt_outs=shared.opt_outs,
             ledger=ledger,
-            publisher=publisher,
+            publisher=shared.publisher,
             initiator=initiator,
+            intake=intake,
             rate_limiter=RateLimiter(),
             default_rate_limit=RateLimit(settings.rate_limit_per_second, settings.rate_limit_burst),
             registry=registry,
@@ -110,21 +148,21 @@ async def build(settings: Settings, *, expects_consumers: bool = False) -> Async
 
 
 async def build_consumers(
-    settings: Settings, aws: AwsClients, registry: CollectorRegistry, stack: AsyncExitStack
+    settings: Settings, shared: Shared, registry: CollectorRegistry, stack: AsyncExitStack
 ) -> list[QueueConsumer]:
-    """One `QueueConsumer` per consumed channel queue, sharing one pool per provider.
+    """One `QueueConsumer` per consumed queue (channel queues and replies), sharing one pool per provider.
 
     Closing order (the stack unwinds in reverse): consumers stop first (the runner drains them),
     then the OpenAI writer, then the provider HTTP pools, then the AWS clients.
     """
-    channels = settings.consumed_channels
-    missing = [c for c in channels if not settings.queue_url(c)]
+    queues = settings.consumed_queues
+    missing = [q for q in queues if not settings.queue_url(q)]
     if missing:
         raise ConfigurationError(
             f"consumers need queue URLs for {', '.join(missing)}: set "
-            + ", ".join(f"COMMS_{c.upper()}_QUEUE_URL" for c in missing)
+            + ", ".join(f"COMMS_{q.upper()}_QUEUE_URL" for q in missing)
         )
-    pool = settings.consumer_concurrency * max(1, len(channels))
+    pool = settings.consumer_concurrency * max(1, len(queues))
     openai_http = httpx2.AsyncClient(
         limits=httpx2.Limits(max_connections=pool, max_keepalive_connections=pool),
         timeout=httpx2.Timeout(settings.ai_timeout_s, connect=5.0),
@@ -146,31 +184,52 @@ async def build_consumers(
         "sms": twilio,
         "email": SendGridSender(email_session, settings.sendgrid_base_url, settings.provider_timeout_s),
     }
-    store = DynamoConversationStore(aws.dynamodb, settings.conversations_table)
-    secrets = SecretsManagerStore(aws.secrets, settings.secrets_cache_ttl_s)
     metrics = ConsumerMetrics(registry)
     callback = f"{settings.public_base_url.rstrip('/')}/webhooks/twilio/status" if settings.public_base_url else None
     consumer_config = ConsumerConfig(
         concurrency=settings.consumer_concurrency,
         visibility_timeout_s=settings.visibility_timeout_s,
     )
+    store = DynamoConversationStore(shared.aws.dynamodb, settings.conversations_table)
     consumers: list[QueueConsumer] = []
-    for channel in channels:
-        processor = TemplateSender(
-            TemplateSenderConfig(
-                queue=channel,
-                processor_version=settings.processor_version,
-                claim_lease_s=settings.claim_lease_s,
-                ai_timeout_s=settings.ai_timeout_s,
-                status_callback_url=callback,
-            ),
-            store,
-            secrets,
-            writer,
-            senders,
-            metrics,
-        )
-        queue_url = settings.queue_url(channel)
+    for queue in queues:
+        queue_url = settings.queue_url(queue)
         assert queue_url is not None  # checked above
-        consumers.append(QueueConsumer(aws.sqs, queue_url, channel, processor, metrics, consumer_config))
+        processor: Processor
+        if queue == "replies":
+            processor = ReplySender(
+                ReplySenderConfig(
+                    queue_url=queue_url,
+                    claim_lease_s=settings.claim_lease_s,
+                    ai_timeout_s=settings.ai_timeout_s,
+                    batching_window_s=settings.batching_window_s,
+                    status_callback_url=callback,
+                ),
+                ReplyPorts(
+                    conversations=shared.replies,
+                    stage=shared.stage,
+                    secrets=shared.secrets,
+                    ai=writer,
+                    senders=senders,
+                    suppressions=shared.opt_outs,
+                    publisher=shared.publisher,
+                ),
+                metrics,
+            )
+        else:
+            processor = TemplateSender(
+                TemplateSenderConfig(
+                    queue=queue,
+                    processor_version=settings.processor_version,
+                    claim_lease_s=settings.claim_lease_s,
+                    ai_timeout_s=settings.ai_timeout_s,
+                    status_callback_url=callback,
+                ),
+                store,
+                shared.secrets,
+                writer,
+                senders,
+                metrics,
+            )
+        consumers.append(QueueConsumer(shared.aws.sqs, queue_url, queue, processor, metrics, consumer_config))
     return consumers

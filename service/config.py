@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Channel = Literal["whatsapp", "sms", "email"]
 CHANNELS: tuple[Channel, ...] = ("whatsapp", "sms", "email")
+CONSUMABLE_QUEUES = (*CHANNELS, "replies")
 
 
 class ConfigurationError(Exception):
@@ -71,7 +72,7 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(60, ge=10, le=43200)
     drain_grace_s: float = Field(25.0, ge=0)
     batching_window_s: int = Field(10, ge=0, le=900)
-    consumer_queues: str = Field("whatsapp,sms,email", description="Channel queues this process consumes")
+    consumer_queues: str = Field("whatsapp,sms,email,replies", description="Queues this process consumes")
     secrets_cache_ttl_s: float = Field(300.0, ge=0)
     ai_timeout_s: float = Field(90.0, gt=0, description="Whole AI call, retries and background polling included")
     ai_max_attempts: int = Field(4, ge=1, le=10)
@@ -95,9 +96,9 @@ class Settings(BaseSettings):
     @field_validator("consumer_queues")
     @classmethod
     def _known_channels(cls, value: str) -> str:
-        unknown = {c.strip().lower() for c in value.split(",") if c.strip()} - set(CHANNELS)
+        unknown = {c.strip().lower() for c in value.split(",") if c.strip()} - set(CONSUMABLE_QUEUES)
         if unknown:
-            raise ValueError(f"unknown channels {sorted(unknown)}; use a comma list of {', '.join(CHANNELS)}")
+            raise ValueError(f"unknown queues {sorted(unknown)}; use a comma list of {', '.join(CONSUMABLE_QUEUES)}")
         return value
 
     @model_validator(mode="after")
@@ -112,11 +113,13 @@ class Settings(BaseSettings):
         return own or self.aws_endpoint_url
 
     def queue_url(self, channel: str) -> str | None:
-        """The SQS queue URL for a channel, or None when it is not configured."""
+        """The SQS queue URL of a channel (or of `replies` / `handoff`), or None when it is not configured."""
         return {
             "whatsapp": self.whatsapp_queue_url,
             "sms": self.sms_queue_url,
             "email": self.email_queue_url,
+            "replies": self.replies_queue_url,
+            "handoff": self.handoff_queue_url,
         }.get(channel)
 
     @property
@@ -125,13 +128,17 @@ class Settings(BaseSettings):
         return self.visibility_timeout_s * 0.8
 
     @property
-    def consumed_channels(self) -> list[str]:
+    def consumed_queues(self) -> list[str]:
         return [c.strip().lower() for c in self.consumer_queues.split(",") if c.strip()]
+
+    @property
+    def consumed_channels(self) -> list[str]:
+        return [q for q in self.consumed_queues if q in CHANNELS]
 
     @property
     def aws_pool_size(self) -> int:
         """Connections per AWS client: every consumer slot of every queue may hold one, plus API headroom."""
-        return self.consumer_concurrency * max(1, len(self.consumed_channels)) + 32
+        return self.consumer_concurrency * max(1, len(self.consumed_queues)) + 32
 
 
 def load_settings(**overrides: object) -> Settings:

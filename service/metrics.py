@@ -25,6 +25,12 @@ class ApiMetrics:
             ["channel", "outcome"],
             registry=registry,
         )
+        self.webhooks = Counter(
+            "comms_webhooks_total",
+            "Twilio webhooks by kind (whatsapp/sms/status) and result (staged, unknown_conversation, forbidden, ...)",
+            ["kind", "result"],
+            registry=registry,
+        )
         self.errors = Counter(
             "comms_api_errors_total", "API error responses by error code", ["error_code"], registry=registry
         )

@@ -39,7 +39,7 @@ async def test_sqs_unavailable_is_503_queue_error_and_a_retry_queues_exactly_onc
 
 
 class _ExplodingPublisher:
-    async def publish(self, queue_url: str, body: str, attributes: dict[str, str]) -> str:
+    async def publish(self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0) -> str:
         raise RuntimeError("boom: secret internals")
 
 

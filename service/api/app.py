@@ -11,6 +11,7 @@ from service.api.middleware import add_cors_headers, errors_as_json, request_con
 from service.api.openapi import openapi_document
 from service.api.responses import json_response
 from service.api.state import DEPS
+from service.api.webhooks import twilio_inbound, twilio_status
 from service.bootstrap import Dependencies
 
 
@@ -27,6 +28,8 @@ def create_app(deps: Dependencies) -> web.Application:
         return json_response(document)
 
     app.router.add_post("/initiate-conversation", initiate_conversation)
+    app.router.add_post("/webhooks/twilio/status", twilio_status)
+    app.router.add_post("/webhooks/twilio/{channel:whatsapp|sms}", twilio_inbound)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -45,6 +45,6 @@ class RequestLedger(Protocol):
 
 
 class MessagePublisher(Protocol):
-    async def publish(self, queue_url: str, body: str, attributes: dict[str, str]) -> str:
-        """Put one message on a queue and return its message id."""
+    async def publish(self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0) -> str:
+        """Put one message on a queue (visible after `delay_s`, at most 900) and return its message id."""
         ...

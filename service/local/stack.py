@@ -49,7 +49,9 @@ async def local_stack(base: Settings, *, ai_latency_s: float = 0.2) -> AsyncIter
     try:
         settings = await provision_resources(base.model_copy(update={"aws_endpoint_url": moto.url}))
         openai = await serve(create_openai_sandbox(SandboxControl(latency_s=ai_latency_s)))
-        twilio = await serve(create_twilio_sandbox({DEMO_TWILIO_ACCOUNT_SID: DEMO_TWILIO_AUTH_TOKEN}))
+        twilio = await serve(
+            create_twilio_sandbox({DEMO_TWILIO_ACCOUNT_SID: DEMO_TWILIO_AUTH_TOKEN}, status_callbacks=True)
+        )
         sendgrid = await serve(create_sendgrid_sandbox({DEMO_SENDGRID_KEY}))
         servers += [openai, twilio, sendgrid]
         settings = settings.model_copy(
@@ -94,6 +96,16 @@ def demo_request(tenant: DemoTenant, channel: str = "whatsapp") -> dict[str, Any
     }
 
 
+def demo_inbound(stack: LocalStack, port: int, body: str = "Is the viewing still on?") -> dict[str, str]:
+    return {
+        "url": f"http://127.0.0.1:{port}/webhooks/twilio/whatsapp",
+        "from": "whatsapp:+447700900123",
+        "to": "whatsapp:+447700900001",
+        "body": body,
+        "account_sid": DEMO_TWILIO_ACCOUNT_SID,
+    }
+
+
 def ready_banner(stack: LocalStack) -> str:
     port = stack.settings.port
     body = orjson.dumps(demo_request(stack.tenant)).decode()
@@ -114,6 +126,13 @@ def ready_banner(stack: LocalStack) -> str:
             "  -H 'Content-Type: application/json' \\",
             f"  -H 'x-api-key: {stack.tenant.api_key}' \\",
             f"  -d '{body}'",
+            "",
+            "Then answer it as the recipient would (the sandbox signs the webhook like Twilio; the AI replies",
+            f"after the {stack.settings.batching_window_s} s batching window, see the sandbox's sent messages):",
+            "",
+            f"curl -sS -X POST {stack.twilio.url}/_sandbox/twilio/inbound \\",
+            "  -H 'Content-Type: application/json' \\",
+            f"  -d '{orjson.dumps(demo_inbound(stack, port)).decode()}'",
             "",
             "Stop with Ctrl-C.",
             "",

@@ -26,6 +26,8 @@ def to_attribute(value: Any) -> AttributeValue:
         return {"M": {str(k): to_attribute(v) for k, v in value.items()}}
     if isinstance(value, list | tuple):
         return {"L": [to_attribute(v) for v in value]}
+    if isinstance(value, set | frozenset) and value and all(isinstance(v, str) for v in value):
+        return {"SS": sorted(value)}  # string sets: non-empty by DynamoDB's rule
     raise TypeError(f"cannot store {type(value).__name__} in DynamoDB")
 
 

@@ -14,11 +14,12 @@ class SqsPublisher:
     def __init__(self, sqs: SQSClient) -> None:
         self._sqs = sqs
 
-    async def publish(self, queue_url: str, body: str, attributes: dict[str, str]) -> str:
+    async def publish(self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0) -> str:
         try:
             answer = await self._sqs.send_message(
                 QueueUrl=queue_url,
                 MessageBody=body,
+                DelaySeconds=max(0, min(900, delay_s)),
                 MessageAttributes={
                     name: {"DataType": "String", "StringValue": value} for name, value in attributes.items()
                 },

@@ -1,0 +1,299 @@
+"""The replies side of the conversations table: look-ups by company address + sender, the reply claim
+(a lease, so a crashed replier never locks a conversation for ever), the reply ledger, delivery states.
+
+Reply claim states (`conversation_status`):
+    initial_message_sent | reply_sent  --claim-->  processing_reply (reply_owner, reply_lease_expires)
+    processing_reply, lease expired    --claim-->  processing_reply (new owner: a takeover)
+    processing_reply  --finalise-->  reply_sent      --release-->  the status it had before the claim
+    processing_reply  --fail-->      failed_to_process_ai | failed_to_send_message
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from service.adapters.aws.conversation_store import ConversationKey
+from service.adapters.aws.dynamo_codec import from_item, to_attribute
+from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
+from service.domain.conversation import ConversationStatus
+from service.domain.delivery_state import DeliveryStatus
+from service.resources import CONVERSATION_INDEXES, Index
+
+if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
+
+INDEX_BY_CHANNEL: dict[str, Index] = {
+    "whatsapp": CONVERSATION_INDEXES[1],
+    "sms": CONVERSATION_INDEXES[2],
+    "email": CONVERSATION_INDEXES[3],
+}
+REPLYABLE = (ConversationStatus.INITIAL_MESSAGE_SENT.value, ConversationStatus.REPLY_SENT.value)
+_CLAIMABLE = "(#status IN (:initial, :replied)) OR (#status = :processing_reply AND reply_lease_expires < :now)"
+_OWNED = "reply_owner = :owner AND #status = :processing_reply"
+
+
+class ReplyClaimVerdict(StrEnum):
+    CLAIMED = "claimed"
+    HELD_ELSEWHERE = "held_elsewhere"  # a live lease: try again when it lapses, never drop the trigger
+    NOT_ANSWERABLE = "not_answerable"  # missing, handed off, opted out, failed, or still sending the first message
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyClaim:
+    verdict: ReplyClaimVerdict
+    record: dict[str, Any]
+
+
+def _values(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: to_attribute(value) for name, value in values.items()}
+
+
+class DynamoReplyStore:
+    def __init__(self, dynamodb: DynamoDBClient, table: str) -> None:
+        self._dynamodb = dynamodb
+        self._table = table
+
+    # ---- look-ups ------------------------------------------------------------------------------
+
+    async def conversations_between(self, channel: str, company_address: str, sender: str) -> list[dict[str, Any]]:
+        """Every conversation of this company address with this sender (GSI, all pages)."""
+        index = INDEX_BY_CHANNEL[channel]
+        sender_key = sender.lower() if channel == "email" else sender
+        found: list[dict[str, Any]] = []
+        start: dict[str, Any] | None = None
+        while True:
+            params: dict[str, Any] = {
+                "TableName": self._table,
+                "IndexName": index.name,
+                "KeyConditionExpression": "#pk = :pk AND #sk = :sk",
+                "ExpressionAttributeNames": {"#pk": index.partition_key, "#sk": str(index.sort_key)},
+                "ExpressionAttributeValues": _values({":pk": company_address, ":sk": sender_key}),
+            }
+            if start:
+                params["ExclusiveStartKey"] = start
+            try:
+                page = await self._dynamodb.query(**params)
+            except AWS_FAILURES as exc:
+                raise unavailable("dynamodb", "Query", exc) from exc
+            found += [from_item(item) for item in page.get("Items", [])]
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                return found
+
+    async def find_open(self, channel: str, company_address: str, sender: str) -> dict[str, Any] | None:
+        """The newest open conversation (`task_complete` = 0, latest `created_at`), or None."""
+        candidates = [
+            c for c in await self.conversations_between(channel, company_address, sender) if c.get("task_complete") == 0
+        ]
+        return max(candidates, key=lambda c: str(c.get("created_at", "")), default=None)
+
+    async def get(self, key: ConversationKey) -> dict[str, Any] | None:
+        try:
+            answer = await self._dynamodb.get_item(TableName=self._table, Key=key.item_key(), ConsistentRead=True)
+        except AWS_FAILURES as exc:
+            raise unavailable("dynamodb", "GetItem", exc) from exc
+        item = answer.get("Item")
+        return from_item(item) if item else None
+
+    # ---- the reply claim -----------------------------------------------------------------------
+
+    async def claim(self, key: ConversationKey, owner: str, lease_until: float, now: float, stamp: str) -> ReplyClaim:
+        values = {
+            ":initial": ConversationStatus.INITIAL_MESSAGE_SENT.value,
+            ":replied": ConversationStatus.REPLY_SENT.value,
+            ":processing_reply": ConversationStatus.PROCESSING_REPLY.value,
+            ":owner": owner,
+            ":lease": lease_until,
+            ":now": now,
+            ":stamp": stamp,
+        }
+        expression = (
+            "SET status_before_reply = if_not_exists(status_before_reply, #status), "
+            "#status = :processing_reply, reply_owner = :owner, reply_lease_expires = :lease, updated_at = :stamp"
+        )
+        try:
+            answer = await self._dynamodb.update_item(
+                TableName=self._table,
+                Key=key.item_key(),
+                UpdateExpression=expression,
+                ConditionExpression=f"attribute_exists(conversation_id) AND ({_CLAIMABLE})",
+                ExpressionAttributeNames={"#status": "conversation_status"},
+                ExpressionAttributeValues=_values(values),
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except AWS_FAILURES as exc:
+            if not is_conditional_check_failure(exc):
+                raise unavailable("dynamodb", "UpdateItem", exc) from exc
+            old = from_item(getattr(exc, "response", {}).get("Item") or {})
+            held = old.get("conversation_status") == ConversationStatus.PROCESSING_REPLY.value
+            verdict = ReplyClaimVerdict.HELD_ELSEWHERE if held else ReplyClaimVerdict.NOT_ANSWERABLE
+            return ReplyClaim(verdict, old)
+        return ReplyClaim(ReplyClaimVerdict.CLAIMED, from_item(answer["Attributes"]))
+
+    async def _owned_update(
+        self,
+        key: ConversationKey,
+        owner: str,
+        expression: str,
+        values: Mapping[str, Any],
+        operation: str,
+        names: Mapping[str, str] | None = None,
+    ) -> dict[str, Any] | None:
+        """A write applied only while `owner` holds the reply claim: the new record, or None when it does not."""
+        try:
+            answer = await self._dynamodb.update_item(
+                TableName=self._table,
+                Key=key.item_key(),
+                UpdateExpression=expression,
+                ConditionExpression=_OWNED,
+                ExpressionAttributeNames={"#status": "conversation_status", **(names or {})},
+                ExpressionAttributeValues=_values(
+                    {":owner": owner, ":processing_reply": ConversationStatus.PROCESSING_REPLY.value, **values}
+                ),
+                ReturnValues="ALL_NEW",
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return None
+            raise unavailable("dynamodb", operation, exc) from exc
+        return from_item(answer["Attributes"])
+
+    async def refresh(self, key: ConversationKey, owner: str, lease_until: float) -> bool:
+        expression = "SET reply_lease_expires = :lease"
+        return await self._owned_update(key, owner, expression, {":lease": lease_until}, "refresh") is not None
+
+    async def record_attempt(self, key: ConversationKey, owner: str, attempt: Mapping[str, Any], stamp: str) -> bool:
+        """The reply ledger entry, written before the provider is called; False if the claim was lost."""
+        expression = "SET reply_attempt = :attempt, updated_at = :stamp"
+        values = {":attempt": dict(attempt), ":stamp": stamp}
+        return await self._owned_update(key, owner, expression, values, "record_attempt") is not None
+
+    async def clear_attempt(self, key: ConversationKey, owner: str) -> bool:
+        """The provider certainly did not send: the next attempt may send without reconciling."""
+        return await self._owned_update(key, owner, "REMOVE reply_attempt", {}, "clear_attempt") is not None
+
+    async def finalise(
+        self,
+        key: ConversationKey,
+        owner: str,
+        *,
+        messages: Sequence[Mapping[str, Any]],
+        answered_sids: Sequence[str],
+        processing_time_ms: int,
+        stamp: str,
+    ) -> dict[str, Any] | None:
+        """`reply_sent`, both messages appended, the fragments marked answered, the claim dropped: one write."""
+        expression = (
+            "SET #status = :reply_sent, #messages = list_append(if_not_exists(#messages, :empty), :messages), "
+            "processing_time_ms = :ms, updated_at = :stamp "
+            "REMOVE reply_attempt, reply_owner, reply_lease_expires, status_before_reply "
+            "ADD replied_message_sids :sids"
+        )
+        values = {
+            ":reply_sent": ConversationStatus.REPLY_SENT.value,
+            ":empty": [],
+            ":messages": [dict(m) for m in messages],
+            ":ms": processing_time_ms,
+            ":stamp": stamp,
+            ":sids": set(answered_sids),
+        }
+        return await self._owned_update(key, owner, expression, values, "finalise", {"#messages": "messages"})
+
+    async def release(self, key: ConversationKey, owner: str, stamp: str) -> bool:
+        """Nothing to answer: back to the status the conversation had before the claim."""
+        expression = (
+            "SET #status = status_before_reply, updated_at = :stamp "
+            "REMOVE reply_owner, reply_lease_expires, status_before_reply"
+        )
+        return await self._owned_update(key, owner, expression, {":stamp": stamp}, "release") is not None
+
+    async def fail(self, key: ConversationKey, owner: str, status: ConversationStatus, reason: str, stamp: str) -> bool:
+        expression = (
+            "SET #status = :failed, failure_reason = :reason, updated_at = :stamp "
+            "REMOVE reply_owner, reply_lease_expires, status_before_reply"
+        )
+        values = {":failed": status.value, ":reason": reason, ":stamp": stamp}
+        return await self._owned_update(key, owner, expression, values, "fail") is not None
+
+    # ---- intake-side updates -------------------------------------------------------------------
+
+    async def _set(self, key: ConversationKey, expression: str, values: Mapping[str, Any], operation: str) -> None:
+        try:
+            await self._dynamodb.update_item(
+                TableName=self._table,
+                Key=key.item_key(),
+                UpdateExpression=expression,
+                ConditionExpression="attribute_exists(conversation_id)",
+                ExpressionAttributeNames={"#status": "conversation_status"},
+                ExpressionAttributeValues=_values(values),
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return
+            raise unavailable("dynamodb", operation, exc) from exc
+
+    async def mark_opted_out(self, key: ConversationKey, stamp: str) -> None:
+        expression = "SET #status = :opted_out, opted_out_at = :stamp, updated_at = :stamp"
+        await self._set(key, expression, {":opted_out": ConversationStatus.OPTED_OUT.value, ":stamp": stamp}, "opt")
+
+    async def mark_opted_in(self, key: ConversationKey, stamp: str) -> None:
+        """Back to answerable after START/UNSTOP (only if it was opted out)."""
+        try:
+            await self._dynamodb.update_item(
+                TableName=self._table,
+                Key=key.item_key(),
+                UpdateExpression="SET #status = :replied, updated_at = :stamp REMOVE opted_out_at",
+                ConditionExpression="#status = :opted_out",
+                ExpressionAttributeNames={"#status": "conversation_status"},
+                ExpressionAttributeValues=_values(
+                    {
+                        ":replied": ConversationStatus.REPLY_SENT.value,
+                        ":opted_out": ConversationStatus.OPTED_OUT.value,
+                        ":stamp": stamp,
+                    }
+                ),
+            )
+        except AWS_FAILURES as exc:
+            if not is_conditional_check_failure(exc):
+                raise unavailable("dynamodb", "UpdateItem", exc) from exc
+
+    async def mark_handed_off(self, key: ConversationKey, reason: str, stamp: str) -> None:
+        expression = "SET #status = :handed_off, hand_off_reason = :reason, updated_at = :stamp"
+        values = {":handed_off": ConversationStatus.HANDED_OFF.value, ":reason": reason, ":stamp": stamp}
+        await self._set(key, expression, values, "hand_off")
+
+    async def set_delivery_status(
+        self,
+        key: ConversationKey,
+        index: int,
+        message_sid: str,
+        new: DeliveryStatus,
+        may_replace: frozenset[DeliveryStatus],
+        stamp: str,
+    ) -> bool:
+        """Forward-only: applied when the message has no state yet or one `new` may replace; else False."""
+        element = f"#messages[{index}]"
+        allowed = sorted(s.value for s in may_replace)
+        placeholders = [f":from{i}" for i in range(len(allowed))]
+        condition = f"{element}.message_id = :sid AND (attribute_not_exists({element}.delivery_status)"
+        condition += f" OR {element}.delivery_status IN ({', '.join(placeholders)}))" if allowed else ")"
+        values: dict[str, Any] = {":sid": message_sid, ":new": new.value, ":stamp": stamp}
+        values.update(dict(zip(placeholders, allowed, strict=True)))
+        try:
+            await self._dynamodb.update_item(
+                TableName=self._table,
+                Key=key.item_key(),
+                UpdateExpression=f"SET {element}.delivery_status = :new, {element}.delivery_updated_at = :stamp",
+                ConditionExpression=condition,
+                ExpressionAttributeNames={"#messages": "messages"},
+                ExpressionAttributeValues=_values(values),
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return False
+            raise unavailable("dynamodb", "UpdateItem", exc) from exc
+        return True

@@ -1,0 +1,140 @@
+"""Staged reply fragments (stage table) and the per-conversation trigger lock (lock table).
+
+Stage: PK `conversation_id`, SK `message_sid`; a repeated MessageSid is stored once.
+Lock: PK `conversation_id`, taken when absent **or expired** (TTL deletes lazily, so an
+expired lock may still be there). Both carry `expires_at` (epoch seconds) for TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from service.adapters.aws.dynamo_codec import from_item, to_attribute, to_item
+from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
+from service.domain.errors import DependencyUnavailable
+from service.domain.inbound import Fragment
+
+if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
+
+BATCH_WRITE_LIMIT = 25
+UNPROCESSED_RETRIES = 5
+
+
+class DynamoStageStore:
+    def __init__(self, dynamodb: DynamoDBClient, stage_table: str, lock_table: str) -> None:
+        self._dynamodb = dynamodb
+        self._stage_table = stage_table
+        self._lock_table = lock_table
+
+    # ---- fragments -----------------------------------------------------------------------------
+
+    async def stage(self, conversation_id: str, primary_channel: str, fragment: Fragment, expires_at: int) -> bool:
+        """Store the fragment; False when this MessageSid was already staged (a webhook retry)."""
+        item = to_item(
+            {
+                "conversation_id": conversation_id,
+                "message_sid": fragment.message_sid,
+                "primary_channel": primary_channel,
+                "body": fragment.body,
+                "received_at": fragment.received_at,
+                "expires_at": expires_at,
+            }
+        )
+        try:
+            await self._dynamodb.put_item(
+                TableName=self._stage_table, Item=item, ConditionExpression="attribute_not_exists(message_sid)"
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return False
+            raise unavailable("dynamodb", "PutItem", exc) from exc
+        return True
+
+    async def staged(self, conversation_id: str) -> list[Fragment]:
+        """Every staged fragment of the conversation (strongly consistent, all pages)."""
+        fragments: list[Fragment] = []
+        start: dict[str, Any] | None = None
+        while True:
+            params: dict[str, Any] = {
+                "TableName": self._stage_table,
+                "KeyConditionExpression": "conversation_id = :id",
+                "ExpressionAttributeValues": {":id": to_attribute(conversation_id)},
+                "ConsistentRead": True,
+            }
+            if start:
+                params["ExclusiveStartKey"] = start
+            try:
+                page = await self._dynamodb.query(**params)
+            except AWS_FAILURES as exc:
+                raise unavailable("dynamodb", "Query", exc) from exc
+            for raw in page.get("Items", []):
+                item = from_item(raw)
+                fragments.append(
+                    Fragment(str(item["message_sid"]), str(item.get("body", "")), str(item["received_at"]))
+                )
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                return fragments
+
+    async def delete_staged(self, conversation_id: str, message_sids: Sequence[str]) -> None:
+        """Delete the answered fragments (batched; unprocessed items retried)."""
+        for offset in range(0, len(message_sids), BATCH_WRITE_LIMIT):
+            requests: list[Any] = [
+                {
+                    "DeleteRequest": {
+                        "Key": {"conversation_id": to_attribute(conversation_id), "message_sid": to_attribute(sid)}
+                    }
+                }
+                for sid in message_sids[offset : offset + BATCH_WRITE_LIMIT]
+            ]
+            await self._batch_write(requests)
+
+    async def _batch_write(self, requests: list[Any]) -> None:
+        pending = requests
+        for attempt in range(UNPROCESSED_RETRIES):
+            try:
+                answer = await self._dynamodb.batch_write_item(RequestItems={self._stage_table: pending})
+            except AWS_FAILURES as exc:
+                raise unavailable("dynamodb", "BatchWriteItem", exc) from exc
+            pending = list(answer.get("UnprocessedItems", {}).get(self._stage_table, []))
+            if not pending:
+                return
+            await asyncio.sleep(0.05 * 2**attempt)
+        raise DependencyUnavailable("dynamodb", "BatchWriteItem", f"{len(pending)} deletes left unprocessed")
+
+    # ---- trigger lock --------------------------------------------------------------------------
+
+    async def take_lock(self, conversation_id: str, holder: str, now: float, expires_at: int) -> bool:
+        """True when this caller now holds the trigger lock (it was absent or had expired)."""
+        item = to_item({"conversation_id": conversation_id, "holder": holder, "expires_at": expires_at})
+        try:
+            await self._dynamodb.put_item(
+                TableName=self._lock_table,
+                Item=item,
+                ConditionExpression="attribute_not_exists(conversation_id) OR expires_at < :now",
+                ExpressionAttributeValues={":now": to_attribute(int(now))},
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return False
+            raise unavailable("dynamodb", "PutItem", exc) from exc
+        return True
+
+    async def release_lock(self, conversation_id: str, holder: str | None = None) -> None:
+        """Drop the lock (only `holder`'s, when given)."""
+        params: dict[str, Any] = {
+            "TableName": self._lock_table,
+            "Key": {"conversation_id": to_attribute(conversation_id)},
+        }
+        if holder is not None:
+            params["ConditionExpression"] = "holder = :holder"
+            params["ExpressionAttributeValues"] = {":holder": to_attribute(holder)}
+        try:
+            await self._dynamodb.delete_item(**params)
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return
+            raise unavailable("dynamodb", "DeleteItem", exc) from exc

@@ -1,0 +1,141 @@
+"""Inbound replies (SPEC §7): what a webhook carries and the rules that decide what happens to it.
+
+Pure functions only: keyword handling, hand-off routing, fragment ordering and the batch a
+reply answers. The intake (`inbound_intake`) and the reply processor apply them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.domain.conversation import ConversationStatus
+
+OPT_OUT_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
+OPT_IN_WORDS = frozenset({"START", "UNSTOP"})
+OPT_IN_IF_SUPPRESSED = frozenset({"YES"})  # an ordinary answer unless the sender is suppressed
+
+# A conversation in one of these states takes no AI reply (hand-off and opt-out end the AI's part).
+NOT_ANSWERED_BY_AI = frozenset({ConversationStatus.HANDED_OFF.value, ConversationStatus.OPTED_OUT.value})
+
+
+class Keyword(StrEnum):
+    OPT_OUT = "opt_out"
+    OPT_IN = "opt_in"
+
+
+class InboundMessage(BaseModel):
+    """One Twilio webhook POST, addresses without their `whatsapp:` prefix."""
+
+    model_config = ConfigDict(frozen=True)
+
+    channel: str
+    message_sid: str = Field(min_length=1, max_length=64)
+    sender: str = Field(min_length=1, max_length=320)  # Twilio `From`: the recipient of our first message
+    company_address: str = Field(min_length=1, max_length=320)  # Twilio `To`: our number
+    body: str = Field(default="", max_length=20_000)
+    account_sid: str | None = None
+
+
+class InvalidInbound(ValueError):
+    """A webhook without the fields every Twilio message webhook carries."""
+
+
+def bare_address(address: str) -> str:
+    """`whatsapp:+447...` → `+447...`; other addresses unchanged (trimmed)."""
+    address = address.strip()
+    return address.removeprefix("whatsapp:") if address.startswith("whatsapp:") else address
+
+
+def inbound_from_form(channel: str, form: Mapping[str, str]) -> InboundMessage:
+    sid = form.get("MessageSid") or form.get("SmsMessageSid") or ""
+    sender, to = form.get("From") or "", form.get("To") or ""
+    if not sid or not sender or not to:
+        raise InvalidInbound("MessageSid, From and To are required")
+    return InboundMessage(
+        channel=channel,
+        message_sid=sid,
+        sender=bare_address(sender),
+        company_address=bare_address(to),
+        body=form.get("Body") or "",
+        account_sid=form.get("AccountSid"),
+    )
+
+
+def keyword_of(body: str, *, suppressed: bool) -> Keyword | None:
+    """The opt-out/opt-in keyword the whole message is (trimmed, any case), or None."""
+    word = body.strip().upper()
+    if word in OPT_OUT_WORDS:
+        return Keyword.OPT_OUT
+    if word in OPT_IN_WORDS or (suppressed and word in OPT_IN_IF_SUPPRESSED):
+        return Keyword.OPT_IN
+    return None
+
+
+def hand_off_reason(conversation: Mapping[str, Any], company: Mapping[str, Any], sender: str) -> str | None:
+    """Why this reply goes to a human instead of the AI (SPEC §7 step 5), or None."""
+    if conversation.get("hand_off_to_human") is True:
+        return "conversation_flagged"
+    if company.get("auto_queue_reply_message") is True:
+        return "project_auto_queue"
+    listed = [
+        *_as_list(company.get("auto_queue_reply_message_from_number")),
+        *_as_list(company.get("auto_queue_reply_message_from_email")),
+    ]
+    if sender.lower() in {str(item).strip().lower() for item in listed}:
+        return "sender_auto_queue"
+    return None
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple | set) else []
+
+
+# ---- batching --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fragment:
+    message_sid: str
+    body: str
+    received_at: str  # ISO UTC with ms: sorts as text
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The fragments one reply answers, in the order they were received."""
+
+    fragments: tuple[Fragment, ...]
+
+    @property
+    def message_sids(self) -> list[str]:
+        return [f.message_sid for f in self.fragments]
+
+    @property
+    def first_sid(self) -> str:
+        return self.fragments[0].message_sid
+
+    @property
+    def text(self) -> str:
+        return "\n".join(f.body for f in self.fragments)
+
+    @property
+    def key(self) -> str:
+        """Identifies the batch across redeliveries: the same fragments give the same key."""
+        return hashlib.sha256("\n".join(sorted(self.message_sids)).encode()).hexdigest()[:32]
+
+
+def batch_of(staged: Iterable[Fragment], already_answered: Sequence[str] = (), only: Sequence[str] = ()) -> Batch:
+    """Unanswered fragments ordered by (received_at, message_sid); restricted to `only` when given.
+
+    `only` is the batch of an attempt that may already have been sent: it is finished first, exactly,
+    and fragments that arrived after it wait for the next reply.
+    """
+    answered = set(already_answered)
+    chosen = [f for f in staged if f.message_sid not in answered and (not only or f.message_sid in only)]
+    return Batch(tuple(sorted(chosen, key=lambda f: (f.received_at, f.message_sid))))

@@ -1,0 +1,286 @@
+"""What the Twilio webhooks do (SPEC §7): authenticate against the tenant's token, apply the rules,
+handle opt-out keywords, hand off, or stage the fragment and trigger one delayed reply per window.
+Status callbacks move a sent message's delivery state forward.
+
+Nothing here talks HTTP: the handler passes the URL Twilio signed, the form and the signature,
+and turns the `IntakeResult` into a status code. AWS failures escape as `DependencyUnavailable`
+(503, so Twilio retries); every step is idempotent, so a retry never double-stages or double-triggers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+import orjson
+import structlog
+
+from service.adapters.aws.conversation_store import ConversationKey
+from service.domain.company import CompanyRecord
+from service.domain.delivery_state import DeliveryStatus, is_forward, may_follow, parse_delivery_status
+from service.domain.errors import DependencyUnavailable
+from service.domain.inbound import (
+    Fragment,
+    InboundMessage,
+    Keyword,
+    bare_address,
+    hand_off_reason,
+    keyword_of,
+)
+from service.domain.ports import CompanyDirectory, MessagePublisher
+from service.domain.provider_ports import PermanentProviderError, ProviderError, SecretStore
+from service.domain.timefmt import utc_iso
+
+log = structlog.get_logger(__name__)
+
+LOCK_MARGIN_S = 60  # SPEC §7: stage and lock expire W + 60 s after the fragment
+HANDOFF_MESSAGES_KEPT = 20  # the newest messages sent with a hand-off (SQS bodies are capped at 256 KiB)
+
+
+class IntakeResult(StrEnum):
+    STAGED = "staged"  # stored; this fragment took the lock and queued the delayed trigger, or joined a window
+    DUPLICATE = "duplicate"  # a webhook retry of a fragment already staged
+    UNKNOWN_CONVERSATION = "unknown_conversation"
+    FORBIDDEN = "forbidden"  # missing or invalid signature: 403, nothing stored
+    REFUSED_BY_RULES = "refused_by_rules"  # project inactive or channel not allowed
+    OPTED_OUT = "opted_out"
+    OPTED_IN = "opted_in"
+    SUPPRESSED = "suppressed"  # an opted-out sender wrote something else: no AI reply
+    HANDED_OFF = "handed_off"
+    STATUS_APPLIED = "status_applied"
+    STATUS_STALE = "status_stale"  # out of order or repeated: the stored state is already later
+    STATUS_UNKNOWN = "status_unknown"  # no such message, or a status value we do not track
+
+
+class SignatureVerifier(Protocol):
+    def valid(self, auth_token: str, url: str, params: Mapping[str, str], signature: str) -> bool: ...
+
+
+class ReplyLookup(Protocol):
+    async def find_open(self, channel: str, company_address: str, sender: str) -> dict[str, Any] | None: ...
+
+    async def conversations_between(self, channel: str, company_address: str, sender: str) -> list[dict[str, Any]]: ...
+
+    async def mark_opted_out(self, key: ConversationKey, stamp: str) -> None: ...
+
+    async def mark_opted_in(self, key: ConversationKey, stamp: str) -> None: ...
+
+    async def mark_handed_off(self, key: ConversationKey, reason: str, stamp: str) -> None: ...
+
+    async def set_delivery_status(
+        self,
+        key: ConversationKey,
+        index: int,
+        message_sid: str,
+        new: DeliveryStatus,
+        may_replace: frozenset[DeliveryStatus],
+        stamp: str,
+    ) -> bool: ...
+
+
+class StageStore(Protocol):
+    async def stage(self, conversation_id: str, primary_channel: str, fragment: Fragment, expires_at: int) -> bool: ...
+
+    async def take_lock(self, conversation_id: str, holder: str, now: float, expires_at: int) -> bool: ...
+
+    async def release_lock(self, conversation_id: str, holder: str | None = None) -> None: ...
+
+
+class Suppressions(Protocol):
+    async def is_opted_out(self, company_id: str, project_id: str, channel: str, recipient: str) -> bool: ...
+
+    async def opt_out(self, company_id: str, project_id: str, channel: str, recipient: str, at: str) -> None: ...
+
+    async def opt_in(self, company_id: str, project_id: str, channel: str, recipient: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class IntakePorts:
+    conversations: ReplyLookup
+    companies: CompanyDirectory
+    secrets: SecretStore
+    suppressions: Suppressions
+    stage: StageStore
+    publisher: MessagePublisher
+    signatures: SignatureVerifier
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeConfig:
+    replies_queue_url: str | None
+    handoff_queue_url: str | None
+    batching_window_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRequest:
+    url: str  # the public URL Twilio called
+    params: Mapping[str, str]  # the POST form
+    signature: str  # X-Twilio-Signature ('' when absent)
+
+
+def conversation_key(record: Mapping[str, Any]) -> ConversationKey:
+    return ConversationKey(str(record["primary_channel"]), str(record["conversation_id"]))
+
+
+class InboundIntake:
+    def __init__(self, ports: IntakePorts, config: IntakeConfig, clock: Callable[[], float] = time.time) -> None:
+        self._ports = ports
+        self._config = config
+        self._clock = clock
+
+    # ---- inbound messages ----------------------------------------------------------------------
+
+    async def receive(self, message: InboundMessage, request: SignedRequest) -> IntakeResult:
+        ports = self._ports
+        conversation = await ports.conversations.find_open(message.channel, message.company_address, message.sender)
+        if conversation is None:
+            log.info("inbound_unknown_conversation", channel=message.channel, message_sid=message.message_sid)
+            return IntakeResult.UNKNOWN_CONVERSATION
+        if not await self._authentic(conversation, message.channel, request):
+            return IntakeResult.FORBIDDEN
+        key = conversation_key(conversation)
+        company = await ports.companies.get(str(conversation["company_id"]), str(conversation["project_id"]))
+        if company is None or not company.is_active or not company.allows(message.channel):
+            log.info("inbound_refused_by_rules", conversation_id=key.conversation_id)
+            return IntakeResult.REFUSED_BY_RULES
+        ids = (company.company_id, company.project_id, message.channel, message.sender)
+        suppressed = await ports.suppressions.is_opted_out(*ids)
+        keyword = keyword_of(message.body, suppressed=suppressed)
+        stamp = utc_iso(self._clock())
+        if keyword is Keyword.OPT_OUT:
+            await ports.suppressions.opt_out(*ids, stamp)
+            await ports.conversations.mark_opted_out(key, stamp)
+            log.info("inbound_opted_out", conversation_id=key.conversation_id)
+            return IntakeResult.OPTED_OUT
+        if keyword is Keyword.OPT_IN:
+            await ports.suppressions.opt_in(*ids)
+            await ports.conversations.mark_opted_in(key, stamp)
+            log.info("inbound_opted_in", conversation_id=key.conversation_id)
+            return IntakeResult.OPTED_IN
+        if suppressed:
+            log.info("inbound_from_suppressed_sender", conversation_id=key.conversation_id)
+            return IntakeResult.SUPPRESSED
+        reason = self._hand_off_reason(conversation, company, message.sender)
+        if reason:
+            await self._hand_off(conversation, company, message, reason, stamp)
+            return IntakeResult.HANDED_OFF
+        return await self._stage(key, message)
+
+    def _hand_off_reason(self, conversation: Mapping[str, Any], company: CompanyRecord, sender: str) -> str | None:
+        if conversation.get("conversation_status") == "handed_off":
+            return "conversation_handed_off"
+        return hand_off_reason(conversation, company.model_dump(mode="json"), sender)
+
+    async def _hand_off(
+        self,
+        conversation: Mapping[str, Any],
+        company: CompanyRecord,
+        message: InboundMessage,
+        reason: str,
+        stamp: str,
+    ) -> None:
+        queue_url = self._required(self._config.handoff_queue_url, "COMMS_HANDOFF_QUEUE_URL")
+        context = {
+            "conversation": {
+                **{k: v for k, v in conversation.items() if k not in ("ai_config", "channel_config")},
+                "messages": list(conversation.get("messages") or [])[-HANDOFF_MESSAGES_KEPT:],
+            },
+            "inbound": message.model_dump(mode="json"),
+            "company": {"company_id": company.company_id, "project_id": company.project_id},
+            "hand_off_reason": reason,
+            "received_at": stamp,
+        }
+        attributes = {"conversationId": str(conversation["conversation_id"]), "handOffReason": reason}
+        await self._ports.publisher.publish(queue_url, orjson.dumps(context).decode(), attributes)
+        await self._ports.conversations.mark_handed_off(conversation_key(conversation), reason, stamp)
+        log.info("inbound_handed_off", conversation_id=conversation["conversation_id"], reason=reason)
+
+    async def _stage(self, key: ConversationKey, message: InboundMessage) -> IntakeResult:
+        queue_url = self._required(self._config.replies_queue_url, "COMMS_REPLIES_QUEUE_URL")
+        now = self._clock()
+        window = self._config.batching_window_s
+        expires_at = int(now + window + LOCK_MARGIN_S)
+        fragment = Fragment(message.message_sid, message.body, utc_iso(now))
+        stored = await self._ports.stage.stage(key.conversation_id, key.primary_channel, fragment, expires_at)
+        # Even a duplicate tries the lock: the first delivery may have failed before it queued the trigger.
+        if await self._ports.stage.take_lock(key.conversation_id, message.message_sid, now, expires_at):
+            trigger = orjson.dumps({"conversation_id": key.conversation_id, "primary_channel": key.primary_channel})
+            try:
+                await self._ports.publisher.publish(
+                    queue_url, trigger.decode(), {"conversationId": key.conversation_id}, delay_s=window
+                )
+            except DependencyUnavailable:
+                await self._ports.stage.release_lock(key.conversation_id, message.message_sid)
+                raise
+            log.info("reply_trigger_queued", conversation_id=key.conversation_id, delay_s=window)
+        return IntakeResult.STAGED if stored else IntakeResult.DUPLICATE
+
+    # ---- status callbacks ----------------------------------------------------------------------
+
+    async def delivery_status(self, form: Mapping[str, str], request: SignedRequest) -> IntakeResult:
+        sid = form.get("MessageSid") or form.get("SmsSid") or ""
+        status = parse_delivery_status(form.get("MessageStatus") or form.get("SmsStatus") or "")
+        raw_from, raw_to = form.get("From") or "", form.get("To") or ""
+        channel = "whatsapp" if raw_from.startswith("whatsapp:") else "sms"
+        if not sid or not raw_from or not raw_to:
+            return IntakeResult.STATUS_UNKNOWN
+        found = await self._message_named(channel, bare_address(raw_from), bare_address(raw_to), sid)
+        if found is None:
+            log.info("status_for_unknown_message", message_sid=sid)
+            return IntakeResult.STATUS_UNKNOWN
+        conversation, index = found
+        if not await self._authentic(conversation, channel, request):
+            return IntakeResult.FORBIDDEN
+        if status is None:
+            return IntakeResult.STATUS_UNKNOWN
+        current = parse_delivery_status(str(conversation["messages"][index].get("delivery_status") or ""))
+        if not is_forward(current, status):
+            return IntakeResult.STATUS_STALE
+        applied = await self._ports.conversations.set_delivery_status(
+            conversation_key(conversation), index, sid, status, may_follow(status), utc_iso(self._clock())
+        )
+        return IntakeResult.STATUS_APPLIED if applied else IntakeResult.STATUS_STALE
+
+    async def _message_named(
+        self, channel: str, company_address: str, recipient: str, sid: str
+    ) -> tuple[dict[str, Any], int] | None:
+        conversations = await self._ports.conversations.conversations_between(channel, company_address, recipient)
+        for conversation in sorted(conversations, key=lambda c: str(c.get("created_at", "")), reverse=True):
+            for index, element in enumerate(conversation.get("messages") or []):
+                if isinstance(element, dict) and element.get("message_id") == sid:
+                    return conversation, index
+        return None
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    async def _authentic(self, conversation: Mapping[str, Any], channel: str, request: SignedRequest) -> bool:
+        """The signature checked with the tenant's own Twilio auth token (its secret, cached)."""
+        if not request.signature:
+            log.warning("webhook_signature_missing", conversation_id=conversation.get("conversation_id"))
+            return False
+        credentials_id = (conversation.get("channel_config") or {}).get(f"{channel}_credentials_id")
+        if not credentials_id:
+            log.error("webhook_tenant_has_no_credentials", conversation_id=conversation.get("conversation_id"))
+            return False
+        try:
+            secret = await self._ports.secrets.get_json(str(credentials_id))
+        except PermanentProviderError as exc:  # no such secret: nothing can authenticate this tenant
+            log.error("webhook_tenant_secret_unusable", reason=exc.reason)
+            return False
+        except ProviderError as exc:
+            raise DependencyUnavailable("secretsmanager", "GetSecretValue", exc.reason) from exc
+        token = secret.get("twilio_auth_token", "")
+        if token and self._ports.signatures.valid(token, request.url, request.params, request.signature):
+            return True
+        log.warning("webhook_signature_invalid", conversation_id=conversation.get("conversation_id"))
+        return False
+
+    @staticmethod
+    def _required(queue_url: str | None, setting: str) -> str:
+        if not queue_url:
+            raise DependencyUnavailable("sqs", "SendMessage", f"{setting} is not configured")
+        return queue_url
