@@ -15,6 +15,9 @@ from collections.abc import Sequence
 
 from service.config import ConfigurationError, Settings, load_settings
 from service.logging import configure_logging
+from service.operator import COMMANDS as OPERATOR_COMMANDS
+from service.operator import register as register_operator
+from service.operator import run as run_operator
 from service.runner import Role, run_service
 
 EXIT_CONFIG = 2
@@ -55,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--role", choices=["api", "worker", "all"], default="all")
 
     commands.add_parser("bootstrap", help="create tables and queues in the configured AWS account (idempotent)")
+    register_operator(commands)
     return parser
 
 
@@ -66,13 +70,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"comms: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings.log_level)
+    # Operator commands print data on stdout (tables, --json): their logs go to stderr.
+    configure_logging(settings.log_level, sys.stderr if args.command in OPERATOR_COMMANDS else None)
     if args.command == "local":
         asyncio.run(_run_local(settings, args.role, args.ai_latency))
     elif args.command == "serve":
         asyncio.run(run_service(settings, args.role))
     elif args.command == "bootstrap":
         asyncio.run(_bootstrap(settings))
+    elif args.command in OPERATOR_COMMANDS:
+        return run_operator(args, settings)
     return 0
 
 

@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 import structlog
@@ -51,11 +51,13 @@ def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
 
 
 # Libraries that log every request (and, for botocore, where credentials came from) at INFO.
-_CHATTY_LOGGERS = ("botocore", "aiobotocore", "twilio", "aiohttp.access")
+_CHATTY_LOGGERS = ("botocore", "aiobotocore", "twilio", "aiohttp.access", "httpx2", "openai")
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(format="%(message)s", stream=sys.stdout, level=getattr(logging, level))
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """JSON lines on stdout (the service), or on `stream` (stderr for operator commands whose stdout is data)."""
+    stream = stream or sys.stdout
+    logging.basicConfig(format="%(message)s", stream=stream, level=getattr(logging, level))
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level)))
     structlog.configure(
@@ -68,6 +70,6 @@ def configure_logging(level: str = "INFO") -> None:
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)),
-        logger_factory=structlog.BytesLoggerFactory(),
+        logger_factory=structlog.BytesLoggerFactory(file=getattr(stream, "buffer", sys.stdout.buffer)),
         cache_logger_on_first_use=True,
     )

@@ -15,6 +15,7 @@ from service.adapters.aws.errors import error_code
 from service.domain.api_keys import issue_key
 from service.domain.company import CompanyRecord
 from service.domain.ports import ApiKeyRecord
+from service.domain.secret_names import credentials_secret_name, openai_secret_name
 from service.domain.timefmt import utc_iso
 
 if TYPE_CHECKING:
@@ -27,14 +28,6 @@ DEMO_TWILIO_AUTH_TOKEN = "local-demo-auth-token"
 DEMO_SENDGRID_KEY = "SG.local-demo-key"
 DEMO_OPENAI_KEY = "sk-local-demo"
 DEMO_TEMPLATE_SID = "HX" + "0" * 31 + "1"
-
-
-def credentials_secret_name(prefix: str, channel: str, company: str, project: str, provider: str, env: str) -> str:
-    return f"{prefix}/{channel}-credentials/{company}/{project}/{provider}-{env}"
-
-
-def openai_secret_name(prefix: str, channel: str, env: str) -> str:
-    return f"{prefix}/openai-api-key/{channel}-{env}"
 
 
 @dataclass(frozen=True, slots=True)

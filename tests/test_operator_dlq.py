@@ -1,0 +1,290 @@
+"""`comms dlq list|show|redrive` against the moto server: each test has its own queues and DLQs.
+
+Redrive must move exactly what was asked and lose nothing: every test counts source + DLQ before and after.
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import AsyncExitStack
+from types import SimpleNamespace
+
+import orjson
+import pytest
+from rich.console import Console
+from rich.progress import Progress
+
+from service.adapters.aws.clients import open_aws_clients
+from service.config import Settings
+from service.local.provision import provision_resources
+from service.operator.dlq import QueuePair, redrive, resolve_queue
+from service.operator.output import Context, Output
+from tests.operator_support import Cli, unique
+
+
+@pytest.fixture
+def cli(settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    own = Cli(settings, capsys, monkeypatch)
+    own.with_own_queues()
+    return own
+
+
+def dlq_url(cli: Cli, kind: str) -> str:
+    source = getattr(cli.settings, f"{kind}_queue_url")
+
+    async def lookup(aws):
+        return (await aws.sqs.get_queue_url(QueueName=source.rsplit("/", 1)[-1] + "-dlq"))["QueueUrl"]
+
+    return cli.aws(lookup)
+
+
+def fill_dlq(cli: Cli, kind: str, count: int) -> list[str]:
+    """`count` dead-lettered messages with bodies and attributes like the router's."""
+    url = dlq_url(cli, kind)
+    bodies = [orjson.dumps({"conversation_data": {"conversation_id": f"c#{i}"}, "n": i}).decode() for i in range(count)]
+
+    async def send(aws):
+        for i, body in enumerate(bodies):
+            await aws.sqs.send_message(
+                QueueUrl=url,
+                MessageBody=body,
+                MessageAttributes={
+                    "conversationId": {"DataType": "String", "StringValue": f"c#{i}"},
+                    "channelMethod": {"DataType": "String", "StringValue": kind},
+                    "attempt": {"DataType": "Number", "StringValue": str(i)},
+                },
+            )
+
+    cli.aws(send)
+    return bodies
+
+
+def visible(cli: Cli, url: str) -> int:
+    async def count(aws):
+        answer = await aws.sqs.get_queue_attributes(
+            QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        )
+        attributes = answer["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"]) + int(attributes["ApproximateNumberOfMessagesNotVisible"])
+
+    return cli.aws(count)
+
+
+def drain(cli: Cli, url: str) -> list[dict]:
+    """Receive and delete everything on a queue; each message as body + attribute values."""
+
+    async def receive_all(aws):
+        found = []
+        while True:
+            answer = await aws.sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0, MessageAttributeNames=["All"]
+            )
+            messages = answer.get("Messages", [])
+            if not messages:
+                return found
+            for m in messages:
+                found.append(
+                    {
+                        "body": m["Body"],
+                        "attributes": {
+                            k: (v["DataType"], v["StringValue"]) for k, v in m.get("MessageAttributes", {}).items()
+                        },
+                    }
+                )
+                await aws.sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+
+    return cli.aws(receive_all)
+
+
+def test_list_counts_messages_per_queue_and_dlq(cli):
+    fill_dlq(cli, "sms", 3)
+
+    result = cli("dlq", "list", "--json")
+
+    assert result.code == 0, result.err
+    rows = {row["queue"]: row for row in result.json["queues"]}
+    assert set(rows) == {"whatsapp", "sms", "email", "replies", "handoff"}
+    assert rows["sms"]["dlq"]["messages"] == 3 and rows["sms"]["source"]["messages"] == 0
+    assert rows["sms"]["dlq"]["name"].endswith("-sms-dlq")
+    assert set(rows["sms"]["source"]) == {"name", "url", "messages", "in_flight", "delayed"}
+    assert rows["whatsapp"]["dlq"]["messages"] == 0
+
+
+def test_list_prints_a_table(cli):
+    fill_dlq(cli, "email", 2)
+
+    result = cli("dlq", "list", "--queue", "email")
+
+    assert result.code == 0
+    assert "-email-dlq" in result.out and "whatsapp" not in result.out
+
+
+def test_show_peeks_without_removing_anything(cli):
+    bodies = fill_dlq(cli, "whatsapp", 4)
+
+    result = cli("dlq", "show", "--queue", "whatsapp", "--max", "3", "--json")
+
+    assert result.code == 0, result.err
+    [queue] = result.json["queues"]
+    assert len(queue["messages"]) == 3
+    first = queue["messages"][0]
+    assert set(first) == {"message_id", "sent_at", "receive_count", "attributes", "body"}
+    assert orjson.dumps(first["body"]).decode() in [orjson.dumps(orjson.loads(b)).decode() for b in bodies]
+    assert first["attributes"]["channelMethod"] == "whatsapp"
+    # Released at once: all four are visible again, none moved.
+    again = cli("dlq", "list", "--queue", "whatsapp", "--json").json["queues"][0]
+    assert again["dlq"]["messages"] == 4 and again["dlq"]["in_flight"] == 0
+    assert again["source"]["messages"] == 0
+
+
+def test_show_of_an_empty_dlq_says_so(cli):
+    result = cli("dlq", "show", "--queue", "replies")
+
+    assert result.code == 0
+    assert "empty" in result.out
+
+
+def test_redrive_moves_exactly_max_messages_and_loses_none(cli):
+    fill_dlq(cli, "whatsapp", 13)
+    source, dead = cli.settings.whatsapp_queue_url, dlq_url(cli, "whatsapp")
+
+    result = cli("dlq", "redrive", "--queue", "whatsapp", "--max", "11", "--json")
+
+    assert result.code == 0, result.err
+    [report] = result.json["queues"]
+    assert report["moved"] == 11 and report["not_sent"] == {} and report["not_deleted"] == 0
+    assert visible(cli, source) == 11
+    assert visible(cli, dead) == 2
+
+
+def test_redrive_keeps_bodies_and_message_attributes(cli):
+    bodies = fill_dlq(cli, "sms", 5)
+
+    result = cli("dlq", "redrive", "--queue", "sms")
+
+    assert result.code == 0, result.err
+    assert "moved 5 messages" in result.out
+    moved = drain(cli, cli.settings.sms_queue_url)
+    assert sorted(m["body"] for m in moved) == sorted(bodies)
+    for message in moved:
+        n = orjson.loads(message["body"])["n"]
+        assert message["attributes"] == {
+            "conversationId": ("String", f"c#{n}"),
+            "channelMethod": ("String", "sms"),
+            "attempt": ("Number", str(n)),
+        }
+    assert visible(cli, dlq_url(cli, "sms")) == 0
+
+
+def test_redrive_without_queue_empties_every_dlq(cli):
+    fill_dlq(cli, "email", 2)
+    fill_dlq(cli, "handoff", 1)
+
+    result = cli("dlq", "redrive", "--json")
+
+    assert result.code == 0, result.err
+    moved = {r["queue"]: r["moved"] for r in result.json["queues"]}
+    assert moved == {"whatsapp": 0, "sms": 0, "email": 2, "replies": 0, "handoff": 1}
+    assert visible(cli, cli.settings.email_queue_url) == 2 and visible(cli, cli.settings.handoff_queue_url) == 1
+
+
+def test_dry_run_moves_nothing(cli):
+    fill_dlq(cli, "whatsapp", 4)
+
+    result = cli("dlq", "redrive", "--queue", "whatsapp", "--max", "3", "--dry-run", "--json")
+
+    assert result.code == 0
+    assert result.json == {
+        "dry_run": True,
+        "queues": [
+            {
+                "queue": "whatsapp",
+                "dlq": dlq_url(cli, "whatsapp").rsplit("/", 1)[-1],
+                "source": cli.settings.whatsapp_queue_url.rsplit("/", 1)[-1],
+                "would_move": 3,
+            }
+        ],
+    }
+    assert visible(cli, dlq_url(cli, "whatsapp")) == 4
+    assert visible(cli, cli.settings.whatsapp_queue_url) == 0
+
+
+def test_a_queue_url_that_does_not_exist_is_a_configuration_error(cli, monkeypatch):
+    monkeypatch.setenv("COMMS_SMS_QUEUE_URL", cli.settings.sms_queue_url + "-gone")
+
+    result = cli("dlq", "list", "--queue", "sms")
+
+    assert result.code == 2
+    assert "does not exist" in result.err
+
+
+def test_max_must_be_positive(cli):
+    with pytest.raises(SystemExit) as exit_:
+        cli("dlq", "redrive", "--max", "0")
+
+    assert exit_.value.code == 2
+
+
+async def test_redrive_shows_progress_on_a_terminal(settings):
+    own = await provision_resources(settings, queue_prefix=unique("op"))
+    async with AsyncExitStack() as stack:
+        aws = await open_aws_clients(own, stack)
+        ctx = Context(own, aws, Output())
+        pair = await resolve_queue(ctx, "replies")
+        for i in range(12):
+            await aws.sqs.send_message(QueueUrl=pair.dlq_url, MessageBody=f"m{i}")
+        screen = io.StringIO()
+        with Progress(console=Console(file=screen, force_terminal=True, width=100)) as progress:
+            result = await redrive(ctx, pair, None, progress)
+
+    assert result.moved == 12
+    [task] = progress.tasks
+    assert task.completed == 12 and task.total == 12
+    assert pair.dlq_name in screen.getvalue()
+
+
+class RefusingSqs:
+    """An SQS whose source queue refuses every other copy: what was refused must stay in the DLQ."""
+
+    def __init__(self, count: int) -> None:
+        self.dlq = {f"id{i}": f"body{i}" for i in range(count)}
+        self.source: list[str] = []
+        self.released: list[str] = []
+
+    async def get_queue_attributes(self, QueueUrl, AttributeNames):
+        return {"Attributes": {"ApproximateNumberOfMessages": str(len(self.dlq))}}
+
+    async def receive_message(self, **request):
+        waiting = [k for k in self.dlq if k not in self.released][: request["MaxNumberOfMessages"]]
+        return {"Messages": [{"MessageId": k, "ReceiptHandle": k, "Body": self.dlq[k]} for k in waiting]}
+
+    async def send_message_batch(self, QueueUrl, Entries):
+        ok, failed = [], []
+        for entry in Entries:
+            if int(entry["MessageBody"][4:]) % 2:
+                failed.append({"Id": entry["Id"], "Code": "KmsThrottled", "SenderFault": False})
+            else:
+                self.source.append(entry["MessageBody"])
+                ok.append({"Id": entry["Id"]})
+        return {"Successful": ok, "Failed": failed}
+
+    async def delete_message_batch(self, QueueUrl, Entries):
+        for entry in Entries:
+            del self.dlq[entry["ReceiptHandle"]]
+        return {"Successful": [{"Id": e["Id"]} for e in Entries], "Failed": []}
+
+    async def change_message_visibility_batch(self, QueueUrl, Entries):
+        self.released += [e["ReceiptHandle"] for e in Entries]
+        return {"Successful": [{"Id": e["Id"]} for e in Entries], "Failed": []}
+
+
+async def test_redrive_deletes_only_what_the_source_queue_accepted(settings):
+    sqs = RefusingSqs(6)
+    ctx = Context(settings, SimpleNamespace(sqs=sqs), Output())
+
+    result = await redrive(ctx, QueuePair("sms", "https://q/src", "https://q/src-dlq"), None)
+
+    assert result.moved == 3 and result.not_sent == {"KmsThrottled": 3}
+    assert sorted(sqs.source) == ["body0", "body2", "body4"]
+    assert sorted(sqs.dlq.values()) == ["body1", "body3", "body5"]  # nothing lost
+    assert sorted(sqs.released) == ["id1", "id3", "id5"]  # and visible again at once
