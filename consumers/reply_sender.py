@@ -26,7 +26,7 @@ import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from consumers.contracts import Lease, Outcome, QueueMessage
+from consumers.contracts import Disposition, Lease, Outcome, QueueMessage
 from consumers.metrics import ConsumerMetrics
 from service.adapters.aws.conversation_store import ConversationKey
 from service.adapters.aws.reply_store import DynamoReplyStore, ReplyClaimVerdict
@@ -48,12 +48,14 @@ from service.domain.provider_ports import (
     TransientProviderError,
 )
 from service.domain.timefmt import utc_iso
+from service.resources import DLQ_MAX_RECEIVE_COUNT
 
 log = structlog.get_logger(__name__)
 
 REPLY_CHANNELS = ("whatsapp", "sms")  # email replies are not handled (README)
 SENDER_ATTRIBUTE = {"whatsapp": "gsi_company_whatsapp_number", "sms": "gsi_company_sms_number"}
 FIRST_MESSAGE_IN_FLIGHT_RETRY_S = 5
+LAST_RECEIVE = DLQ_MAX_RECEIVE_COUNT  # the receive after which the queue's redrive dead-letters a retry
 
 
 class ReplyTrigger(BaseModel):
@@ -145,20 +147,27 @@ class ReplySender:
         owner = f"{message.message_id}/{uuid.uuid4().hex[:12]}"
         structlog.contextvars.bind_contextvars(conversation_id=key.conversation_id)
         try:
-            return await self._claimed(key, owner, lease, started)
+            return await self._claimed(key, owner, lease, started, message.receive_count)
         except DependencyUnavailable as exc:
             log.warning("dependency_unavailable", detail=str(exc))
             return Outcome.retry(f"{exc.service}_unavailable")
         finally:
             structlog.contextvars.unbind_contextvars("conversation_id")
 
-    async def _claimed(self, key: ConversationKey, owner: str, lease: Lease, started: float) -> Outcome:
+    async def _claimed(
+        self, key: ConversationKey, owner: str, lease: Lease, started: float, receive_count: int
+    ) -> Outcome:
         now = self._clock()
         with self._metrics.step(self._config.queue, "claim"):
             claim = await self._ports.conversations.claim(
                 key, owner, now + self._config.claim_lease_s, now, utc_iso(now)
             )
         if claim.verdict is ReplyClaimVerdict.HELD_ELSEWHERE:
+            if receive_count >= LAST_RECEIVE:
+                # The redrive would dead-letter this trigger on its next failure. The holder looks again
+                # after it finishes (and its own trigger comes back if it crashed), so nothing is orphaned.
+                log.info("reply_trigger_left_to_claim_holder")
+                return Outcome.done("left_to_claim_holder")
             wait = max(1, math.ceil(float(claim.record.get("reply_lease_expires", now)) - now))
             return Outcome.retry("reply_claim_held", wait)
         if claim.verdict is ReplyClaimVerdict.NOT_ANSWERABLE:
@@ -169,7 +178,10 @@ class ReplySender:
             await self._ports.stage.release_lock(key.conversation_id)
             return Outcome.done("not_answerable")
         async with self._keep_claim(key, owner):
-            return await self._answer(claim.record, key, owner, lease, started)
+            outcome = await self._answer(claim.record, key, owner, lease, started)
+        if outcome.disposition is Disposition.RETRY:
+            await self._release_lease(key, owner)
+        return outcome
 
     async def _answer(
         self, record: dict[str, Any], key: ConversationKey, owner: str, lease: Lease, started: float
@@ -426,6 +438,13 @@ class ReplySender:
         await self._ports.conversations.fail(key, owner, status, detail, self._stamp())
         await self._ports.stage.release_lock(key.conversation_id)
         return Outcome.done(status.value)
+
+    async def _release_lease(self, key: ConversationKey, owner: str) -> None:
+        """A retried trigger must find the claim open to takeover, not held until its lease lapses."""
+        try:
+            await self._ports.conversations.refresh(key, owner, 0)
+        except DependencyUnavailable as exc:
+            log.warning("reply_lease_release_failed", detail=str(exc))
 
     def _retry(self, step: str, exc: TransientProviderError) -> Outcome:
         log.warning("transient_failure", step=step, reason=exc.reason)
