@@ -32,6 +32,7 @@ from service.adapters.aws.conversation_store import ConversationKey
 from service.adapters.aws.reply_store import DynamoReplyStore, ReplyClaimVerdict
 from service.adapters.aws.stage_store import DynamoStageStore
 from service.domain.conversation import ConversationStatus
+from service.domain.delivery_state import parse_delivery_status
 from service.domain.errors import DependencyUnavailable
 from service.domain.inbound import Batch, Fragment, batch_of
 from service.domain.inbound_intake import LOCK_MARGIN_S, Suppressions
@@ -359,6 +360,9 @@ class ReplySender:
                 **attempt.usage,
             },
         ]
+        known = parse_delivery_status(sent.status or "")
+        if known is not None:  # what Twilio says now (a reconciled send may already be delivered)
+            messages[1]["delivery_status"] = known.value
         processing_ms = int((time.monotonic() - started) * 1000)
         for number in range(1, self._config.final_update_attempts + 1):
             try:
@@ -388,6 +392,16 @@ class ReplySender:
                 "sids to replied_message_sids, set conversation_status=reply_sent and remove reply_attempt/owner",
             )
             return Outcome.retry("final_update_failed")
+        if applied is None:  # STOP or a hand-off landed while sending: record the reply, keep that status
+            applied = await self._ports.conversations.finalise(
+                key,
+                owner,
+                messages=messages,
+                answered_sids=attempt.message_sids,
+                processing_time_ms=processing_ms,
+                stamp=stamp,
+                stopped=True,
+            )
         if applied is None:  # our lease lapsed and another trigger took over: it reconciles and finalises
             log.warning("reply_claim_lost_after_send", provider_message_id=sent.provider_message_id)
             return Outcome.done("claim_lost_after_send")

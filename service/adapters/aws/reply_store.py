@@ -33,6 +33,8 @@ INDEX_BY_CHANNEL: dict[str, Index] = {
 REPLYABLE = (ConversationStatus.INITIAL_MESSAGE_SENT.value, ConversationStatus.REPLY_SENT.value)
 _CLAIMABLE = "(#status IN (:initial, :replied)) OR (#status = :processing_reply AND reply_lease_expires < :now)"
 _OWNED = "reply_owner = :owner AND #status = :processing_reply"
+# An opt-out or hand-off that landed while the owner was sending: its reply went out and must still be recorded.
+_OWNED_BUT_STOPPED = "reply_owner = :owner AND #status IN (:opted_out, :handed_off)"
 
 
 class ReplyClaimVerdict(StrEnum):
@@ -142,18 +144,26 @@ class DynamoReplyStore:
         values: Mapping[str, Any],
         operation: str,
         names: Mapping[str, str] | None = None,
+        *,
+        stopped: bool = False,
     ) -> dict[str, Any] | None:
         """A write applied only while `owner` holds the reply claim: the new record, or None when it does not."""
+        if stopped:
+            condition = _OWNED_BUT_STOPPED
+            guard = {
+                ":opted_out": ConversationStatus.OPTED_OUT.value,
+                ":handed_off": ConversationStatus.HANDED_OFF.value,
+            }
+        else:
+            condition, guard = _OWNED, {":processing_reply": ConversationStatus.PROCESSING_REPLY.value}
         try:
             answer = await self._dynamodb.update_item(
                 TableName=self._table,
                 Key=key.item_key(),
                 UpdateExpression=expression,
-                ConditionExpression=_OWNED,
+                ConditionExpression=condition,
                 ExpressionAttributeNames={"#status": "conversation_status", **(names or {})},
-                ExpressionAttributeValues=_values(
-                    {":owner": owner, ":processing_reply": ConversationStatus.PROCESSING_REPLY.value, **values}
-                ),
+                ExpressionAttributeValues=_values({":owner": owner, **guard, **values}),
                 ReturnValues="ALL_NEW",
             )
         except AWS_FAILURES as exc:
@@ -185,23 +195,31 @@ class DynamoReplyStore:
         answered_sids: Sequence[str],
         processing_time_ms: int,
         stamp: str,
+        stopped: bool = False,
     ) -> dict[str, Any] | None:
-        """`reply_sent`, both messages appended, the fragments marked answered, the claim dropped: one write."""
+        """`reply_sent`, both messages appended, the fragments marked answered, the claim dropped: one write.
+
+        `stopped`: an opt-out or hand-off replaced `processing_reply` while the reply was being sent; record the
+        reply and drop the claim but keep that status."""
+        status = "" if stopped else "#status = :reply_sent, "
         expression = (
-            "SET #status = :reply_sent, #messages = list_append(if_not_exists(#messages, :empty), :messages), "
+            f"SET {status}#messages = list_append(if_not_exists(#messages, :empty), :messages), "
             "processing_time_ms = :ms, updated_at = :stamp "
             "REMOVE reply_attempt, reply_owner, reply_lease_expires, status_before_reply "
             "ADD replied_message_sids :sids"
         )
         values = {
-            ":reply_sent": ConversationStatus.REPLY_SENT.value,
             ":empty": [],
             ":messages": [dict(m) for m in messages],
             ":ms": processing_time_ms,
             ":stamp": stamp,
             ":sids": set(answered_sids),
         }
-        return await self._owned_update(key, owner, expression, values, "finalise", {"#messages": "messages"})
+        if not stopped:
+            values[":reply_sent"] = ConversationStatus.REPLY_SENT.value
+        return await self._owned_update(
+            key, owner, expression, values, "finalise", {"#messages": "messages"}, stopped=stopped
+        )
 
     async def release(self, key: ConversationKey, owner: str, stamp: str) -> bool:
         """Nothing to answer: back to the status the conversation had before the claim."""
