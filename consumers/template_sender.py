@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import structlog
 
-from consumers.contracts import Lease, Outcome, QueueMessage
+from consumers.contracts import Disposition, Lease, Outcome, QueueMessage
 from consumers.metrics import ConsumerMetrics
 from consumers.template_job import InvalidContext, TemplateJob, initial_record, parse_template_job
 from service.adapters.aws.conversation_store import ConversationKey, DynamoConversationStore
@@ -128,7 +128,10 @@ class TemplateSender:
         if claim.verdict is ClaimVerdict.CLAIMED and claim.snapshot.claim_owner != owner:
             return Outcome.retry("claim_raced", 1)
         async with self._keep_claim(key, owner):
-            return await self._work(job, key, owner, claim.snapshot, message, lease, started)
+            outcome = await self._work(job, key, owner, claim.snapshot, message, lease, started)
+        if outcome.disposition is Disposition.RETRY:
+            await self._release_claim(key, owner)
+        return outcome
 
     async def _work(
         self,
@@ -322,6 +325,14 @@ class TemplateSender:
         log.warning("transient_failure", step=step, reason=exc.reason)
         delay = math.ceil(exc.retry_after_s) if exc.retry_after_s else None
         return Outcome.retry(f"{step}_transient", delay)
+
+    async def _release_claim(self, key: ConversationKey, owner: str) -> None:
+        """Let the retry find the conversation claimable: a claim left to lapse turns the redelivery into a
+        `claim_held_elsewhere` receive, which the queue's redrive counts like a real attempt."""
+        try:
+            await self._store.refresh_claim(key, owner, 0)
+        except DependencyUnavailable as exc:
+            log.warning("claim_release_failed", detail=str(exc))
 
     @asynccontextmanager
     async def _keep_claim(self, key: ConversationKey, owner: str) -> AsyncIterator[None]:
