@@ -178,8 +178,12 @@ class ReplySender:
             log.info("reply_not_answerable", status=status)
             await self._ports.stage.release_lock(key.conversation_id)
             return Outcome.done("not_answerable")
-        async with self._keep_claim(key, owner):
-            outcome = await self._answer(claim.record, key, owner, lease, started)
+        try:
+            async with self._keep_claim(key, owner):
+                outcome = await self._answer(claim.record, key, owner, lease, started)
+        except asyncio.CancelledError:  # stopped (shutdown, lost lease): the trigger comes back, so must the claim
+            await asyncio.shield(self._release_lease(key, owner))
+            raise
         if outcome.disposition is Disposition.RETRY:
             await self._release_lease(key, owner)
         return outcome

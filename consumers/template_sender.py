@@ -127,8 +127,12 @@ class TemplateSender:
             return Outcome.retry("claim_held_elsewhere", wait)
         if claim.verdict is ClaimVerdict.CLAIMED and claim.snapshot.claim_owner != owner:
             return Outcome.retry("claim_raced", 1)
-        async with self._keep_claim(key, owner):
-            outcome = await self._work(job, key, owner, claim.snapshot, message, lease, started)
+        try:
+            async with self._keep_claim(key, owner):
+                outcome = await self._work(job, key, owner, claim.snapshot, message, lease, started)
+        except asyncio.CancelledError:  # stopped (shutdown, lost lease): the message comes back, so must the claim
+            await asyncio.shield(self._release_claim(key, owner))
+            raise
         if outcome.disposition is Disposition.RETRY:
             await self._release_claim(key, owner)
         return outcome

@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"comms: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     # Operator commands print data on stdout (tables, --json): their logs go to stderr.
-    configure_logging(settings.log_level, sys.stderr if args.command in OPERATOR_COMMANDS else None)
+    configure_logging(settings.log_level, to_stderr=args.command in OPERATOR_COMMANDS)
     if args.command == "local":
         asyncio.run(_run_local(settings, args.role, args.ai_latency))
     elif args.command == "serve":

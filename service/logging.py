@@ -54,9 +54,29 @@ def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
 _CHATTY_LOGGERS = ("botocore", "aiobotocore", "twilio", "aiohttp.access", "httpx2", "openai")
 
 
-def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
-    """JSON lines on stdout (the service), or on `stream` (stderr for operator commands whose stdout is data)."""
-    stream = stream or sys.stdout
+class _StreamLogger:
+    """Writes each rendered line to sys.stdout or sys.stderr as they are *now* (not as they were at
+    configuration time), so a replaced or closed stream never breaks logging."""
+
+    def __init__(self, to_stderr: bool) -> None:
+        self._to_stderr = to_stderr
+
+    def msg(self, message: bytes) -> None:
+        stream: TextIO = sys.stderr if self._to_stderr else sys.stdout
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None:
+            buffer.write(message + b"\n")
+            buffer.flush()
+        else:
+            stream.write(message.decode() + "\n")
+            stream.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = msg
+
+
+def configure_logging(level: str = "INFO", *, to_stderr: bool = False) -> None:
+    """JSON lines on stdout (the service), or on stderr (operator commands, whose stdout is data)."""
+    stream = sys.stderr if to_stderr else sys.stdout
     logging.basicConfig(format="%(message)s", stream=stream, level=getattr(logging, level))
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level)))
@@ -70,6 +90,6 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)),
-        logger_factory=structlog.BytesLoggerFactory(file=getattr(stream, "buffer", sys.stdout.buffer)),
+        logger_factory=lambda *_: _StreamLogger(to_stderr),
         cache_logger_on_first_use=True,
     )

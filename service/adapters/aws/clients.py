@@ -34,7 +34,8 @@ def client_config(settings: Settings, *, max_attempts: int | None = None) -> Aio
         max_pool_connections=settings.aws_pool_size,
         connect_timeout=settings.aws_connect_timeout_s,
         read_timeout=settings.aws_read_timeout_s,
-        retries={"mode": "standard", "max_attempts": max_attempts or settings.aws_max_attempts},
+        # total_max_attempts counts the first call too (botocore's max_attempts counts only retries).
+        retries={"mode": "standard", "total_max_attempts": max_attempts or settings.aws_max_attempts},
         tcp_keepalive=True,
     )
 
