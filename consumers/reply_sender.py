@@ -28,10 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from consumers.contracts import Disposition, Lease, Outcome, QueueMessage
 from consumers.metrics import ConsumerMetrics
-from service.adapters.aws.conversation_store import ConversationKey
 from service.adapters.aws.reply_store import DynamoReplyStore, ReplyClaimVerdict
 from service.adapters.aws.stage_store import DynamoStageStore
-from service.domain.conversation import ConversationStatus
+from service.domain.conversation import ConversationKey, ConversationStatus
 from service.domain.delivery_state import parse_delivery_status
 from service.domain.errors import DependencyUnavailable
 from service.domain.inbound import Batch, Fragment, batch_of

@@ -21,8 +21,8 @@ import structlog
 from consumers.contracts import Disposition, Lease, Outcome, QueueMessage
 from consumers.metrics import ConsumerMetrics
 from consumers.template_job import InvalidContext, TemplateJob, initial_record, parse_template_job
-from service.adapters.aws.conversation_store import ConversationKey, DynamoConversationStore
-from service.domain.conversation import ConversationStatus
+from service.adapters.aws.conversation_store import DynamoConversationStore
+from service.domain.conversation import ConversationKey, ConversationStatus
 from service.domain.conversation_claim import ClaimVerdict, ConversationSnapshot, NextStep, next_step
 from service.domain.errors import DependencyUnavailable
 from service.domain.provider_ports import (

@@ -27,11 +27,12 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from consumers.runtime import QueueConsumer
 from service.adapters.aws.clients import AwsClients
-from service.adapters.aws.conversation_store import ConversationKey, DynamoConversationStore
+from service.adapters.aws.conversation_store import DynamoConversationStore
 from service.adapters.aws.provisioning import ensure_queue
 from service.api.app import create_app
 from service.bootstrap import Dependencies, build
 from service.config import CHANNELS, Settings
+from service.domain.conversation import ConversationKey
 from service.local.moto_server import LOCAL_CREDENTIALS, free_port
 from service.local.openai_sandbox import create_openai_sandbox
 from service.local.sandbox_http import RunningServer, serve

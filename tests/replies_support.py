@@ -25,13 +25,14 @@ from aiohttp.test_utils import TestClient, TestServer
 from twilio.request_validator import RequestValidator
 
 from consumers.template_job import initial_record, parse_template_job
-from service.adapters.aws.conversation_store import ConversationKey
+from service.adapters.aws.conversation_store import item_key
 from service.adapters.aws.dynamo_codec import from_item, to_attribute, to_item
 from service.adapters.aws.opt_out_registry import suppression_key
 from service.adapters.aws.provisioning import ensure_queue
 from service.api.app import create_app
 from service.bootstrap import Dependencies, build
 from service.config import Settings
+from service.domain.conversation import ConversationKey
 from service.domain.conversation import conversation_id as make_conversation_id
 from service.domain.timefmt import utc_iso
 from service.local.moto_server import free_port
@@ -316,7 +317,7 @@ class RepliesWorld:
             record["thread_id"] = await self.providers.new_thread()
         key = ConversationKey(recipient, conversation)
         await self.deps.aws.dynamodb.put_item(
-            TableName=self.settings.conversations_table, Item={**key.item_key(), **to_item(record)}
+            TableName=self.settings.conversations_table, Item={**item_key(key), **to_item(record)}
         )
         return key
 
@@ -332,7 +333,7 @@ class RepliesWorld:
     async def conversation(self, key: ConversationKey) -> dict[str, Any]:
         """The stored record ({} while there is none yet)."""
         answer = await self.deps.aws.dynamodb.get_item(
-            TableName=self.settings.conversations_table, Key=key.item_key(), ConsistentRead=True
+            TableName=self.settings.conversations_table, Key=item_key(key), ConsistentRead=True
         )
         return from_item(answer["Item"]) if "Item" in answer else {}
 
@@ -341,7 +342,7 @@ class RepliesWorld:
         attrs = {f":v{i}": to_attribute(value) for i, value in enumerate(values.values())}
         await self.deps.aws.dynamodb.update_item(
             TableName=self.settings.conversations_table,
-            Key=key.item_key(),
+            Key=item_key(key),
             UpdateExpression="SET " + ", ".join(f"#a{i} = :v{i}" for i in range(len(values))),
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=attrs,

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.adapters.aws.conversation_store import ConversationKey
+from service.domain.conversation import ConversationKey
 from service.domain.timefmt import utc_iso
 from tests.conftest import initiate_body
 from tests.replies_support import (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -30,3 +31,11 @@ def conversation_component(channel: str, sender_address: str) -> str:
 def conversation_id(company_id: str, project_id: str, request_id: str, channel: str, sender_address: str) -> str:
     """`company_id#project_id#request_id#<component>` as SPEC §2 defines it."""
     return f"{company_id}#{project_id}#{request_id}#{conversation_component(channel, sender_address)}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationKey:
+    """The conversations table key: `primary_channel` (recipient tel or email) + `conversation_id`."""
+
+    primary_channel: str
+    conversation_id: str

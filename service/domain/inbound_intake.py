@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
-from service.adapters.aws.conversation_store import ConversationKey
 from service.domain.company import CompanyRecord
+from service.domain.conversation import ConversationKey
 from service.domain.delivery_state import DeliveryStatus, is_forward, may_follow, parse_delivery_status
 from service.domain.errors import DependencyUnavailable
 from service.domain.inbound import (

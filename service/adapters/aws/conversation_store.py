@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.adapters.aws.dynamo_codec import from_item, to_attribute
 from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
-from service.domain.conversation import ConversationStatus
+from service.domain.conversation import ConversationKey, ConversationStatus
 from service.domain.conversation_claim import ClaimVerdict, ConversationSnapshot, SendState, verdict_for_refusal
 
 if TYPE_CHECKING:
@@ -22,16 +22,11 @@ _CLAIMABLE = "attribute_not_exists(conversation_id) OR (#status = :processing AN
 _OWNED = "claim_owner = :owner AND #status = :processing"
 
 
-@dataclass(frozen=True, slots=True)
-class ConversationKey:
-    primary_channel: str
-    conversation_id: str
-
-    def item_key(self) -> dict[str, Any]:
-        return {
-            "primary_channel": to_attribute(self.primary_channel),
-            "conversation_id": to_attribute(self.conversation_id),
-        }
+def item_key(key: ConversationKey) -> dict[str, Any]:
+    return {
+        "primary_channel": to_attribute(key.primary_channel),
+        "conversation_id": to_attribute(key.conversation_id),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +73,7 @@ class DynamoConversationStore:
         try:
             answer = await self._dynamodb.update_item(
                 TableName=self._table,
-                Key=key.item_key(),
+                Key=item_key(key),
                 UpdateExpression="SET " + ", ".join(assignments),
                 ConditionExpression=_CLAIMABLE,
                 ExpressionAttributeNames=names,
@@ -101,7 +96,7 @@ class DynamoConversationStore:
         try:
             await self._dynamodb.update_item(
                 TableName=self._table,
-                Key=key.item_key(),
+                Key=item_key(key),
                 UpdateExpression=expression,
                 ConditionExpression=_OWNED,
                 ExpressionAttributeNames={"#status": "conversation_status"},
@@ -188,7 +183,7 @@ class DynamoConversationStore:
         try:
             await self._dynamodb.update_item(
                 TableName=self._table,
-                Key=key.item_key(),
+                Key=item_key(key),
                 UpdateExpression=expression,
                 ConditionExpression="attribute_exists(conversation_id) AND send_state <> :sent",
                 ExpressionAttributeNames={"#status": "conversation_status", "#messages": "messages"},
@@ -212,7 +207,7 @@ class DynamoConversationStore:
         try:
             await self._dynamodb.put_item(
                 TableName=self._table,
-                Item={**key.item_key(), **{k: to_attribute(v) for k, v in item.items() if v is not None}},
+                Item={**item_key(key), **{k: to_attribute(v) for k, v in item.items() if v is not None}},
                 ConditionExpression="attribute_not_exists(conversation_id)",
             )
         except AWS_FAILURES as exc:
@@ -221,7 +216,7 @@ class DynamoConversationStore:
 
     async def get(self, key: ConversationKey) -> dict[str, Any] | None:
         try:
-            answer = await self._dynamodb.get_item(TableName=self._table, Key=key.item_key(), ConsistentRead=True)
+            answer = await self._dynamodb.get_item(TableName=self._table, Key=item_key(key), ConsistentRead=True)
         except AWS_FAILURES as exc:
             raise unavailable("dynamodb", "GetItem", exc) from exc
         item = answer.get("Item")

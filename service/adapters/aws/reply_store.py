@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from service.adapters.aws.conversation_store import ConversationKey
+from service.adapters.aws.conversation_store import item_key
 from service.adapters.aws.dynamo_codec import from_item, to_attribute
 from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
-from service.domain.conversation import ConversationStatus
+from service.domain.conversation import ConversationKey, ConversationStatus
 from service.domain.delivery_state import DeliveryStatus
 from service.resources import CONVERSATION_INDEXES, Index
 
@@ -94,7 +94,7 @@ class DynamoReplyStore:
 
     async def get(self, key: ConversationKey) -> dict[str, Any] | None:
         try:
-            answer = await self._dynamodb.get_item(TableName=self._table, Key=key.item_key(), ConsistentRead=True)
+            answer = await self._dynamodb.get_item(TableName=self._table, Key=item_key(key), ConsistentRead=True)
         except AWS_FAILURES as exc:
             raise unavailable("dynamodb", "GetItem", exc) from exc
         item = answer.get("Item")
@@ -119,7 +119,7 @@ class DynamoReplyStore:
         try:
             answer = await self._dynamodb.update_item(
                 TableName=self._table,
-                Key=key.item_key(),
+                Key=item_key(key),
                 UpdateExpression=expression,
                 ConditionExpression=f"attribute_exists(conversation_id) AND ({_CLAIMABLE})",
                 ExpressionAttributeNames={"#status": "conversation_status"},
@@ -159,7 +159,7 @@ class DynamoReplyStore:
         try:
             answer = await self._dynamodb.update_item(
                 TableName=self._table,
-                Key=key.item_key(),
+                Key=item_key(key),
                 UpdateExpression=expression,
                 ConditionExpression=condition,
                 ExpressionAttributeNames={"#status": "conversation_status", **(names or {})},
@@ -243,7 +243,7 @@ class DynamoReplyStore:
         try:
             await self._dynamodb.update_item(
                 TableName=self._table,
-                Key=key.item_key(),
+                Key=item_key(key),
                 UpdateExpression=expression,
                 ConditionExpression="attribute_exists(conversation_id)",
                 ExpressionAttributeNames={"#status": "conversation_status"},
@@ -263,7 +263,7 @@ class DynamoReplyStore:
         try:
             await self._dynamodb.update_item(
                 TableName=self._table,
-                Key=key.item_key(),
+                Key=item_key(key),
                 UpdateExpression="SET #status = :replied, updated_at = :stamp REMOVE opted_out_at",
                 ConditionExpression="#status = :opted_out",
                 ExpressionAttributeNames={"#status": "conversation_status"},
@@ -304,7 +304,7 @@ class DynamoReplyStore:
         try:
             await self._dynamodb.update_item(
                 TableName=self._table,
-                Key=key.item_key(),
+                Key=item_key(key),
                 UpdateExpression=f"SET {element}.delivery_status = :new, {element}.delivery_updated_at = :stamp",
                 ConditionExpression=condition,
                 ExpressionAttributeNames={"#messages": "messages"},
