@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install local test lint
+.PHONY: install local test lint bench
 
 $(BIN)/comms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,14 @@ local: install
 	$(BIN)/comms local
 
 lint: install
-	$(BIN)/ruff check service consumers tests
-	$(BIN)/ruff format --check service consumers tests
+	$(BIN)/ruff check service consumers tests bench
+	$(BIN)/ruff format --check service consumers tests bench
 	$(BIN)/mypy
 
 ## Lint, type-check and run every test (what CI runs).
 test: lint
 	$(BIN)/python -m pytest -q
+
+## Benchmark one worker process on the embedded stack (SPEC §8 figures); options: make bench ARGS="--concurrency 50"
+bench: install
+	$(BIN)/python -m bench $(ARGS)

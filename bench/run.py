@@ -1,0 +1,319 @@
+"""One benchmark run: set up the stack, run the service as a subprocess, load it, measure, verify.
+
+This process hosts the counting AWS proxy and the provider sandboxes and spawns moto and the service, so
+the service process's CPU and memory are its own. Phases: setup (moto, proxy, tables and queues, sandboxes,
+demo tenant, endpoint ceiling, N context messages built by the initiate path) → service start → warm-up
+(a few conversations, then the idle RSS) → load (N messages made visible at once, sampled until all are
+sent) → stop and verify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bench.aws_proxy import CountingProxy
+from bench.ceiling import Ceiling, measure_ceiling
+from bench.measure import (
+    Probe,
+    Sample,
+    WindowFigures,
+    finished_by_reason,
+    sample_until,
+    steady_window,
+    step_means_ms,
+    window_figures,
+)
+from bench.options import RESULTS_DIR, BenchOptions
+from bench.procfs import ProcessSample
+from bench.sandboxes import Sandboxes, start_sandboxes
+from bench.service_process import ServiceProcess
+from bench.verify import Verification, verify
+from bench.workload import ContextMessage, build_messages, enqueue, feed
+from service.bootstrap import Dependencies, build
+from service.config import Settings, load_settings
+from service.local.moto_server import LOCAL_CREDENTIALS, MotoServer, free_port, start_moto_server
+from service.local.provision import provision_resources
+from service.local.seed import DemoTenant, seed_demo_tenant
+
+if TYPE_CHECKING:
+    pass
+
+SETTLE_S = 3.0  # after the last send: final updates, batched deletes, then the RSS reading
+IDLE_S = 5.0  # the idle service's own CPU use (long polls, heartbeat ticks) is measured over this
+ENQUEUE_RATE_PER_S = 100.0  # a cautious guess of SendMessageBatch entries moto takes per second
+
+
+def say(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRun:
+    options: BenchOptions
+    machine: dict[str, Any]
+    ceilings: list[Ceiling]
+    idle: ProcessSample  # after the warm-up
+    idle_cpu_share: float  # of one core, the service doing nothing (long polls, timers)
+    after_load: ProcessSample
+    peak_rss_kb: int  # most RSS sampled during the load
+    steady: WindowFigures
+    whole_load: WindowFigures
+    step_ms: dict[str, float]
+    finished_by_reason: dict[str, int]  # the service's own count of finished messages over the load, by reason
+    enqueue_overrun_s: float  # > 0: enqueueing was still going when the messages became visible
+    resent_lost: int  # messages moto lost (send/delete race) that the benchmark queued again
+    service_exit_code: int | None
+    verification: Verification
+
+
+@dataclass(slots=True)
+class Stack:
+    moto: MotoServer
+    proxy: CountingProxy
+    sandboxes: Sandboxes
+    settings: Settings  # pointing at moto directly (the benchmark's own calls)
+    deps: Dependencies
+    tenant: DemoTenant
+
+    @property
+    def queue_url(self) -> str:
+        url = self.settings.whatsapp_queue_url
+        assert url is not None
+        return url
+
+
+async def open_stack(options: BenchOptions, exits: AsyncExitStack) -> Stack:
+    for name, value in LOCAL_CREDENTIALS.items():
+        os.environ.setdefault(name, value)
+    moto = await asyncio.to_thread(start_moto_server)
+    exits.callback(moto.stop)
+    proxy = CountingProxy(moto.url)
+    await proxy.start()
+    exits.push_async_callback(proxy.close)
+    port = free_port()
+    base = load_settings(
+        host="127.0.0.1",
+        port=port,
+        aws_endpoint_url=moto.url,
+        consumer_concurrency=options.concurrency,
+        consumer_queues="whatsapp",
+        log_level=options.log_level,
+    )
+    settings = await provision_resources(base)
+    sandboxes = await start_sandboxes(options.ai_latency_s, options.thread_latency_s)
+    exits.push_async_callback(sandboxes.close)
+    settings = settings.model_copy(
+        update={
+            "openai_base_url": f"{sandboxes.openai.url}/v1",
+            "twilio_base_url": sandboxes.twilio.url,
+            "sendgrid_base_url": sandboxes.sendgrid.url,
+            "public_base_url": f"http://127.0.0.1:{port}",
+        }
+    )
+    deps = await exits.enter_async_context(build(settings))
+    tenant = await seed_demo_tenant(
+        deps.companies, deps.api_keys, deps.aws.secrets, prefix=settings.secrets_prefix, env=settings.environment
+    )
+    say(f"moto {moto.url} (pid {moto.process.pid}), counting proxy {proxy.url}, sandboxes up, tenant seeded")
+    return Stack(moto, proxy, sandboxes, settings, deps, tenant)
+
+
+async def measure_ceilings(stack: Stack, options: BenchOptions) -> list[Ceiling]:
+    key = (stack.tenant.company_id, stack.tenant.project_id)
+    queue = stack.settings.replies_queue_url or stack.queue_url
+    ceilings = []
+    for endpoint in (stack.moto.url, stack.proxy.url):
+        ceiling = await measure_ceiling(
+            stack.settings, endpoint, key, queue, stack.moto.process.pid, duration_s=options.ceiling_s
+        )
+        say(
+            f"endpoint ceiling {endpoint}: {ceiling.requests_per_s:.0f} req/s, "
+            f"moto {ceiling.moto_cpu_ms_per_request:.1f} ms CPU per request ({ceiling.moto_cpu_share:.0%} of a core)"
+        )
+        ceilings.append(ceiling)
+    return ceilings
+
+
+async def warm_up(stack: Stack, probe: Probe, messages: list[ContextMessage], options: BenchOptions) -> None:
+    if not messages:
+        return
+    await enqueue(stack.deps.aws.sqs, stack.queue_url, messages, visible_at=time.time())
+    target = len(messages)
+    samples = await sample_until(
+        probe, lambda s: s.sent >= target, interval_s=0.2, timeout_s=60 + 5 * options.ai_latency_s
+    )
+    if samples[-1].sent < target:
+        raise RuntimeError(f"warm-up: only {samples[-1].sent}/{target} messages sent; see the service log")
+    await asyncio.sleep(SETTLE_S)
+
+
+async def enqueue_upfront(stack: Stack, messages: list[ContextMessage]) -> float:
+    """All N queued, visible at one moment; returns how late the enqueueing finished (> 0: it overran)."""
+    visible_at = time.time() + 2.0 + len(messages) / ENQUEUE_RATE_PER_S
+    await enqueue(stack.deps.aws.sqs, stack.queue_url, messages, visible_at=visible_at)
+    overrun = time.time() - visible_at
+    say(f"{len(messages)} messages queued, visible in {-overrun:.1f} s")
+    return overrun
+
+
+def start_feeder(
+    stack: Stack, messages: list[ContextMessage], base_sent: int, options: BenchOptions
+) -> asyncio.Task[None]:
+    def finished() -> int:
+        return stack.sandboxes.messages_sent - base_sent
+
+    def ramp(elapsed_s: float) -> int:  # C per L: the first C start spread over one AI latency
+        return math.ceil(options.concurrency * elapsed_s / options.ai_latency_s)
+
+    say(f"feeding {len(messages)} messages: C over the first L, then at most {options.ahead} queued or in flight")
+    sqs, url = stack.deps.aws.sqs, stack.queue_url
+    return asyncio.create_task(feed(sqs, url, messages, finished, options.ahead, ramp))
+
+
+async def queue_is_empty(stack: Stack) -> bool:
+    names = [
+        "ApproximateNumberOfMessages",
+        "ApproximateNumberOfMessagesNotVisible",
+        "ApproximateNumberOfMessagesDelayed",
+    ]
+    answer = await stack.deps.aws.sqs.get_queue_attributes(QueueUrl=stack.queue_url, AttributeNames=names)  # type: ignore[arg-type]
+    return all(int(value) == 0 for value in answer.get("Attributes", {}).values())
+
+
+async def resend_lost(stack: Stack, messages: list[ContextMessage]) -> int:
+    """Re-queue messages moto lost: nothing queued or in flight, yet their recipient got no message.
+
+    moto's `Queue.delete_message` rebuilds the message list without its lock, so a SendMessage(Batch) that
+    lands during a DeleteMessageBatch can vanish (and two concurrent deletes can undo one another: that
+    message comes back after its visibility timeout and the service acknowledges it as already done).
+    """
+    sent_to = {m.to.removeprefix("whatsapp:") for m in stack.sandboxes.twilio_state.messages.values()}
+    lost = [m for m in messages if m.recipient not in sent_to]
+    if lost:
+        say(f"moto lost {len(lost)} queued messages (send/delete race); sending them again")
+        await enqueue(stack.deps.aws.sqs, stack.queue_url, lost, visible_at=0.0)
+    return len(lost)
+
+
+@dataclass(slots=True)
+class LoadOutcome:
+    samples: list[Sample]
+    enqueue_overrun_s: float = 0.0
+    resent_lost: int = 0
+
+
+async def load(
+    stack: Stack, probe: Probe, messages: list[ContextMessage], base_sent: int, options: BenchOptions
+) -> LoadOutcome:
+    """Put the load on the queue (steady feed or upfront), sample until every message was sent or time ran out.
+
+    Sampling runs in stretches of `stall_s`; after a stretch without progress, once the feeder is done and the
+    queue is empty, messages moto lost are sent again (see `resend_lost`).
+    """
+    upfront = options.feed == "upfront"
+    outcome = LoadOutcome([], await enqueue_upfront(stack, messages) if upfront else 0.0)
+    feeder = None if upfront else start_feeder(stack, messages, base_sent, options)
+    target = base_sent + len(messages)
+    deadline = time.monotonic() + 120 + 4 * len(messages) / options.ideal_per_s
+    stall_s = max(15.0, 2 * options.ai_latency_s)
+    say(f"load running; ideal C/L = {options.ideal_per_s:.1f} conv/s")
+    try:
+        while time.monotonic() < deadline:
+            stretch = await sample_until(
+                probe, lambda s: s.sent >= target, interval_s=options.sample_interval_s, timeout_s=stall_s
+            )
+            outcome.samples += stretch
+            if stretch[-1].sent >= target:
+                break
+            if feeder is not None and feeder.done():
+                feeder.result()  # re-raises a feeder failure
+            fed = feeder is None or feeder.done()
+            if fed and stretch[-1].sent == stretch[0].sent and await queue_is_empty(stack):
+                outcome.resent_lost += await resend_lost(stack, messages)
+        else:
+            say(f"TIMEOUT: {outcome.samples[-1].sent - base_sent}/{len(messages)} sent")
+    finally:
+        if feeder is not None:
+            feeder.cancel()
+    return outcome
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+async def run_bench(options: BenchOptions) -> BenchRun:
+    async with AsyncExitStack() as exits:
+        stack = await open_stack(options, exits)
+        ceilings = await measure_ceilings(stack, options)
+        tenant = (stack.deps, stack.tenant.company_id, stack.tenant.project_id)
+        warm = await build_messages(*tenant, range(options.warmup))
+        messages = await build_messages(*tenant, range(options.warmup, options.warmup + options.conversations))
+        say(f"{len(warm)} warm-up and {len(messages)} load context messages built by the initiate path")
+
+        service_settings = stack.settings.model_copy(update={"aws_endpoint_url": stack.proxy.url})
+        service = ServiceProcess(service_settings, RESULTS_DIR / "service.log")
+        service.start()
+        exits.callback(service.stop)
+        await service.wait_ready()
+        say(f"service pid {service.pid} ready (worker role, C={options.concurrency}); log {service.log_path}")
+        probe = Probe(service.pid, stack.moto.process.pid, stack.sandboxes, stack.proxy)
+
+        await warm_up(stack, probe, warm, options)
+        idle_from = probe.take()
+        await asyncio.sleep(IDLE_S)
+        idle = probe.take()
+        idle_cpu_share = (idle.service.cpu_s - idle_from.service.cpu_s) / (idle.at - idle_from.at)
+        metrics_before = await service.metrics()
+        say(f"warm-up done; idle RSS {idle.service.rss_kb / 1024:.1f} MB, idle CPU {idle_cpu_share:.1%} of a core")
+
+        outcome = await load(stack, probe, messages, idle.sent, options)
+        samples = outcome.samples
+        await asyncio.sleep(SETTLE_S)
+        after = probe.take()
+        metrics_after = await service.metrics()
+        exit_code = service.stop()
+        say(f"load done; service stopped with exit code {exit_code}")
+
+        verification = await verify(
+            stack.deps.aws.dynamodb,
+            stack.settings.conversations_table,
+            [m.conversation_id for m in messages],
+            [m.recipient for m in messages],
+            stack.sandboxes.twilio_state,
+        )
+        total_sent = stack.sandboxes.messages_sent
+        if total_sent != len(warm) + len(messages):
+            verification.problems.append(f"the Twilio sandbox saw {total_sent} messages in all, not {len(warm)}+N")
+        first, last = steady_window(samples, idle.sent, options.conversations, options.concurrency)
+        return BenchRun(
+            options=options,
+            machine=machine(),
+            ceilings=ceilings,
+            idle=idle.service,
+            idle_cpu_share=idle_cpu_share,
+            after_load=after.service,
+            peak_rss_kb=max(s.service.rss_kb for s in samples),
+            steady=window_figures(samples, first, last),
+            whole_load=window_figures(samples, samples[0], samples[-1]),
+            step_ms=step_means_ms(metrics_before, metrics_after),
+            finished_by_reason=finished_by_reason(metrics_before, metrics_after),
+            enqueue_overrun_s=outcome.enqueue_overrun_s,
+            resent_lost=outcome.resent_lost,
+            service_exit_code=exit_code,
+            verification=verification,
+        )
+    raise AssertionError("unreachable")  # pragma: no cover - the stack always yields

@@ -1,0 +1,97 @@
+"""The service under test: `python -m service serve --role worker` in its own process, configured by env vars."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.config import Settings
+from service.local.moto_server import LOCAL_CREDENTIALS
+
+
+def service_environment(settings: Settings) -> dict[str, str]:
+    """The parent's environment without COMMS_* variables, plus every setting of `settings` as COMMS_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMMS_")}
+    env.update(LOCAL_CREDENTIALS)
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"COMMS_{name.upper()}"] = str(value)
+    return env
+
+
+class ServiceProcess:
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.base_url = f"http://127.0.0.1:{settings.port}"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "service not started"
+        return self._process.pid
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--role", "worker"],
+            env=service_environment(self.settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                self._check_alive()
+                try:
+                    async with session.get(f"{self.base_url}/readyz") as answer:
+                        if answer.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise RuntimeError(f"service not ready within {timeout_s:.0f} s; see {self.log_path}")
+
+    async def metrics(self) -> dict[str, float]:
+        """The service's /metrics as {"name{label=value,...}": value}."""
+        async with aiohttp.ClientSession() as session, session.get(f"{self.base_url}/metrics") as answer:
+            text = await answer.text()
+        flat: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                flat[f"{sample.name}{{{labels}}}"] = sample.value
+        return flat
+
+    def _check_alive(self) -> None:
+        if self._process is not None and self._process.poll() is not None:
+            raise RuntimeError(f"service exited with code {self._process.returncode}; see {self.log_path}")
+
+    def stop(self, timeout_s: float = 40.0) -> int | None:
+        """SIGTERM (the service drains), SIGKILL if it outlives `timeout_s`; returns the exit code."""
+        process = self._process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+        return process.returncode
