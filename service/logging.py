@@ -51,7 +51,7 @@ def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
 
 
 # Libraries that log every request (and, for botocore, where credentials came from) at INFO.
-_CHATTY_LOGGERS = ("botocore", "aiobotocore", "twilio", "aiohttp.access", "httpx2", "openai")
+_CHATTY_LOGGERS = ("botocore", "aiobotocore", "twilio", "aiohttp.access", "httpx2", "httpcore2", "openai")
 
 
 class _StreamLogger:

@@ -22,11 +22,12 @@ _CLAIMABLE = "attribute_not_exists(conversation_id) OR (#status = :processing AN
 _OWNED = "claim_owner = :owner AND #status = :processing"
 
 
+def item_fields(key: ConversationKey) -> dict[str, str]:
+    return {"primary_channel": key.primary_channel, "conversation_id": key.conversation_id}
+
+
 def item_key(key: ConversationKey) -> dict[str, Any]:
-    return {
-        "primary_channel": to_attribute(key.primary_channel),
-        "conversation_id": to_attribute(key.conversation_id),
-    }
+    return {name: to_attribute(value) for name, value in item_fields(key).items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +48,40 @@ class DynamoConversationStore:
     async def claim(
         self, key: ConversationKey, initial: Mapping[str, Any], owner: str, lease_until: float, now: float, stamp: str
     ) -> ClaimResult:
-        """Create the record (PROCESSING) or take over an expired claim, keeping what it already holds."""
-        names = {"#status": "conversation_status"}
-        values: dict[str, Any] = {
+        """Create the record (PROCESSING) or take over an expired claim, keeping what it already holds.
+
+        A first delivery is one conditional PutItem (cheap for DynamoDB and moto alike); only a record that
+        already exists costs a second write, the takeover of its lapsed claim.
+        """
+        claim_fields = {
+            "conversation_status": ConversationStatus.PROCESSING.value,
+            "claim_owner": owner,
+            "claim_expires_at": lease_until,
+            "updated_at": stamp,
+            "claim_count": 1,
+        }
+        record = {**initial, **item_fields(key), **claim_fields}
+        try:
+            await self._dynamodb.put_item(
+                TableName=self._table,
+                Item={name: to_attribute(value) for name, value in record.items()},
+                ConditionExpression="attribute_not_exists(conversation_id)",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except AWS_FAILURES as exc:
+            if not is_conditional_check_failure(exc):
+                raise unavailable("dynamodb", "PutItem", exc) from exc
+            existing = ConversationSnapshot.from_record(from_item(getattr(exc, "response", {}).get("Item") or {}))
+            if existing.status == ConversationStatus.PROCESSING and existing.claim_expires_at < now:
+                return await self._take_over(key, owner, lease_until, now, stamp)
+            return ClaimResult(verdict_for_refusal(existing, now), existing)
+        return ClaimResult(ClaimVerdict.CLAIMED, ConversationSnapshot.from_record(record))
+
+    async def _take_over(
+        self, key: ConversationKey, owner: str, lease_until: float, now: float, stamp: str
+    ) -> ClaimResult:
+        """Take a lapsed claim: only the claim fields change; the record keeps its ledger and content."""
+        values = {
             ":processing": ConversationStatus.PROCESSING.value,
             ":owner": owner,
             ":lease": lease_until,
@@ -58,25 +90,17 @@ class DynamoConversationStore:
             ":zero": 0,
             ":one": 1,
         }
-        assignments = []
-        for index, (field, value) in enumerate(initial.items()):
-            names[f"#i{index}"] = field
-            values[f":i{index}"] = value
-            assignments.append(f"#i{index} = if_not_exists(#i{index}, :i{index})")
-        assignments += [
-            "#status = :processing",
-            "claim_owner = :owner",
-            "claim_expires_at = :lease",
-            "updated_at = :stamp",
-            "claim_count = if_not_exists(claim_count, :zero) + :one",
-        ]
+        expression = (
+            "SET #status = :processing, claim_owner = :owner, claim_expires_at = :lease, updated_at = :stamp, "
+            "claim_count = if_not_exists(claim_count, :zero) + :one"
+        )
         try:
             answer = await self._dynamodb.update_item(
                 TableName=self._table,
                 Key=item_key(key),
-                UpdateExpression="SET " + ", ".join(assignments),
+                UpdateExpression=expression,
                 ConditionExpression=_CLAIMABLE,
-                ExpressionAttributeNames=names,
+                ExpressionAttributeNames={"#status": "conversation_status"},
                 ExpressionAttributeValues=_values(values),
                 ReturnValues="ALL_NEW",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
