@@ -36,7 +36,7 @@ class ClaimResult:
     snapshot: ConversationSnapshot
 
 
-def _values(values: Mapping[str, Any]) -> dict[str, Any]:
+def attribute_values(values: Mapping[str, Any]) -> dict[str, Any]:
     return {name: to_attribute(value) for name, value in values.items()}
 
 
@@ -101,7 +101,7 @@ class DynamoConversationStore:
                 UpdateExpression=expression,
                 ConditionExpression=_CLAIMABLE,
                 ExpressionAttributeNames={"#status": "conversation_status"},
-                ExpressionAttributeValues=_values(values),
+                ExpressionAttributeValues=attribute_values(values),
                 ReturnValues="ALL_NEW",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
@@ -124,7 +124,7 @@ class DynamoConversationStore:
                 UpdateExpression=expression,
                 ConditionExpression=_OWNED,
                 ExpressionAttributeNames={"#status": "conversation_status"},
-                ExpressionAttributeValues=_values(
+                ExpressionAttributeValues=attribute_values(
                     {":owner": owner, ":processing": ConversationStatus.PROCESSING.value, **values}
                 ),
             )
@@ -211,7 +211,7 @@ class DynamoConversationStore:
                 UpdateExpression=expression,
                 ConditionExpression="attribute_exists(conversation_id) AND send_state <> :sent",
                 ExpressionAttributeNames={"#status": "conversation_status", "#messages": "messages"},
-                ExpressionAttributeValues=_values(values),
+                ExpressionAttributeValues=attribute_values(values),
             )
         except AWS_FAILURES as exc:
             if is_conditional_check_failure(exc):
@@ -239,9 +239,14 @@ class DynamoConversationStore:
                 raise unavailable("dynamodb", "PutItem", exc) from exc
 
     async def get(self, key: ConversationKey) -> dict[str, Any] | None:
-        try:
-            answer = await self._dynamodb.get_item(TableName=self._table, Key=item_key(key), ConsistentRead=True)
-        except AWS_FAILURES as exc:
-            raise unavailable("dynamodb", "GetItem", exc) from exc
-        item = answer.get("Item")
-        return from_item(item) if item else None
+        return await get_conversation(self._dynamodb, self._table, key)
+
+
+async def get_conversation(dynamodb: DynamoDBClient, table: str, key: ConversationKey) -> dict[str, Any] | None:
+    """The record, read consistently (after a conditional write refused us), or None."""
+    try:
+        answer = await dynamodb.get_item(TableName=table, Key=item_key(key), ConsistentRead=True)
+    except AWS_FAILURES as exc:
+        raise unavailable("dynamodb", "GetItem", exc) from exc
+    item = answer.get("Item")
+    return from_item(item) if item else None

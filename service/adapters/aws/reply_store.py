@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from service.adapters.aws.conversation_store import item_key
-from service.adapters.aws.dynamo_codec import from_item, to_attribute
+from service.adapters.aws.conversation_store import attribute_values, get_conversation, item_key
+from service.adapters.aws.dynamo_codec import from_item
 from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
 from service.domain.conversation import ConversationKey, ConversationStatus
 from service.domain.delivery_state import DeliveryStatus
@@ -49,10 +49,6 @@ class ReplyClaim:
     record: dict[str, Any]
 
 
-def _values(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: to_attribute(value) for name, value in values.items()}
-
-
 class DynamoReplyStore:
     def __init__(self, dynamodb: DynamoDBClient, table: str) -> None:
         self._dynamodb = dynamodb
@@ -72,7 +68,7 @@ class DynamoReplyStore:
                 "IndexName": index.name,
                 "KeyConditionExpression": "#pk = :pk AND #sk = :sk",
                 "ExpressionAttributeNames": {"#pk": index.partition_key, "#sk": str(index.sort_key)},
-                "ExpressionAttributeValues": _values({":pk": company_address, ":sk": sender_key}),
+                "ExpressionAttributeValues": attribute_values({":pk": company_address, ":sk": sender_key}),
             }
             if start:
                 params["ExclusiveStartKey"] = start
@@ -93,12 +89,7 @@ class DynamoReplyStore:
         return max(candidates, key=lambda c: str(c.get("created_at", "")), default=None)
 
     async def get(self, key: ConversationKey) -> dict[str, Any] | None:
-        try:
-            answer = await self._dynamodb.get_item(TableName=self._table, Key=item_key(key), ConsistentRead=True)
-        except AWS_FAILURES as exc:
-            raise unavailable("dynamodb", "GetItem", exc) from exc
-        item = answer.get("Item")
-        return from_item(item) if item else None
+        return await get_conversation(self._dynamodb, self._table, key)
 
     # ---- the reply claim -----------------------------------------------------------------------
 
@@ -123,7 +114,7 @@ class DynamoReplyStore:
                 UpdateExpression=expression,
                 ConditionExpression=f"attribute_exists(conversation_id) AND ({_CLAIMABLE})",
                 ExpressionAttributeNames={"#status": "conversation_status"},
-                ExpressionAttributeValues=_values(values),
+                ExpressionAttributeValues=attribute_values(values),
                 ReturnValues="ALL_NEW",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
@@ -163,7 +154,7 @@ class DynamoReplyStore:
                 UpdateExpression=expression,
                 ConditionExpression=condition,
                 ExpressionAttributeNames={"#status": "conversation_status", **(names or {})},
-                ExpressionAttributeValues=_values({":owner": owner, **guard, **values}),
+                ExpressionAttributeValues=attribute_values({":owner": owner, **guard, **values}),
                 ReturnValues="ALL_NEW",
             )
         except AWS_FAILURES as exc:
@@ -247,7 +238,7 @@ class DynamoReplyStore:
                 UpdateExpression=expression,
                 ConditionExpression="attribute_exists(conversation_id)",
                 ExpressionAttributeNames={"#status": "conversation_status"},
-                ExpressionAttributeValues=_values(values),
+                ExpressionAttributeValues=attribute_values(values),
             )
         except AWS_FAILURES as exc:
             if is_conditional_check_failure(exc):
@@ -267,7 +258,7 @@ class DynamoReplyStore:
                 UpdateExpression="SET #status = :replied, updated_at = :stamp REMOVE opted_out_at",
                 ConditionExpression="#status = :opted_out",
                 ExpressionAttributeNames={"#status": "conversation_status"},
-                ExpressionAttributeValues=_values(
+                ExpressionAttributeValues=attribute_values(
                     {
                         ":replied": ConversationStatus.REPLY_SENT.value,
                         ":opted_out": ConversationStatus.OPTED_OUT.value,
@@ -308,7 +299,7 @@ class DynamoReplyStore:
                 UpdateExpression=f"SET {element}.delivery_status = :new, {element}.delivery_updated_at = :stamp",
                 ConditionExpression=condition,
                 ExpressionAttributeNames={"#messages": "messages"},
-                ExpressionAttributeValues=_values(values),
+                ExpressionAttributeValues=attribute_values(values),
             )
         except AWS_FAILURES as exc:
             if is_conditional_check_failure(exc):
