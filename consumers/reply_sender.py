@@ -17,8 +17,8 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +26,7 @@ import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from consumers.claim_lease import kept_alive, transient_retry
 from consumers.contracts import Disposition, Lease, Outcome, QueueMessage
 from consumers.metrics import ConsumerMetrics
 from service.adapters.aws.reply_store import DynamoReplyStore, ReplyClaimVerdict
@@ -234,7 +235,7 @@ class ReplySender:
             with self._metrics.step(self._config.queue, "secrets"):
                 credentials = await self._ports.secrets.get_json(str(credentials_id))
         except TransientProviderError as exc:
-            return self._retry("secrets", exc)
+            return transient_retry("secrets", exc)
         except PermanentProviderError as exc:
             log.error("reply_credentials_unusable", reason=exc.reason)
             return Outcome.retry("secrets_permanent", 60)  # an operator fixes the secret; the batch waits
@@ -253,7 +254,7 @@ class ReplySender:
             with self._metrics.step(self._config.queue, "secrets"):
                 api_key = (await self._ports.secrets.get_json(str(ai_config.get("api_key_reference"))))["ai_api_key"]
         except TransientProviderError as exc:
-            return self._retry("secrets", exc)
+            return transient_retry("secrets", exc)
         except (PermanentProviderError, KeyError) as exc:
             return await self._fail(key, owner, ConversationStatus.FAILED_SECRETS_FETCH, exc)
         instructions = str((ai_config.get("replies") or {}).get("instructions") or "")
@@ -275,7 +276,7 @@ class ReplySender:
                     )
                 )
         except TransientProviderError as exc:
-            return self._retry("ai", exc)
+            return transient_retry("ai", exc)
         except PermanentProviderError as exc:
             return await self._fail(key, owner, ConversationStatus.FAILED_TO_PROCESS_AI, exc)
         usage = {
@@ -302,7 +303,7 @@ class ReplySender:
             with self._metrics.step(self._config.queue, "reconcile"):
                 found = await self._ports.senders[outbound.channel].find_sent(message, attempt.attempted_at - 120)
         except TransientProviderError as exc:
-            return self._retry("reconcile", exc)
+            return transient_retry("reconcile", exc)
         except PermanentProviderError as exc:
             log.error("reply_outcome_unknown_needs_review", reason=exc.reason)
             failure = PermanentProviderError(f"reply_outcome_unknown_needs_review: {exc.reason}")
@@ -335,7 +336,7 @@ class ReplySender:
                 return Outcome.retry("send_outcome_unknown")
             except TransientProviderError as exc:
                 await self._ports.conversations.clear_attempt(key, owner)
-                return self._retry("send", exc)
+                return transient_retry("send", exc)
             return await self._finalise(key, owner, attempt, sent, answered, started)
 
     async def _finalise(
@@ -463,25 +464,11 @@ class ReplySender:
         except DependencyUnavailable as exc:
             log.warning("reply_lease_release_failed", detail=str(exc))
 
-    def _retry(self, step: str, exc: TransientProviderError) -> Outcome:
-        log.warning("transient_failure", step=step, reason=exc.reason)
-        return Outcome.retry(f"{step}_transient", math.ceil(exc.retry_after_s) if exc.retry_after_s else None)
-
-    @asynccontextmanager
-    async def _keep_claim(self, key: ConversationKey, owner: str) -> AsyncIterator[None]:
-        async def refresh() -> None:
-            while True:
-                await asyncio.sleep(self._config.claim_lease_s / 2)
-                try:
-                    await self._ports.conversations.refresh(key, owner, self._clock() + self._config.claim_lease_s)
-                except DependencyUnavailable as exc:
-                    log.warning("reply_claim_refresh_failed", detail=str(exc))
-
-        task = asyncio.create_task(refresh())
-        try:
-            yield
-        finally:
-            task.cancel()
+    def _keep_claim(self, key: ConversationKey, owner: str) -> AbstractAsyncContextManager[None]:
+        return kept_alive(
+            lambda: self._ports.conversations.refresh(key, owner, self._clock() + self._config.claim_lease_s),
+            self._config.claim_lease_s / 2,
+        )
 
     def _stamp(self) -> str:
         return utc_iso(self._clock())

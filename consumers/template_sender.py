@@ -10,14 +10,15 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 import structlog
 
+from consumers.claim_lease import kept_alive, transient_retry
 from consumers.contracts import Disposition, Lease, Outcome, QueueMessage
 from consumers.metrics import ConsumerMetrics
 from consumers.template_job import InvalidContext, TemplateJob, initial_record, parse_template_job
@@ -157,7 +158,7 @@ class TemplateSender:
         except PermanentProviderError as exc:
             return await self._fail(key, owner, ConversationStatus.FAILED_SECRETS_FETCH, exc)
         except TransientProviderError as exc:
-            return self._retry("secrets", exc)
+            return transient_retry("secrets", exc)
         outbound_template = self._outbound(job, credentials)
         if step is NextStep.RECONCILE:
             found = await self._reconcile(job, key, owner, snapshot, outbound_template)
@@ -185,7 +186,7 @@ class TemplateSender:
             failure = exc if isinstance(exc, PermanentProviderError) else PermanentProviderError("ai_api_key_missing")
             return await self._fail(key, owner, ConversationStatus.FAILED_SECRETS_FETCH, failure)
         except TransientProviderError as exc:
-            return self._retry("secrets", exc)
+            return transient_retry("secrets", exc)
         try:
             with self._metrics.step(self._config.queue, "ai"):
                 thread_id = snapshot.thread_id or await self._ai.start_thread(
@@ -207,7 +208,7 @@ class TemplateSender:
         except PermanentProviderError as exc:
             return await self._fail(key, owner, ConversationStatus.FAILED_TO_PROCESS_AI, exc)
         except TransientProviderError as exc:
-            return self._retry("ai", exc)
+            return transient_retry("ai", exc)
         usage = {
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
@@ -233,7 +234,7 @@ class TemplateSender:
             reason = PermanentProviderError(f"send_outcome_unknown_needs_review: {exc.reason}")
             return await self._fail(key, owner, ConversationStatus.FAILED_TO_SEND_MESSAGE, reason)
         except TransientProviderError as exc:
-            return self._retry("reconcile", exc)
+            return transient_retry("reconcile", exc)
         log.info("send_reconciled", found=found is not None)
         return found
 
@@ -272,7 +273,7 @@ class TemplateSender:
                 return Outcome.retry("send_outcome_unknown")
             except TransientProviderError as exc:
                 await self._store.clear_attempt(key, owner, self._stamp())
-                return self._retry("send", exc)
+                return transient_retry("send", exc)
             return await self._finalise(job, key, sent, generated, started)
 
     async def _finalise(
@@ -325,11 +326,6 @@ class TemplateSender:
         await self._store.mark_failed(key, owner, status, detail, self._stamp())
         return Outcome.done(status.value)
 
-    def _retry(self, step: str, exc: TransientProviderError) -> Outcome:
-        log.warning("transient_failure", step=step, reason=exc.reason)
-        delay = math.ceil(exc.retry_after_s) if exc.retry_after_s else None
-        return Outcome.retry(f"{step}_transient", delay)
-
     async def _release_claim(self, key: ConversationKey, owner: str) -> None:
         """Let the retry find the conversation claimable: a claim left to lapse turns the redelivery into a
         `claim_held_elsewhere` receive, which the queue's redrive counts like a real attempt."""
@@ -338,23 +334,11 @@ class TemplateSender:
         except DependencyUnavailable as exc:
             log.warning("claim_release_failed", detail=str(exc))
 
-    @asynccontextmanager
-    async def _keep_claim(self, key: ConversationKey, owner: str) -> AsyncIterator[None]:
-        """Refresh the claim lease while work runs longer than half of it (rare: slow AI)."""
-
-        async def refresh() -> None:
-            while True:
-                await asyncio.sleep(self._config.claim_lease_s / 2)
-                try:
-                    await self._store.refresh_claim(key, owner, self._clock() + self._config.claim_lease_s)
-                except DependencyUnavailable as exc:
-                    log.warning("claim_refresh_failed", detail=str(exc))
-
-        task = asyncio.create_task(refresh())
-        try:
-            yield
-        finally:
-            task.cancel()
+    def _keep_claim(self, key: ConversationKey, owner: str) -> AbstractAsyncContextManager[None]:
+        return kept_alive(
+            lambda: self._store.refresh_claim(key, owner, self._clock() + self._config.claim_lease_s),
+            self._config.claim_lease_s / 2,
+        )
 
     def _outbound(self, job: TemplateJob, credentials: dict[str, str]) -> OutboundMessage:
         is_twilio = job.channel in ("whatsapp", "sms")
