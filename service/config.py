@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     request_idempotency_ttl_s: int = Field(7 * 86400, ge=60, description="How long a request_id is remembered")
     sqs_send_attempts: int = Field(3, ge=1, le=10)
     public_base_url: str | None = Field(None, description="Public URL Twilio calls (webhooks, status callbacks)")
+    request_deadline_s: float = Field(
+        5.0, gt=0, le=60, description="Whole-request deadline on the HTTP paths; over it: 503 with Retry-After"
+    )
+    duplicate_wait_s: float = Field(
+        2.0, ge=0, le=10, description="How long a concurrent repeat of a request_id waits for the first to finish"
+    )
 
     # Consumers
     consumer_concurrency: int = Field(64, ge=1, le=2000)

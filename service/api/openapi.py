@@ -88,10 +88,13 @@ def openapi_document(version: str) -> dict[str, Any]:
                         "404": _error_response("Company/project not found", 404),
                         "409": _error_response("The same request_id is being queued right now", 409),
                         "413": _error_response("Body over 64 KiB", 413),
-                        "422": _error_response("No consent, or recipient opted out", 422),
+                        "422": _error_response(
+                            "No consent, recipient opted out, or request_id reused with a different body", 422
+                        ),
+                        "431": _error_response("Request headers too large", 431),
                         "429": _error_response("Rate limit exceeded; see Retry-After", 429),
                         "500": _error_response("Configuration or internal error", 500),
-                        "503": _error_response("DynamoDB or SQS unavailable; retry", 503),
+                        "503": _error_response("DynamoDB or SQS unavailable or over the request deadline; retry", 503),
                     },
                 },
                 "options": {"summary": "CORS preflight", "responses": {"200": {"description": "CORS headers"}}},
