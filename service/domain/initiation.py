@@ -2,13 +2,16 @@
 
 Talks only to ports. The queue-and-record step runs shielded, so a cancelled
 request can never leave a message queued without its idempotency record settled.
+
+A repeat of a request_id that is still being queued waits for it (bounded by
+`duplicate_wait_s`, polling the ledger) and answers as it does; a repeat whose body
+differs from the first is refused (the state table is in `service.domain.request_claim`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -24,12 +27,28 @@ from service.domain.request_claim import (
     ClaimVerdict,
     RequestRecord,
     RequestState,
+    body_fingerprint,
+    decide,
     request_key,
-    verdict_for_existing,
 )
 from service.domain.timefmt import utc_iso
 
 log = structlog.get_logger(__name__)
+
+# Polling a request_id another attempt is queueing: 25 ms, doubling, at most 200 ms apart.
+POLL_FIRST_S = 0.025
+POLL_MAX_S = 0.2
+# Retry-After of a 409 REQUEST_IN_PROGRESS: the retry itself waits `duplicate_wait_s` again,
+# so a short hint suffices (the lease length would tell callers to idle for 30 s).
+IN_PROGRESS_RETRY_AFTER_S = 1
+
+
+def poll_delays(first_s: float = POLL_FIRST_S, max_s: float = POLL_MAX_S) -> Iterator[float]:
+    """The pauses between ledger polls: `first_s`, doubling, capped at `max_s`, forever."""
+    delay = first_s
+    while True:
+        yield delay
+        delay = min(delay * 2, max_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +75,16 @@ class ConversationInitiator:
         router_version: str,
         lease_s: int,
         clock: Callable[[], float],
+        duplicate_wait_s: float = 2.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._ports = ports
         self._queue_urls = queue_urls
         self._router_version = router_version
         self._lease_s = lease_s
         self._clock = clock
+        self._duplicate_wait_s = duplicate_wait_s
+        self._sleep = sleep
 
     async def initiate(self, request: InitiateRequest, trace_id: str) -> InitiateOutcome:
         company = await self._checked_company(request)
@@ -75,13 +98,9 @@ class ConversationInitiator:
             request.company_id, request.project_id, request.request_id, request.channel, sender
         )
         key = request_key(request.company_id, request.project_id, request.request_id)
-        now = self._clock()
-        claim = RequestRecord(key, RequestState.IN_PROGRESS, conversation_id, now + self._lease_s)
-        refusal = await self._ports.ledger.claim(claim, now)
-        if refusal is not None:
-            repeat = self._answer_repeat(refusal, now)
-            if repeat is not None:
-                return repeat
+        repeat = await self._claim_or_follow(key, conversation_id, body_fingerprint(request.body))
+        if repeat is not None:
+            return repeat
         return await asyncio.shield(self._queue(request, company, conversation_id, key, queue_url, trace_id))
 
     async def _checked_company(self, request: InitiateRequest) -> CompanyRecord:
@@ -106,18 +125,46 @@ class ConversationInitiator:
             raise ApiError(ErrorCode.CHANNEL_NOT_ALLOWED, f"channel {request.channel} is not allowed for this project")
         return company
 
-    def _answer_repeat(self, refusal: RequestRecord, now: float) -> InitiateOutcome | None:
-        verdict = verdict_for_existing(refusal, now)
-        if verdict is ClaimVerdict.ALREADY_QUEUED:
-            return InitiateOutcome(refusal.conversation_id, refusal.queue_timestamp or "", enqueued=False)
-        if verdict is ClaimVerdict.IN_PROGRESS_ELSEWHERE:
-            wait = max(1, math.ceil(refusal.lease_expires_at - now))
-            raise ApiError(
-                ErrorCode.REQUEST_IN_PROGRESS,
-                "a request with this request_id is already being queued; retry shortly",
-                retry_after_s=wait,
-            )
-        return None
+    async def _claim_or_follow(self, key: str, conversation_id: str, body_hash: str) -> InitiateOutcome | None:
+        """Claim the request_id (None: it is ours, go and queue), or the answer a repeat of it gets.
+
+        A claim refused by a live claim for the same body waits for that attempt, polling
+        the ledger (consistent reads) until it completes (answer as it did), goes away or
+        lapses (claim again), or `duplicate_wait_s` has passed (409 with a short Retry-After).
+        """
+        now = self._clock()
+        deadline = now + self._duplicate_wait_s
+        delays = poll_delays()
+        record: RequestRecord | None = None
+        verdict = ClaimVerdict.CLAIMED
+        while True:
+            if verdict is ClaimVerdict.CLAIMED:
+                claim = RequestRecord(
+                    key, RequestState.IN_PROGRESS, conversation_id, now + self._lease_s, body_hash=body_hash
+                )
+                record = await self._ports.ledger.claim(claim, now)
+                if record is None:
+                    return None
+                # Refused: follow the record that refused. Even one `decide` calls claimable (a lease
+                # lapsing this very second) is polled before the next claim: no loop of writes.
+                verdict = decide(record, now=now, body_hash=body_hash)
+            if verdict is ClaimVerdict.KEY_REUSED:
+                raise ApiError(
+                    ErrorCode.IDEMPOTENCY_KEY_REUSED, "this request_id was already used with a different request body"
+                )
+            if verdict is ClaimVerdict.ALREADY_QUEUED:
+                assert record is not None  # decide() answers ALREADY_QUEUED only for a record
+                return InitiateOutcome(record.conversation_id, record.queue_timestamp or "", enqueued=False)
+            if now >= deadline:
+                raise ApiError(
+                    ErrorCode.REQUEST_IN_PROGRESS,
+                    "a request with this request_id is still being queued; retry shortly",
+                    retry_after_s=IN_PROGRESS_RETRY_AFTER_S,
+                )
+            await self._sleep(min(next(delays), deadline - now))
+            now = self._clock()
+            record = await self._ports.ledger.read(key)
+            verdict = decide(record, now=now, body_hash=body_hash)
 
     async def _queue(
         self,

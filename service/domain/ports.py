@@ -36,7 +36,15 @@ class OptOutRegistry(Protocol):
 
 class RequestLedger(Protocol):
     async def claim(self, record: RequestRecord, now: float) -> RequestRecord | None:
-        """Write `record` if no live claim exists; return None on success, else the record that refused it."""
+        """Write `record` if the request_id is free; return None on success, else the record that refused it.
+
+        Free: no record, or an IN_PROGRESS one whose lease ran out before `now` and whose
+        body hash is the claim's (or was never stored). One conditional write.
+        """
+        ...
+
+    async def read(self, key: str) -> RequestRecord | None:
+        """The record for `key` as of now (a strongly consistent read), or None if there is none."""
         ...
 
     async def complete(self, key: str, queue_timestamp: str) -> None: ...

@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 
 # Absent, or an IN_PROGRESS claim whose lease has run out (its holder crashed).
 CLAIMABLE = "attribute_not_exists(idempotency_key) OR (request_state = :in_progress AND lease_expires_at < :now)"
+# ...and, for a claim that carries a body hash, only a lapsed claim for the same body (or one
+# written before hashes were stored): another body is refused, and the domain answers 422.
+CLAIMABLE_FOR_BODY = (
+    "attribute_not_exists(idempotency_key) OR (request_state = :in_progress AND lease_expires_at < :now"
+    " AND (attribute_not_exists(body_hash) OR body_hash = :body_hash))"
+)
 
 
 def _record(data: dict[str, Any]) -> RequestRecord:
@@ -27,6 +33,7 @@ def _record(data: dict[str, Any]) -> RequestRecord:
         conversation_id=data["conversation_id"],
         lease_expires_at=float(data.get("lease_expires_at", 0)),
         queue_timestamp=data.get("queue_timestamp"),
+        body_hash=data.get("body_hash"),
     )
 
 
@@ -44,25 +51,31 @@ class DynamoRequestLedger:
             "lease_expires_at": int(record.lease_expires_at),
             "expires_at": int(now) + self._ttl_s,
         }
+        values = {
+            ":in_progress": to_attribute(RequestState.IN_PROGRESS.value),
+            ":now": to_attribute(int(now)),
+        }
+        condition = CLAIMABLE
+        if record.body_hash is not None:
+            item["body_hash"] = record.body_hash
+            values[":body_hash"] = to_attribute(record.body_hash)
+            condition = CLAIMABLE_FOR_BODY
         try:
             await self._dynamodb.put_item(
                 TableName=self._table,
                 Item=to_item(item),
-                ConditionExpression=CLAIMABLE,
-                ExpressionAttributeValues={
-                    ":in_progress": to_attribute(RequestState.IN_PROGRESS.value),
-                    ":now": to_attribute(int(now)),
-                },
+                ConditionExpression=condition,
+                ExpressionAttributeValues=values,
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except AWS_FAILURES as exc:
             if is_conditional_check_failure(exc):
                 old = getattr(exc, "response", {}).get("Item")
-                return _record(from_item(old)) if old else await self._read(record.key)
+                return _record(from_item(old)) if old else await self.read(record.key)
             raise unavailable("dynamodb", "PutItem", exc) from exc
         return None
 
-    async def _read(self, key: str) -> RequestRecord | None:
+    async def read(self, key: str) -> RequestRecord | None:
         try:
             answer = await self._dynamodb.get_item(
                 TableName=self._table, Key={"idempotency_key": to_attribute(key)}, ConsistentRead=True
