@@ -113,6 +113,13 @@ class Settings(BaseSettings):
             raise ValueError("aws_read_timeout_s must exceed the 20 s SQS long-poll wait")
         return self
 
+    @model_validator(mode="after")
+    def _duplicate_wait_within_deadline(self) -> Settings:
+        # A waiting duplicate must be able to answer 409 itself before the request deadline answers 503.
+        if self.duplicate_wait_s >= self.request_deadline_s:
+            raise ValueError("duplicate_wait_s must be shorter than request_deadline_s")
+        return self
+
     def endpoint_url(self, service: str) -> str | None:
         """The endpoint for one AWS service: its own override, else the shared one, else AWS's."""
         own: str | None = getattr(self, f"{service}_endpoint_url", None)
