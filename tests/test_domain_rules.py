@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from service.domain.access import rate_limit_for
 from service.domain.api_keys import issue_key, parse_key, secret_matches
 from service.domain.company import CompanyRecord, RateLimits
 from service.domain.conversation import conversation_id
-from service.domain.initiate import is_iso8601_with_zone
+from service.domain.initiate import is_iso8601_with_zone, is_valid_e164, is_valid_email
 from service.domain.rate_limit import RateLimit, RateLimiter
 from service.domain.request_claim import ClaimVerdict, RequestRecord, RequestState, verdict_for_existing
 from service.domain.timefmt import utc_iso
@@ -102,3 +104,47 @@ def test_iso_timestamp_needs_a_time_and_a_zone():
     assert is_iso8601_with_zone("2025-04-27T05:45:56.123+01:00")
     assert not is_iso8601_with_zone("2025-04-27T05:45:56")
     assert not is_iso8601_with_zone("2025-04-27")
+
+
+# -- address and timestamp shapes: the whole value must match, ASCII digits only, no whitespace or control characters --
+
+VALID_TEL = "+447700900123"
+TEL_VARIANTS = {
+    "trailing newline": VALID_TEL + "\n",
+    "trailing carriage return": VALID_TEL + "\r",
+    "leading space": " " + VALID_TEL,
+    "trailing line separator": VALID_TEL + "\u2028",
+    "fullwidth digits": "+\uff14\uff14\uff17\uff17\uff10\uff10\uff19\uff10\uff10\uff11\uff12\uff13",
+    "arabic-indic digits": "+\u0664\u0664\u0667\u0667\u0660\u0660\u0669\u0660\u0660\u0661\u0662\u0663",
+}
+
+
+def test_e164_check_accepts_a_plain_number():
+    assert is_valid_e164(VALID_TEL)
+
+
+@pytest.mark.parametrize("tel", TEL_VARIANTS.values(), ids=TEL_VARIANTS.keys())
+def test_e164_check_refuses_anything_but_the_whole_ascii_number(tel):
+    assert not is_valid_e164(tel)
+
+
+@pytest.mark.parametrize("suffix", ["\n", "\r", " ", "\u2028"])
+def test_email_check_refuses_trailing_whitespace(suffix):
+    assert is_valid_email("lee@example.com")
+    assert not is_valid_email("lee@example.com" + suffix)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2025-04-27T05:45:56Z\n",
+        "2025-04-27T05:45:56\nZ",
+        "2025-04-27T05:45:56 Z",
+        "2025-04-27T05:45:56\x00Z",
+        "2025-04-27T05:45\x0bZ",
+        "2025-04-27T05:45:56\n+01:00",
+        " 2025-04-27T05:45:56Z",
+    ],
+)
+def test_iso_timestamp_with_whitespace_or_control_characters_is_refused(value):
+    assert not is_iso8601_with_zone(value)

@@ -114,6 +114,102 @@ CASES: list[tuple[str, Any, int, ErrorCode]] = [
     ("consent false", initiate_body(recipient_data={"comms_consent": False}), 422, ErrorCode.CONSENT_REQUIRED),
 ]
 
+# Values are taken as sent, never trimmed: whitespace at either end or a control character anywhere is refused.
+_UUID = "550e8400-e29b-41d4-a716-446655440001"
+UNCLEAN_CASES: list[tuple[str, Any, int, ErrorCode]] = [
+    (
+        "company_id with a trailing newline",
+        initiate_body(company_data={"company_id": "ci-demo-001\n"}),
+        400,
+        ErrorCode.INVALID_REQUEST,
+    ),
+    (
+        "project_id with a leading space",
+        initiate_body(company_data={"project_id": " pi-demo-001"}),
+        400,
+        ErrorCode.INVALID_REQUEST,
+    ),
+    (
+        "company_id with a control character inside",
+        initiate_body(company_data={"company_id": "ci-demo\x00-001"}),
+        400,
+        ErrorCode.INVALID_REQUEST,
+    ),
+    ("company_id only spaces", initiate_body(company_data={"company_id": "   "}), 400, ErrorCode.MISSING_IDENTIFIERS),
+    (
+        "request_id with a trailing newline",
+        initiate_body(request_data={"request_id": _UUID + "\n"}),
+        400,
+        ErrorCode.INVALID_REQUEST_ID,
+    ),
+    (
+        "channel with surrounding spaces",
+        initiate_body(request_data={"channel_method": " whatsapp "}),
+        400,
+        ErrorCode.UNSUPPORTED_CHANNEL,
+    ),
+    (
+        "channel with a trailing newline",
+        initiate_body(request_data={"channel_method": "sms\n"}),
+        400,
+        ErrorCode.UNSUPPORTED_CHANNEL,
+    ),
+    (
+        "timestamp with a trailing newline",
+        initiate_body(request_data={"initial_request_timestamp": "2025-04-27T05:45:56Z\n"}),
+        400,
+        ErrorCode.INVALID_TIMESTAMP,
+    ),
+    (
+        "timestamp with a newline before its zone",
+        initiate_body(request_data={"initial_request_timestamp": "2025-04-27T05:45:56\nZ"}),
+        400,
+        ErrorCode.INVALID_TIMESTAMP,
+    ),
+    (
+        "timestamp with a space before its zone",
+        initiate_body(request_data={"initial_request_timestamp": "2025-04-27T05:45:56 Z"}),
+        400,
+        ErrorCode.INVALID_TIMESTAMP,
+    ),
+    (
+        "whatsapp tel with a trailing newline",
+        initiate_body(recipient_data={"recipient_tel": "+447700900123\n"}),
+        400,
+        ErrorCode.INVALID_RECIPIENT_TEL,
+    ),
+    (
+        "sms tel with a leading space",
+        initiate_body("sms", recipient_data={"recipient_tel": " +447700900123"}),
+        400,
+        ErrorCode.INVALID_RECIPIENT_TEL,
+    ),
+    (
+        "whatsapp tel in arabic-indic digits",
+        initiate_body(recipient_data={"recipient_tel": "+\u0664\u0664\u0667\u0667\u0660\u0660\u0669\u0660\u0660"}),
+        400,
+        ErrorCode.INVALID_RECIPIENT_TEL,
+    ),
+    (
+        "email address with a trailing newline",
+        initiate_body("email", recipient_data={"recipient_email": "lee@example.com\n"}),
+        400,
+        ErrorCode.INVALID_RECIPIENT_EMAIL,
+    ),
+    (
+        "email request with a tel that is not E.164",
+        initiate_body("email", recipient_data={"recipient_tel": "+447700900123\r"}),
+        400,
+        ErrorCode.INVALID_RECIPIENT_TEL,
+    ),
+    (
+        "sms request with an email that is not valid",
+        initiate_body("sms", recipient_data={"recipient_email": " lee@example.com"}),
+        400,
+        ErrorCode.INVALID_RECIPIENT_EMAIL,
+    ),
+]
+
 
 @pytest.mark.parametrize(("case", "body", "status", "code"), CASES, ids=[c[0] for c in CASES])
 async def test_invalid_body_is_refused_with_its_error_code(api, tenant, case, body, status, code):
@@ -122,6 +218,21 @@ async def test_invalid_body_is_refused_with_its_error_code(api, tenant, case, bo
     assert (response.status, payload["error_code"]) == (status, code.value)
     assert payload["status"] == "error"
     assert payload["message"]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "code"), UNCLEAN_CASES, ids=[c[0] for c in UNCLEAN_CASES])
+async def test_value_with_surrounding_whitespace_or_control_characters_is_refused(
+    api, tenant, case, body, status, code
+):
+    response = await api.post("/initiate-conversation", json=body, headers={"x-api-key": tenant.api_key})
+    payload = await response.json()
+    assert (response.status, payload["error_code"]) == (status, code.value)
+
+
+async def test_email_request_without_a_tel_is_accepted(api, tenant):
+    body = initiate_body("email", recipient_data={"recipient_tel": None})
+    response = await api.post("/initiate-conversation", json=body, headers={"x-api-key": tenant.api_key})
+    assert response.status == 200
 
 
 async def test_body_that_is_not_json_is_an_invalid_request(api, tenant):

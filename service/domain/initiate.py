@@ -2,11 +2,39 @@
 
 `validate_initiate_body` turns untrusted JSON into an `InitiateRequest` or raises
 `ApiError` with the code of the first rule broken. Pure: no I/O, no clock.
+
+Values are taken exactly as sent, never normalised (trimmed, re-cased, re-digited):
+a value that carries whitespace at either end or a control character anywhere is
+refused, because the raw string is what keys the opt-out list, the idempotency
+claim and the conversation id, and what a provider is given to send to.
+- request_id -> INVALID_REQUEST_ID, recipient_tel -> INVALID_RECIPIENT_TEL,
+  recipient_email -> INVALID_RECIPIENT_EMAIL, initial_request_timestamp ->
+  INVALID_TIMESTAMP, channel_method (e.g. " whatsapp ") -> UNSUPPORTED_CHANNEL;
+  channel_method stays case-insensitive as SPEC says ("WhatsApp" -> "whatsapp").
+- company_id / project_id -> INVALID_REQUEST (missing or blank stays MISSING_IDENTIFIERS).
+- Every pattern must match the whole string (`fullmatch`: `$` would also match
+  before a trailing newline) and uses ASCII classes (`[0-9]`, never `\\d`, which
+  also accepts Arabic-Indic or fullwidth digits).
+- A recipient address given for the other kind of channel (a tel on an email
+  request, an email on a whatsapp/sms one) is optional but, when given, must be
+  valid too: it is stored with the conversation.
+- "Control character" means Unicode categories Cc (C0, DEL, C1 such as U+0085),
+  Cf (format: zero-width and bidi controls), Zl/Zp (U+2028/U+2029) and Cs.
+
+Nesting: project_data may be at most MAX_PROJECT_DATA_DEPTH levels deep (a flat
+object is 1; lists count as levels) -> else INVALID_PROJECT_DATA; every other
+top-level value likewise -> else INVALID_REQUEST. The conversation record keeps
+project_data one level below a DynamoDB item (limit 32 levels), and the queue
+serialiser refuses past ~254. The check is iterative and stops at the first
+level past the limit, and runs right after the section type checks, before
+anything reads inside a nested value.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,15 +42,22 @@ from typing import Any
 from service.domain.errors import ApiError, ErrorCode
 
 SUPPORTED_CHANNELS = ("whatsapp", "sms", "email")
+MAX_PROJECT_DATA_DEPTH = 16
+# Every other top-level part of the body is held to the same depth.
+MAX_SECTION_DEPTH = MAX_PROJECT_DATA_DEPTH
 
+# The exported patterns are JSON Schema (ECMA-262) patterns for the OpenAPI document, where `$` is the end of
+# the string. Python's `$` also matches before a trailing newline, so here they are only ever used with fullmatch.
 UUID4_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 E164_PATTERN = r"^\+[1-9][0-9]{7,14}$"
-_UUID4 = re.compile(UUID4_PATTERN)
-_E164 = re.compile(E164_PATTERN)
+_UUID4 = re.compile(UUID4_PATTERN, re.ASCII)
+_E164 = re.compile(E164_PATTERN, re.ASCII)
 _EMAIL = re.compile(
-    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+    r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+",
+    re.ASCII,
 )
+_CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,20 +92,53 @@ def payload_request_id(body: object) -> str | None:
     return None
 
 
+def has_control_characters(value: str) -> bool:
+    """True if any character is a control, format or line/paragraph separator character."""
+    return any(unicodedata.category(char) in _CONTROL_CATEGORIES for char in value)
+
+
+def is_clean_text(value: str) -> bool:
+    """No whitespace at either end and no control character anywhere: a value usable exactly as sent."""
+    return value == value.strip() and not has_control_characters(value)
+
+
 def is_valid_e164(value: str) -> bool:
-    return bool(_E164.match(value))
+    return _E164.fullmatch(value) is not None
 
 
 def is_valid_email(value: str) -> bool:
-    return len(value) <= 254 and bool(_EMAIL.match(value))
+    return len(value) <= 254 and _EMAIL.fullmatch(value) is not None
 
 
 def is_iso8601_with_zone(value: str) -> bool:
+    # fromisoformat skips one arbitrary character before the zone ("…56\nZ", "…56 Z"): only plain ASCII reaches it.
+    if not value.isascii() or not value.isprintable() or " " in value:
+        return False
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         return False
     return "T" in value.upper() and parsed.tzinfo is not None
+
+
+def _depth_exceeds(value: object, limit: int) -> bool:
+    """True if `value` nests dicts/lists more than `limit` levels (a flat container is 1; a scalar is 0).
+
+    Iterative (no Python recursion), and it never looks inside a container past the
+    limit, so a pathological structure costs at most the part of it within the limit.
+    """
+    if not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[dict[Any, Any] | list[Any], int]] = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        children: Iterable[Any] = current.values() if isinstance(current, dict) else current
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def _section(body: dict[str, Any], name: str, missing: ErrorCode, invalid: ErrorCode) -> dict[str, Any]:
@@ -86,6 +154,11 @@ def _identifier(company_data: dict[str, Any], name: str) -> str:
     value = company_data.get(name)
     if not isinstance(value, str) or not value.strip():
         raise ApiError(ErrorCode.MISSING_IDENTIFIERS, f"company_data.{name} is required and must be a non-empty string")
+    if not is_clean_text(value):
+        raise ApiError(
+            ErrorCode.INVALID_REQUEST,
+            f"company_data.{name} must not contain whitespace at either end or control characters",
+        )
     return value
 
 
@@ -96,6 +169,34 @@ def _request_field(request_data: dict[str, Any], name: str, missing: ErrorCode, 
     if not isinstance(value, str) or not value.strip():
         raise ApiError(invalid, f"request_data.{name} must be a non-empty string")
     return value
+
+
+def _check_tel(tel: object) -> None:
+    if tel is None or tel == "":
+        return
+    if not isinstance(tel, str) or not is_valid_e164(tel):
+        raise ApiError(ErrorCode.INVALID_RECIPIENT_TEL, "recipient_tel must be E.164: '+' then 8 to 15 digits")
+
+
+def _check_email(email: object) -> None:
+    if email is None or email == "":
+        return
+    if not isinstance(email, str) or not is_valid_email(email):
+        raise ApiError(ErrorCode.INVALID_RECIPIENT_EMAIL, "recipient_email is not a valid email address")
+
+
+def _check_nesting(body: dict[str, Any], project_data: dict[str, Any]) -> None:
+    """Refuse nesting the stores and the serialiser cannot take, before anything reads inside it."""
+    if _depth_exceeds(project_data, MAX_PROJECT_DATA_DEPTH):
+        raise ApiError(
+            ErrorCode.INVALID_PROJECT_DATA,
+            f"'project_data' must not be nested more than {MAX_PROJECT_DATA_DEPTH} levels deep",
+        )
+    for name, value in body.items():
+        if name != "project_data" and _depth_exceeds(value, MAX_SECTION_DEPTH):
+            raise ApiError(
+                ErrorCode.INVALID_REQUEST, f"'{name}' must not be nested more than {MAX_SECTION_DEPTH} levels deep"
+            )
 
 
 def validate_identifiers(body: object) -> tuple[str, str]:
@@ -119,6 +220,7 @@ def validate_initiate_body(body: object) -> InitiateRequest:
         project_data = {}
     if not isinstance(project_data, dict):
         raise ApiError(ErrorCode.INVALID_PROJECT_DATA_TYPE, "'project_data' must be a JSON object")
+    _check_nesting(body, project_data)
 
     request_id = _request_field(
         request, "request_id", ErrorCode.MISSING_REQUEST_ID, ErrorCode.INVALID_REQUEST_ID_FORMAT
@@ -132,9 +234,10 @@ def validate_initiate_body(body: object) -> InitiateRequest:
         ErrorCode.MISSING_INITIAL_REQUEST_TIMESTAMP,
         ErrorCode.INVALID_INITIAL_REQUEST_TIMESTAMP_FORMAT,
     )
-    if not _UUID4.match(request_id):
+    if _UUID4.fullmatch(request_id) is None:
         raise ApiError(ErrorCode.INVALID_REQUEST_ID, "request_id must be a lowercase hyphenated UUID v4")
-    channel = channel_raw.strip().lower()
+    # ASCII only before lowering: no lookalike letter may fold into a supported name.
+    channel = channel_raw.lower() if channel_raw.isascii() else channel_raw
     if channel not in SUPPORTED_CHANNELS:
         raise ApiError(ErrorCode.UNSUPPORTED_CHANNEL, f"channel_method must be one of {', '.join(SUPPORTED_CHANNELS)}")
     if not is_iso8601_with_zone(timestamp):
@@ -142,16 +245,17 @@ def validate_initiate_body(body: object) -> InitiateRequest:
 
     tel = recipient.get("recipient_tel")
     email = recipient.get("recipient_email")
-    if channel in ("whatsapp", "sms"):
-        if tel is None or tel == "":
-            raise ApiError(ErrorCode.MISSING_RECIPIENT_TEL, f"recipient_data.recipient_tel is required for {channel}")
-        if not isinstance(tel, str) or not is_valid_e164(tel):
-            raise ApiError(ErrorCode.INVALID_RECIPIENT_TEL, "recipient_tel must be E.164: '+' then 8 to 15 digits")
+    if channel in ("whatsapp", "sms") and (tel is None or tel == ""):
+        raise ApiError(ErrorCode.MISSING_RECIPIENT_TEL, f"recipient_data.recipient_tel is required for {channel}")
+    if channel == "email" and (email is None or email == ""):
+        raise ApiError(ErrorCode.MISSING_RECIPIENT_EMAIL, "recipient_data.recipient_email is required for email")
+    # The channel's own address first; the other one is optional but must be valid when given.
+    if channel == "email":
+        _check_email(email)
+        _check_tel(tel)
     else:
-        if email is None or email == "":
-            raise ApiError(ErrorCode.MISSING_RECIPIENT_EMAIL, "recipient_data.recipient_email is required for email")
-        if not isinstance(email, str) or not is_valid_email(email):
-            raise ApiError(ErrorCode.INVALID_RECIPIENT_EMAIL, "recipient_email is not a valid email address")
+        _check_tel(tel)
+        _check_email(email)
 
     if "comms_consent" not in recipient or recipient["comms_consent"] is None:
         raise ApiError(ErrorCode.MISSING_COMMS_CONSENT, "recipient_data.comms_consent is required")
