@@ -15,7 +15,15 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
-_SECRET_KEY = re.compile(r"(api[_-]?key|auth[_-]?token|token|secret|password|authorization|signature)", re.I)
+# A key names a secret when its last word is one of these (auth_token, client_secret, X-Twilio-Signature),
+# or its last two words are one of the pairs (x_api_key, apiKey, aws_secret_access_key). So `prompt_tokens`
+# (a count), `whatsapp_credentials_id` and `api_key_reference` (references to secrets) are kept.
+_SECRET_WORDS = frozenset(
+    {"token", "secret", "password", "passwd", "passphrase", "authorization", "signature", "cookie", "apikey"}
+)
+_SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key")})
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+_NON_WORD = re.compile(r"[^a-z0-9]+")
 _PHONE = re.compile(r"(?<![\w-])\+?\d{8,15}(?![\w-])")
 _EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
 REDACTED = "[REDACTED]"
@@ -30,9 +38,16 @@ def mask_text(text: str) -> str:
     return _EMAIL.sub(r"\1***@\2", _PHONE.sub(mask_phone, text))
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether a field or header of this name carries a secret, whatever its spelling (snake, kebab, camel)."""
+    words = [word for word in _NON_WORD.split(_CAMEL.sub(r"\1_\2", key).lower()) if word]
+    return bool(words) and (words[-1] in _SECRET_WORDS or tuple(words[-2:]) in _SECRET_PAIRS)
+
+
 def _redact(value: Any, key: str = "") -> Any:
-    if key and _SECRET_KEY.search(key) and not key.endswith(("_id", "_ref", "_reference", "_sid_ref")):
-        return REDACTED if value not in (None, "") else value
+    # Numbers and booleans are never secrets (a flag like has_api_key, a count); empty values reveal nothing.
+    if key and is_secret_key(key) and value not in (None, "") and not isinstance(value, bool | int | float):
+        return REDACTED
     if isinstance(value, str):
         return mask_text(value)
     if isinstance(value, dict):

@@ -14,7 +14,7 @@ from typing import Literal
 import structlog
 from aiohttp import web
 
-from service.api.app import create_app
+from service.api.app import create_app, make_runner
 from service.bootstrap import Dependencies, build
 from service.config import Settings
 
@@ -29,7 +29,7 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
 
 async def start_http(deps: Dependencies) -> web.AppRunner:
-    runner = web.AppRunner(create_app(deps), access_log=None, handle_signals=False, shutdown_timeout=5.0)
+    runner = make_runner(create_app(deps))
     await runner.setup()
     site = web.TCPSite(runner, deps.settings.host, deps.settings.port, backlog=2048, reuse_address=True)
     await site.start()

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from service.config import Settings
 from service.domain.errors import ErrorCode
 from service.local.moto_server import free_port
+from service.local.seed import DemoTenant
 from tests.conftest import initiate_body
 from tests.support import api_client
 
 
-async def test_healthz_answers_ok(api):
+async def test_healthz_answers_ok(api: TestClient[Any, Any]) -> None:
     response = await api.get("/healthz")
     assert (response.status, await response.json()) == (200, {"status": "ok"})
 
 
-async def test_readyz_is_ready_when_aws_answers(api):
+async def test_readyz_is_ready_when_aws_answers(api: TestClient[Any, Any]) -> None:
     response = await api.get("/readyz")
     assert (response.status, (await response.json())["status"]) == (200, "ready")
 
 
-async def test_readyz_is_not_ready_when_dynamodb_is_unreachable(settings):
+async def test_readyz_is_not_ready_when_dynamodb_is_unreachable(settings: Settings) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     async with api_client(settings, dynamodb_endpoint_url=dead, aws_max_attempts=1) as (client, _):
         response = await client.get("/readyz")
@@ -27,7 +33,7 @@ async def test_readyz_is_not_ready_when_dynamodb_is_unreachable(settings):
     assert any(problem.startswith("dynamodb") for problem in answer["problems"])
 
 
-async def test_readyz_is_not_ready_while_draining(settings):
+async def test_readyz_is_not_ready_while_draining(settings: Settings) -> None:
     async with api_client(settings) as (client, deps):
         deps.readiness.draining = True
         response = await client.get("/readyz")
@@ -36,14 +42,16 @@ async def test_readyz_is_not_ready_while_draining(settings):
     assert "draining" in answer["problems"]
 
 
-async def test_readyz_is_not_ready_when_expected_consumers_are_not_running(settings):
+async def test_readyz_is_not_ready_when_expected_consumers_are_not_running(settings: Settings) -> None:
     async with api_client(settings) as (client, deps):
         deps.readiness.expects_consumers = True
         answer = await (await client.get("/readyz")).json()
     assert "consumers not running" in answer["problems"]
 
 
-async def test_metrics_count_requests_by_route_and_status_and_queue_sends(api, tenant):
+async def test_metrics_count_requests_by_route_and_status_and_queue_sends(
+    api: TestClient[Any, Any], tenant: DemoTenant
+) -> None:
     await api.post("/initiate-conversation", json=initiate_body("sms"), headers={"x-api-key": tenant.api_key})
     text = await (await api.get("/metrics")).text()
     assert 'comms_http_requests_total{route="/initiate-conversation",status="200"}' in text
@@ -51,7 +59,7 @@ async def test_metrics_count_requests_by_route_and_status_and_queue_sends(api, t
     assert 'comms_queue_sends_total{channel="sms",outcome="queued"}' in text
 
 
-async def test_openapi_documents_every_error_code_of_the_endpoint(api):
+async def test_openapi_documents_every_error_code_of_the_endpoint(api: TestClient[Any, Any]) -> None:
     document = await (await api.get("/openapi.json")).json()
     responses = document["paths"]["/initiate-conversation"]["post"]["responses"]
     documented = set(document["components"]["schemas"]["ErrorBody"]["properties"]["error_code"]["enum"])

@@ -1,24 +1,34 @@
-"""The aiohttp application: routes, middlewares and hooks over already-wired dependencies."""
+"""The aiohttp application (routes, middlewares and hooks over already-wired dependencies) and the
+runner that serves it, whose HTTP protocol answers even unparseable requests with the SPEC §2 body."""
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
+import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from service import __version__
 from service.api.health import healthz, metrics, readyz
 from service.api.initiate_handler import initiate_conversation
-from service.api.middleware import add_cors_headers, errors_as_json, request_context
+from service.api.middleware import add_cors_headers, errors_as_json, request_context, request_deadline
 from service.api.openapi import openapi_document
-from service.api.responses import json_response
+from service.api.responses import cors_headers, http_error_response, json_response
 from service.api.state import DEPS
 from service.api.webhooks import twilio_inbound, twilio_status
 from service.bootstrap import Dependencies
+
+log = structlog.get_logger("service.api")
 
 
 def create_app(deps: Dependencies) -> web.Application:
     # client_max_size is a backstop; the initiate handler enforces the 64 KiB contract itself.
     app = web.Application(
-        middlewares=[request_context, errors_as_json],
+        middlewares=[request_context, errors_as_json, request_deadline],
         client_max_size=deps.settings.max_body_bytes * 4,
     )
     app[DEPS] = deps
@@ -36,3 +46,65 @@ def create_app(deps: Dependencies) -> web.Application:
     app.router.add_get("/openapi.json", openapi)
     app.on_response_prepare.append(add_cors_headers)
     return app
+
+
+class JsonErrorRequestHandler(RequestHandler):
+    """aiohttp's HTTP/1.1 protocol, except that what it refuses by itself, before any middleware runs
+    (a malformed request, a request line or header over the limit), is answered with the SPEC §2 JSON
+    error body and the CORS headers instead of aiohttp's plain text, which echoes the offending bytes."""
+
+    __slots__ = ("_error_headers",)
+
+    def __init__(self, manager: web.Server, *, error_headers: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._error_headers = error_headers
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, LineTooLong):
+            status = 431  # the parser reports every refusal as 400
+        if status >= 500:
+            log.error("unhandled_error", status=status, error=type(exc).__name__, exc_info=exc)
+        else:
+            # The error's text quotes the request (headers may carry secrets): log its kind only.
+            log.info("malformed_http_request", status=status, error=type(exc).__name__)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response is already on its way; cannot send an error instead")
+        response = http_error_response(status, str(uuid.uuid4()), self._error_headers)
+        response.force_close()
+        return response
+
+
+class JsonErrorServer(web.Server):
+    """`web.Server` whose connections are `JsonErrorRequestHandler`s."""
+
+    def __init__(self, handler: Any, *, error_headers: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.error_headers = error_headers
+
+    def __call__(self) -> RequestHandler:
+        return JsonErrorRequestHandler(self, loop=self._loop, error_headers=self.error_headers, **self._kwargs)
+
+
+class ServiceRunner(web.AppRunner):
+    """`web.AppRunner` serving the app through a `JsonErrorServer`."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()  # app start-up, then aiohttp's own server for the app
+        return JsonErrorServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            error_headers=cors_headers(self.app[DEPS].settings.cors_allow_origin),
+            **plain._kwargs,
+        )
+
+
+def make_runner(app: web.Application, *, shutdown_timeout: float = 5.0) -> web.AppRunner:
+    """The runner the service (service/runner.py) and the tests serve `app` with."""
+    return ServiceRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)

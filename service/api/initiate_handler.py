@@ -19,14 +19,20 @@ ACCEPTED_MESSAGE = "Request accepted and queued for processing"
 
 
 async def read_limited_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, or 413 PAYLOAD_TOO_LARGE as soon as it is known to exceed `limit`."""
+    """The whole raw body, however framed and segmented, or 413 PAYLOAD_TOO_LARGE as soon as it is
+    known to exceed `limit` (from Content-Length, or once more than `limit` bytes have arrived)."""
     too_large = ApiError(ErrorCode.PAYLOAD_TOO_LARGE, f"request body exceeds {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise too_large
-    return body
+    # One read answers with what is buffered, not the whole body: read until EOF.
+    parts: list[bytes] = []
+    received = 0
+    while chunk := await request.content.readany():
+        received += len(chunk)
+        if received > limit:
+            raise too_large
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def parse_json(raw: bytes) -> Any:

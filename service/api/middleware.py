@@ -6,6 +6,7 @@ is the one place that turns any exception into the SPEC §2 error body.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -13,15 +14,14 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from service.api.responses import error_response
+from service.api.responses import cors_headers, error_response, http_error_response
 from service.api.state import DEPS, PAYLOAD_REQUEST_ID, REQUEST_ID, TRACE_ID
 from service.domain.errors import ApiError, DependencyUnavailable, ErrorCode, InvalidStoredRecord
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = structlog.get_logger("service.api")
-
-CORS_METHODS = "OPTIONS,POST"
-CORS_HEADERS = "Content-Type,X-Amz-Date,Authorization,X-Api-Key,X-Amz-Security-Token"
+# What a caller is told to wait after a deadline or a dependency failure.
+RETRY_AFTER_S = 5
 
 
 def _trace_id(request: web.Request) -> str:
@@ -73,7 +73,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         code, message, retry = exc.code, exc.message, exc.retry_after_s
     except DependencyUnavailable as exc:
         code = ErrorCode.QUEUE_ERROR if exc.service == "sqs" else ErrorCode.DATABASE_ERROR
-        message, retry = f"{exc.service} is unavailable; retry later", 5
+        message, retry = f"{exc.service} is unavailable; retry later", RETRY_AFTER_S
         log.warning("dependency_unavailable", service=exc.service, operation=exc.operation, detail=exc.detail)
     except InvalidStoredRecord as exc:
         code, message, retry = ErrorCode.CONFIGURATION_ERROR, "the project's stored configuration is invalid", None
@@ -81,10 +81,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = ErrorCode.METHOD_NOT_ALLOWED if exc.status == 405 else ErrorCode.NOT_FOUND
-        message, retry = exc.reason, None
-        response = error_response(code, message, _error_request_id(request), status=exc.status)
-        return response
+        # 405 keeps its Allow header; nothing else of aiohttp's answer (its text may echo the request).
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return http_error_response(exc.status, _error_request_id(request), allow)
     except Exception:
         log.exception("unhandled_error")
         code, message, retry = ErrorCode.INTERNAL_ERROR, "internal error", None
@@ -92,8 +91,39 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     return error_response(code, message, _error_request_id(request), retry_after_s=retry)
 
 
+def _has_deadline(request: web.Request) -> bool:
+    """The caller-facing paths that touch AWS. Not /healthz, /metrics; /readyz bounds its own probe."""
+    resource = request.match_info.route.resource
+    path = resource.canonical if resource else ""
+    return path == "/initiate-conversation" or path.startswith("/webhooks/twilio/")
+
+
+@web.middleware
+async def request_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer 503 SERVICE_UNAVAILABLE (with Retry-After) when the request outlives its deadline.
+
+    The AWS clients' own timeouts suit the consumers' long polls, not a caller waiting (Twilio gives up
+    after 15 s): the handler is cancelled at the deadline. Work it had started stops where it was; the
+    initiate use case tolerates that (a request claim left in progress lapses with its lease).
+    """
+    if not _has_deadline(request):
+        return await handler(request)
+    deadline_s = request.app[DEPS].settings.request_deadline_s
+    timer = asyncio.timeout(deadline_s)
+    try:
+        async with timer:
+            return await handler(request)
+    except TimeoutError as exc:
+        if not timer.expired():
+            raise  # a timeout of the handler's own, not the deadline
+        log.warning("request_deadline_exceeded", deadline_s=deadline_s)
+        raise ApiError(
+            ErrorCode.SERVICE_UNAVAILABLE,
+            "the request could not be completed in time; retry later",
+            retry_after_s=RETRY_AFTER_S,
+        ) from exc
+
+
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare hook: the same CORS headers on every response, errors included."""
-    response.headers["Access-Control-Allow-Origin"] = request.app[DEPS].settings.cors_allow_origin
-    response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
-    response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+    response.headers.update(cors_headers(request.app[DEPS].settings.cors_allow_origin))
