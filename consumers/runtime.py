@@ -2,6 +2,31 @@
 
 Steps, each a method named for it: poll (only for free slots), dispatch (one task per message), heartbeat
 (`consumers.heartbeat`), finish (shielded delete / visibility change / dead-letter) and drain on stop.
+
+Stopping never costs a message a receive it did not use. SQS cannot take back a ReceiveMessage: cancelling
+the call only closes our end, the long poll stays open at SQS until its WaitTimeSeconds and takes whatever
+becomes visible meanwhile (hidden for the full visibility timeout, one more receive counted; two rollouts
+during a slow AI call used to dead-letter healthy messages). So on stop:
+
+- `running` goes False at once and no new poll starts. A poller waiting for a slot or resting after a
+  failed poll has nothing open at SQS and is cancelled at once.
+- An open receive is left to end by itself (within `wait_time_s`); what it brings is handed back at once
+  (visibility 0, never started). In parallel, in-flight work drains within `grace_s`.
+- Work interrupted at stop (reason `shutdown`, visibility 0), and any retry due before the open receive
+  could end, is made visible only once no receive is outstanding (`_no_receive` set). Until then the
+  heartbeat keeps it invisible.
+- The wait is bounded: `wait_time_s + receive_margin_s` from the start of the receive (25 s by default,
+  the AWS read timeout). A receive still open then (a hung connection; a failing one with botocore's
+  retries) is cancelled as a last resort and logged (`receive_abandoned`); a receive that fails ends the
+  poller without the usual rest, so an unreachable SQS never holds stop up beyond that bound.
+- When the drain leaves nothing to make visible (no work in flight, no retry waiting for the poll), there
+  is nothing the open receive could take from us, so it is cancelled then rather than holding stop up for
+  the rest of its wait (an idle worker still stops at once).
+
+What remains is not ours to avoid: a message sent to the queue while the final receive is open is taken by
+it (one receive), and if that receive was left open at idle or abandoned, also hidden for a visibility
+timeout. Stop can take up to `wait_time_s + receive_margin_s` when work was interrupted, longer than a short
+`grace_s`: the process' termination grace must allow for it.
 """
 
 from __future__ import annotations
@@ -53,6 +78,9 @@ class ConsumerConfig(BaseModel):
     retry_cap_s: float = Field(300.0, gt=0, le=MAX_VISIBILITY_S)
     poll_backoff_base_s: float = Field(0.5, gt=0, description="Rest after a failed poll, doubling per failure")
     poll_backoff_cap_s: float = Field(30.0, gt=0)
+    receive_margin_s: float = Field(
+        5.0, ge=0, description="How long past WaitTimeSeconds stop() waits for an open receive before cancelling it"
+    )
     protected_grace_s: float = Field(10.0, ge=0, description="Extra wait at stop for work inside lease.protected()")
     finish_timeout_s: float = Field(30.0, gt=0, description="Longest stop() waits for finishing SQS calls")
     dead_letter_queue_url: str | None = Field(None, description="Default: the queue's RedrivePolicy target")
@@ -115,6 +143,10 @@ class QueueConsumer:
         self._finishing: set[asyncio.Task[None]] = set()
         self._returns: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
+        self._no_receive = asyncio.Event()  # set while no ReceiveMessage of ours is open at SQS
+        self._no_receive.set()
+        self._receive_deadline = 0.0  # monotonic: when the open receive should have ended, margin included
+        self._after_poll_end: set[InFlight] = set()  # finishes waiting for `_no_receive` to make their message visible
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -165,15 +197,20 @@ class QueueConsumer:
         )
 
     async def stop(self, grace_s: float) -> None:
-        """Stop polling at once, drain in-flight work within `grace_s`, return the rest, flush, log the counts."""
+        """Stop polling, drain in-flight work within `grace_s`, return the rest once no receive is open, flush."""
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
         log.info("consumer_stopping", queue=self._queue_name, ongoing=self.ongoing, grace_s=grace_s)
         try:
-            await self.stop_polling()
-            await self.drain(grace_s)
+            polling = asyncio.create_task(self.stop_polling(), name=f"stop-polling:{self._queue_name}")
+            try:
+                await self.drain(grace_s)
+                if not self._in_flight and not self._after_poll_end:
+                    self.cancel_receive("nothing_to_return")
+            finally:
+                await polling
             await self.settle_finishing()
         finally:
             if self._heartbeat_task is not None:
@@ -183,10 +220,34 @@ class QueueConsumer:
             log.info("consumer_stopped", queue=self._queue_name, ongoing=self.ongoing, **asdict(self.counts))
 
     async def stop_polling(self) -> None:
-        """Cancel the poll in progress; anything it still returns goes straight back (visibility 0)."""
-        if self._poller is not None and not self._poller.done():
+        """Start no new poll; let an open receive end by itself, within `wait_time_s + receive_margin_s`.
+
+        A poller with no receive open (waiting for a slot, resting after a failure) is cancelled at once. One
+        whose receive outlives the bound is cancelled as a last resort: SQS may still hold that receive open.
+        """
+        poller = self._poller
+        if poller is None or poller.done():
+            return
+        if self._no_receive.is_set():
+            poller.cancel()
+        else:
+            await asyncio.wait({poller}, timeout=max(0.0, self._receive_deadline - time.monotonic()))
+            if not poller.done():
+                log.warning(
+                    "receive_abandoned",
+                    queue=self._queue_name,
+                    wait_time_s=self._config.wait_time_s,
+                    margin_s=self._config.receive_margin_s,
+                    waiting_to_return=len(self._after_poll_end),
+                )
+                poller.cancel()
+        await asyncio.wait({poller})
+
+    def cancel_receive(self, why: str) -> None:
+        """Cancel our end of an open receive now (SQS keeps its end open until the wait is over)."""
+        if self._poller is not None and not self._poller.done() and not self._no_receive.is_set():
+            log.info("receive_cancelled", queue=self._queue_name, reason=why)
             self._poller.cancel()
-            await asyncio.wait({self._poller})
 
     async def drain(self, grace_s: float) -> None:
         """Wait for in-flight work up to `grace_s`; cancel what is unprotected, give protected work a bounded while."""
@@ -242,6 +303,9 @@ class QueueConsumer:
         backoff = PollBackoff(self._config.poll_backoff_base_s, self._config.poll_backoff_cap_s)
         while not self._stopping:
             reserved = await self.reserve_slots()
+            if self._stopping:
+                self.release_slots(reserved)
+                return
             received_at = time.monotonic()
             try:
                 messages = await self.receive(reserved)
@@ -250,6 +314,9 @@ class QueueConsumer:
                 raise
             except Exception as exc:
                 self.release_slots(reserved)
+                if self._stopping:
+                    log.warning("poll_failed", queue=self._queue_name, code=error_code(exc) or type(exc).__name__)
+                    return
                 delay = backoff.next_delay_s()
                 log.warning(
                     "poll_failed",
@@ -283,7 +350,12 @@ class QueueConsumer:
             self._slots.release()
 
     async def receive(self, count: int) -> list[MessageTypeDef]:
-        """One long poll for up to `count` messages; if cancelled after SQS answered, the answer goes back."""
+        """One long poll for up to `count` messages; if cancelled after SQS answered, the answer goes back.
+
+        `_no_receive` is clear while the call is open, so stop() can hold back visibility changes until it ends.
+        """
+        self._no_receive.clear()
+        self._receive_deadline = time.monotonic() + self._config.wait_time_s + self._config.receive_margin_s
         request = asyncio.create_task(
             self._sqs.receive_message(
                 QueueUrl=self._queue_url,
@@ -297,9 +369,12 @@ class QueueConsumer:
         try:
             answer = await request
         except asyncio.CancelledError:
+            self._no_receive.set()
             if request.done() and not request.cancelled() and request.exception() is None:
                 self.return_unstarted(request.result().get("Messages", []))
             raise
+        finally:
+            self._no_receive.set()
         return answer.get("Messages", [])
 
     def dispatch(self, raw: MessageTypeDef, received_at: float) -> None:
@@ -345,7 +420,11 @@ class QueueConsumer:
     # -- one message -----------------------------------------------------------------------------------
 
     async def run_message(self, item: InFlight) -> None:
-        """Process, then finish in a shielded step that a cancellation cannot interrupt."""
+        """Process, then finish in a shielded step that a cancellation cannot interrupt.
+
+        The task (and its slot) lasts until the finish is done, except for a finish that waits for the open
+        receive to end at stop: that one is left to `settle_finishing`, so the drain is not held up by it.
+        """
         started = time.perf_counter()
         outcome: Outcome | None = None
         try:
@@ -353,7 +432,9 @@ class QueueConsumer:
         finally:
             if outcome is None:
                 outcome = self.abandoned_outcome(item)
-            await asyncio.shield(self.finish_soon(item, outcome, time.perf_counter() - started))
+            finishing = self.finish_soon(item, outcome, time.perf_counter() - started)
+            if item not in self._after_poll_end:
+                await asyncio.shield(finishing)
 
     async def process(self, item: InFlight) -> Outcome:
         try:
@@ -372,12 +453,28 @@ class QueueConsumer:
     def finish_soon(self, item: InFlight, outcome: Outcome, duration_s: float) -> asyncio.Task[None]:
         """The message's one finishing task (created on first call), tracked so stop() can wait for it."""
         if item.finishing is None:
+            if self.would_be_taken_by_open_receive(item, outcome):
+                self._after_poll_end.add(item)
             item.finishing = asyncio.create_task(
                 self.finish(item, outcome, duration_s), name=f"finish:{self._queue_name}:{item.message.message_id}"
             )
             self._finishing.add(item.finishing)
             item.finishing.add_done_callback(self._finishing.discard)
         return item.finishing
+
+    def would_be_taken_by_open_receive(self, item: InFlight, outcome: Outcome) -> bool:
+        """Stopping, a receive is open, and this finish would make the message visible before it can end.
+
+        Such a receive is never followed by processing (it is handed back at once), so the message would pay
+        a receive for nothing and, if that receive is abandoned, wait out a whole visibility timeout.
+        A retry without a fixed delay uses the backoff, which may be shorter: it waits too.
+        """
+        if not self._stopping or self._no_receive.is_set() or outcome.disposition is not Disposition.RETRY:
+            return False
+        if item.lease.lost.is_set():
+            return False  # nothing will be changed: the message reappears when its visibility lapses
+        delay = outcome.retry_delay_s
+        return delay is None or delay <= self._receive_deadline - time.monotonic()
 
     def _message_ended(self, task: asyncio.Task[None]) -> None:
         item = self._in_flight.pop(task)
@@ -391,7 +488,13 @@ class QueueConsumer:
     async def finish(self, item: InFlight, outcome: Outcome, duration_s: float) -> None:
         """Stop the heartbeat for it, settle it on SQS by disposition, count and log one line."""
         settled: dict[str, Any]
+        waited_for_poll_end = item in self._after_poll_end
         try:
+            if waited_for_poll_end:
+                try:
+                    await self._no_receive.wait()  # the heartbeat keeps it invisible meanwhile
+                finally:
+                    self._after_poll_end.discard(item)
             await self._heartbeat.forget(item)
             if outcome.disposition is Disposition.DONE:
                 settled = await self.delete(item)
@@ -402,6 +505,8 @@ class QueueConsumer:
         except Exception:
             log.error("finish_failed", queue=self._queue_name, message_id=item.message.message_id, exc_info=True)
             settled = {"sqs": "finish_failed"}
+        if waited_for_poll_end:
+            settled["after_poll_end"] = True
         self.record(item, outcome, duration_s, settled)
 
     async def delete(self, item: InFlight) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import orjson
 import pytest
 from botocore.exceptions import EndpointConnectionError
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from consumers.backoff import retry_delay_s
 from consumers.contracts import Lease, Outcome, QueueMessage
@@ -584,3 +585,154 @@ async def test_stop_waits_a_bounded_while_for_protected_work_and_cancels_the_res
     assert sorted(recorder.cancelled) == ["plain", "stuck"]
     assert consumer.counts.returned == 2
     assert sorted(m["Body"] for m in await raw_receive(sqs, queue.url)) == ["plain", "stuck"]
+
+
+# -- stopping while a long poll is open ------------------------------------------------------------------------
+
+
+class ReceivesOutliveCancellation(RecordingSqs):
+    """As on SQS: a receive the consumer cancels stays open at the endpoint and still takes what becomes visible.
+
+    Each call runs on shielded from the consumer's cancellation; `started` yields once per call as it begins,
+    `ended()` waits until every call has ended at the endpoint, `taken` lists every message any call took.
+    """
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.started: asyncio.Queue[None] = asyncio.Queue()
+        self.calls: set[asyncio.Future[Any]] = set()
+        self.taken: list[dict[str, Any]] = []
+
+    async def receive_message(self, **request: Any) -> Any:
+        self.receive_sizes.append(request["MaxNumberOfMessages"])
+        call = asyncio.ensure_future(self._take(request))
+        self.calls.add(call)
+        self.started.put_nowait(None)
+        return await asyncio.shield(call)
+
+    async def _take(self, request: dict[str, Any]) -> Any:
+        answer = await self._inner.receive_message(**request)
+        self.taken.extend(answer.get("Messages", []))
+        return answer
+
+    async def ended(self) -> None:
+        if self.calls:
+            await asyncio.wait(self.calls)
+
+
+def until_cancelled(started: asyncio.Event) -> Callable[[QueueMessage, Lease], Awaitable[Outcome]]:
+    """A slow AI call: signals that it started, then runs until stop() cancels it."""
+
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("never finishes")
+
+    return rule
+
+
+async def slow_message_and_open_poll(sqs, metrics) -> tuple[QueueUnderTest, Recorder, ReceivesOutliveCancellation, Any]:
+    """One message in flight (cancelled only by stop) and the consumer's next long poll open at SQS."""
+    queue = await create_queue(sqs, visibility_s=30)
+    await send(sqs, queue, ["slow"])
+    started = asyncio.Event()
+    recorder = Recorder(until_cancelled(started))
+    client = ReceivesOutliveCancellation(sqs)
+    cfg = config(concurrency=2, visibility_timeout_s=30, wait_time_s=3)
+    consumer = QueueConsumer(client, queue.url, queue.name, recorder, metrics, cfg)
+    await consumer.start()
+    await client.started.get()  # the poll that brings "slow"
+    await started.wait()
+    await client.started.get()  # the next one, open while "slow" runs
+    return queue, recorder, client, consumer
+
+
+async def test_stop_makes_interrupted_work_visible_only_after_the_open_poll_ended(sqs, metrics):
+    queue, recorder, client, consumer = await slow_message_and_open_poll(sqs, metrics)
+    assert consumer.running
+    await consumer.stop(grace_s=0)
+    assert not consumer.running
+    await client.ended()  # every receive the consumer started has ended at the endpoint, abandoned or not
+    assert recorder.cancelled == ["slow"]
+    assert [m["Body"] for m in client.taken] == ["slow"], "a receive open during stop took the returned message"
+    [again] = await raw_receive(sqs, queue.url)
+    assert again["Body"] == "slow"
+    # one real processing attempt, plus this receive
+    assert again["Attributes"]["ApproximateReceiveCount"] == str(len(recorder.seen) + 1) == "2"
+    assert consumer.counts.returned == 1
+
+
+async def test_a_message_arriving_during_the_final_poll_is_handed_back_at_once(sqs, metrics):
+    queue, recorder, client, consumer = await slow_message_and_open_poll(sqs, metrics)
+    stopping = asyncio.create_task(consumer.stop(grace_s=0))
+    await asyncio.sleep(0)  # stop has begun: no new poll, the open one is left to end
+    await send(sqs, queue, ["late"])
+    await stopping
+    await client.ended()
+    assert recorder.bodies() == ["slow"]
+    assert sorted(m["Body"] for m in client.taken) == ["late", "slow"]
+    counts = {m["Body"]: m["Attributes"]["ApproximateReceiveCount"] for m in await raw_receive(sqs, queue.url)}
+    # "slow": one processing attempt + this receive. "late": the final poll (SQS cannot take back a long poll
+    # that is open) + this receive; handed back at once rather than hidden for the visibility timeout.
+    assert counts == {"slow": "2", "late": "2"}
+    assert consumer.counts.returned == 2
+
+
+class ReceiveNeverAnswers(RecordingSqs):
+    """A receive the endpoint never answers (a hung connection); records whether the consumer gave up on it."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.open = asyncio.Event()
+        self.cancelled = 0
+
+    async def receive_message(self, **request: Any) -> Any:
+        self.receive_sizes.append(request["MaxNumberOfMessages"])
+        if len(self.receive_sizes) == 1:
+            return await self._inner.receive_message(**request)
+        self.open.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        raise AssertionError("never answers")
+
+
+async def test_stop_cancels_a_receive_that_outlasts_its_wait_and_still_returns_interrupted_work(sqs, metrics):
+    queue = await create_queue(sqs, visibility_s=30)
+    await send(sqs, queue, ["slow"])
+    started = asyncio.Event()
+    recorder = Recorder(until_cancelled(started))
+    client = ReceiveNeverAnswers(sqs)
+    cfg = config(concurrency=2, visibility_timeout_s=30, wait_time_s=1, receive_margin_s=0.2)
+    consumer = QueueConsumer(client, queue.url, queue.name, recorder, metrics, cfg)
+    await consumer.start()
+    await started.wait()
+    await client.open.wait()
+    with capture_logs() as logs:
+        await asyncio.wait_for(consumer.stop(grace_s=0), timeout=10)
+    assert client.cancelled == 1
+    assert [e["event"] for e in logs if e["event"] == "receive_abandoned"] == ["receive_abandoned"]
+    [again] = await raw_receive(sqs, queue.url)
+    assert (again["Body"], again["Attributes"]["ApproximateReceiveCount"]) == ("slow", "2")
+
+
+class ReceiveFails(RecordingSqs):
+    """SQS unreachable: every receive fails at once."""
+
+    async def receive_message(self, **request: Any) -> Any:
+        self.receive_sizes.append(request["MaxNumberOfMessages"])
+        raise EndpointConnectionError(endpoint_url="http://sqs.invalid")
+
+
+async def test_a_failing_receive_does_not_hold_up_stop(sqs, queue, metrics):
+    client = ReceiveFails(sqs)
+    recorder = Recorder(after(0, Outcome.done("sent")))
+    cfg = config(poll_backoff_base_s=30, poll_backoff_cap_s=30)
+    consumer = QueueConsumer(client, queue.url, queue.name, recorder, metrics, cfg)
+    await consumer.start()
+    await eventually(lambda: len(client.receive_sizes) == 1, what="first receive failed")
+    await asyncio.wait_for(consumer.stop(grace_s=5), timeout=5)
+    assert len(client.receive_sizes) == 1
+    assert not consumer.running
