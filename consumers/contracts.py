@@ -35,14 +35,15 @@ class Outcome:
     disposition: Disposition
     reason: str  # metric label: "sent", "already_sent", "ai_transient", "invalid_context", ...
     retry_delay_s: int | None = None
+    detail: str | None = None  # what failed, for the record (never a metric label): "500: server_error"
 
     @classmethod
     def done(cls, reason: str) -> Outcome:
         return cls(Disposition.DONE, reason)
 
     @classmethod
-    def retry(cls, reason: str, delay_s: int | None = None) -> Outcome:
-        return cls(Disposition.RETRY, reason, delay_s)
+    def retry(cls, reason: str, delay_s: int | None = None, *, detail: str | None = None) -> Outcome:
+        return cls(Disposition.RETRY, reason, delay_s, detail)
 
     @classmethod
     def dead_letter(cls, reason: str) -> Outcome:

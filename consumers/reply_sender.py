@@ -9,6 +9,15 @@ same write that appends the reply, so a later trigger skips them even if their s
 an attempt recorded before sending is reconciled with Twilio on redelivery, never re-sent blindly;
 a trigger that meets a live claim is retried after the lease, and fragments that arrive while a
 reply is being made are picked up by the look-again step (or by their own trigger).
+
+Retries exhausted (a transient failure on the last receive the replies queue allows): unlike the template
+sender, the conversation does not move to a failed_* status, because a failed conversation can never be
+answered again and the recipient may well write again. The claim is released to the status the conversation
+had (`initial_message_sent` / `reply_sent`), the failure is recorded in `last_reply_failure` (failed_* status,
+reason, `failure_kind` retries_exhausted), the ledger entry `reply_attempt` is kept (a reply that may have gone
+out is reconciled by the next trigger), the trigger lock is released (the next inbound message takes it and its
+trigger answers the unanswered staged fragments too) and the trigger goes to the DLQ, from which `comms dlq
+redrive` may send it again: the conversation is answerable, so it needs no reopening.
 """
 
 from __future__ import annotations
@@ -26,9 +35,10 @@ import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from consumers.claim_lease import kept_alive, transient_retry
+from consumers.claim_lease import Exhausted, exhausted, failure_detail, kept_alive, transient_retry
 from consumers.contracts import Disposition, Lease, Outcome, QueueMessage
 from consumers.metrics import ConsumerMetrics
+from consumers.sqs_messages import NO_REDRIVE_POLICY, RedrivePolicy
 from service.adapters.aws.reply_store import DynamoReplyStore, ReplyClaimVerdict
 from service.adapters.aws.stage_store import DynamoStageStore
 from service.domain.conversation import ConversationKey, ConversationStatus
@@ -49,14 +59,12 @@ from service.domain.provider_ports import (
     TransientProviderError,
 )
 from service.domain.timefmt import utc_iso
-from service.resources import DLQ_MAX_RECEIVE_COUNT
 
 log = structlog.get_logger(__name__)
 
 REPLY_CHANNELS = ("whatsapp", "sms")  # email replies are not handled (README)
 SENDER_ATTRIBUTE = {"whatsapp": "gsi_company_whatsapp_number", "sms": "gsi_company_sms_number"}
 FIRST_MESSAGE_IN_FLIGHT_RETRY_S = 5
-LAST_RECEIVE = DLQ_MAX_RECEIVE_COUNT  # the receive after which the queue's redrive dead-letters a retry
 
 
 class ReplyTrigger(BaseModel):
@@ -75,6 +83,7 @@ class ReplySenderConfig:
     status_callback_url: str | None
     queue: str = "replies"
     final_update_attempts: int = 3
+    redrive: RedrivePolicy = NO_REDRIVE_POLICY  # the replies queue's: which receive is the last (none known: never)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +157,7 @@ class ReplySender:
         owner = f"{message.message_id}/{uuid.uuid4().hex[:12]}"
         structlog.contextvars.bind_contextvars(conversation_id=key.conversation_id)
         try:
-            return await self._claimed(key, owner, lease, started, message.receive_count)
+            return await self._claimed(key, owner, lease, started, message)
         except DependencyUnavailable as exc:
             log.warning("dependency_unavailable", detail=str(exc))
             return Outcome.retry(f"{exc.service}_unavailable")
@@ -156,7 +165,7 @@ class ReplySender:
             structlog.contextvars.unbind_contextvars("conversation_id")
 
     async def _claimed(
-        self, key: ConversationKey, owner: str, lease: Lease, started: float, receive_count: int
+        self, key: ConversationKey, owner: str, lease: Lease, started: float, message: QueueMessage
     ) -> Outcome:
         now = self._clock()
         with self._metrics.step(self._config.queue, "claim"):
@@ -164,7 +173,7 @@ class ReplySender:
                 key, owner, now + self._config.claim_lease_s, now, utc_iso(now)
             )
         if claim.verdict is ReplyClaimVerdict.HELD_ELSEWHERE:
-            if receive_count >= LAST_RECEIVE:
+            if self._config.redrive.is_last_receive(message.receive_count):
                 # The redrive would dead-letter this trigger on its next failure. The holder looks again
                 # after it finishes (and its own trigger comes back if it crashed), so nothing is orphaned.
                 log.info("reply_trigger_left_to_claim_holder")
@@ -185,6 +194,9 @@ class ReplySender:
             await asyncio.shield(self._release_lease(key, owner))
             raise
         if outcome.disposition is Disposition.RETRY:
+            exhaustion = exhausted(outcome, message, self._config.redrive)
+            if exhaustion is not None and await self._give_up(key, owner, exhaustion):
+                return exhaustion.outcome()
             await self._release_lease(key, owner)
         return outcome
 
@@ -238,7 +250,8 @@ class ReplySender:
             return transient_retry("secrets", exc)
         except PermanentProviderError as exc:
             log.error("reply_credentials_unusable", reason=exc.reason)
-            return Outcome.retry("secrets_permanent", 60)  # an operator fixes the secret; the batch waits
+            # an operator fixes the secret; the batch waits
+            return Outcome.retry("secrets_permanent", 60, detail=failure_detail(exc))
         return OutboundMessage(
             channel=channel,
             credentials=credentials,
@@ -333,7 +346,7 @@ class ReplySender:
                 return await self._fail(key, owner, ConversationStatus.FAILED_TO_SEND_MESSAGE, exc)
             except SendOutcomeUnknown as exc:
                 log.warning("reply_outcome_unknown", reason=exc.reason)
-                return Outcome.retry("send_outcome_unknown")
+                return Outcome.retry("send_outcome_unknown", detail=failure_detail(exc))
             except TransientProviderError as exc:
                 await self._ports.conversations.clear_attempt(key, owner)
                 return transient_retry("send", exc)
@@ -449,13 +462,30 @@ class ReplySender:
     # ---- helpers ---------------------------------------------------------------------------------
 
     async def _fail(self, key: ConversationKey, owner: str, status: ConversationStatus, exc: Exception) -> Outcome:
-        reason = getattr(exc, "reason", None) or type(exc).__name__
-        code = getattr(exc, "code", None)
-        detail = f"{code}: {reason}" if code else reason
+        if isinstance(exc, KeyError):  # the AI secret has no ai_api_key (as the template sender words it)
+            exc = PermanentProviderError("ai_api_key_missing")
+        detail = failure_detail(exc)
         log.warning("reply_failed", status=status.value, reason=detail)
         await self._ports.conversations.fail(key, owner, status, detail, self._stamp())
         await self._ports.stage.release_lock(key.conversation_id)
         return Outcome.done(status.value)
+
+    async def _give_up(self, key: ConversationKey, owner: str, exhaustion: Exhausted) -> bool:
+        """Release the claim with the failure noted (module docstring) and free the trigger lock; False if the
+        claim was lost or DynamoDB failed (then the retry stands and SQS's redrive moves the trigger)."""
+        try:
+            released = await self._ports.conversations.release_exhausted(
+                key, owner, exhaustion.status, exhaustion.reason, self._stamp()
+            )
+        except DependencyUnavailable as exc:
+            log.warning("exhausted_not_recorded", detail=str(exc))
+            return False
+        if released:
+            try:
+                await self._ports.stage.release_lock(key.conversation_id)
+            except DependencyUnavailable as exc:  # it lapses by itself (expires_at), then a new inbound takes it
+                log.warning("trigger_lock_release_failed", detail=str(exc))
+        return released
 
     async def _release_lease(self, key: ConversationKey, owner: str) -> None:
         """A retried trigger must find the claim open to takeover, not held until its lease lapses."""

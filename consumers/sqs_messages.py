@@ -1,15 +1,18 @@
 """SQS wire shapes and the contract's: a received message as a `QueueMessage`, its attributes for resending.
 
-Also finds a queue's dead-letter queue from its RedrivePolicy.
+Also reads a queue's RedrivePolicy: its dead-letter queue and how many receives it allows.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
+import structlog
 
 from consumers.contracts import QueueMessage
+from service.adapters.aws.errors import AWS_FAILURES, error_code
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -18,6 +21,8 @@ if TYPE_CHECKING:
         MessageAttributeValueTypeDef,
         MessageTypeDef,
     )
+
+log = structlog.get_logger(__name__)
 
 
 def _message_attributes(raw: MessageTypeDef) -> list[tuple[str, MessageAttributeValueOutputTypeDef]]:
@@ -49,12 +54,45 @@ def resendable_attributes(raw: MessageTypeDef) -> dict[str, MessageAttributeValu
     return attributes
 
 
-async def find_dead_letter_queue(sqs: SQSClient, queue_url: str) -> str | None:
-    """The URL of the queue's redrive target (RedrivePolicy deadLetterTargetArn), None without a policy."""
+@dataclass(frozen=True, slots=True)
+class RedrivePolicy:
+    """Where SQS moves a message, and after how many receives (None for either: the queue has no policy)."""
+
+    dead_letter_url: str | None = None
+    max_receive_count: int | None = None
+
+    def is_last_receive(self, receive_count: int) -> bool:
+        """True when a retry now would send the message to the DLQ instead of back to a consumer."""
+        return self.max_receive_count is not None and receive_count >= self.max_receive_count
+
+
+NO_REDRIVE_POLICY = RedrivePolicy()
+
+
+async def find_redrive_policy(sqs: SQSClient, queue_url: str) -> RedrivePolicy:
+    """The queue's RedrivePolicy: its DLQ URL (deadLetterTargetArn) and maxReceiveCount; empty without one."""
     answer = await sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"])
     policy = answer.get("Attributes", {}).get("RedrivePolicy")
     if not policy:
-        return None
-    arn = str(orjson.loads(policy)["deadLetterTargetArn"])  # arn:aws:sqs:<region>:<account>:<name>
+        return NO_REDRIVE_POLICY
+    parsed = orjson.loads(policy)
+    arn = str(parsed["deadLetterTargetArn"])  # arn:aws:sqs:<region>:<account>:<name>
     _, _, _, _, account, name = arn.split(":", 5)
-    return (await sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account))["QueueUrl"]
+    url = (await sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account))["QueueUrl"]
+    count = parsed.get("maxReceiveCount")
+    return RedrivePolicy(url, int(count) if count is not None else None)
+
+
+async def read_redrive_policy(sqs: SQSClient, queue_url: str, queue: str) -> RedrivePolicy:
+    """`find_redrive_policy`, read once when the consumers are built; unreadable, none: no receive counts as the
+    last (the processors keep retrying and SQS's own redrive still applies) and the runtime looks up the DLQ."""
+    try:
+        return await find_redrive_policy(sqs, queue_url)
+    except AWS_FAILURES as exc:
+        log.warning("redrive_policy_unreadable", queue=queue, code=error_code(exc) or type(exc).__name__)
+        return NO_REDRIVE_POLICY
+
+
+async def find_dead_letter_queue(sqs: SQSClient, queue_url: str) -> str | None:
+    """The URL of the queue's redrive target (RedrivePolicy deadLetterTargetArn), None without a policy."""
+    return (await find_redrive_policy(sqs, queue_url)).dead_letter_url

@@ -1,7 +1,9 @@
 """The template sender: one channel-queue message becomes one AI-written first message, sent once.
 
 Steps (SPEC §6): parse, claim, secrets, AI, record the attempt, send, final update.
-Every step's failure maps to an `Outcome`; the send ledger makes redeliveries safe.
+Every step's failure maps to an `Outcome`; the send ledger makes redeliveries safe. A transient failure on the
+last receive the queue allows ends the conversation in its failed_* status, reopenable by `comms dlq redrive`
+(`consumers.claim_lease.exhausted`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any
 import orjson
 import structlog
 
-from consumers.claim_lease import kept_alive, transient_retry
+from consumers.claim_lease import Exhausted, exhausted, failure_detail, kept_alive, transient_retry
 from consumers.contracts import Disposition, Lease, Outcome, QueueMessage
 from consumers.metrics import ConsumerMetrics
+from consumers.sqs_messages import NO_REDRIVE_POLICY, RedrivePolicy
 from consumers.template_job import InvalidContext, TemplateJob, initial_record, parse_template_job
 from service.adapters.aws.conversation_store import DynamoConversationStore
 from service.domain.conversation import ConversationKey, ConversationStatus
@@ -50,6 +53,7 @@ class TemplateSenderConfig:
     ai_timeout_s: float
     status_callback_url: str | None
     final_update_attempts: int = 3
+    redrive: RedrivePolicy = NO_REDRIVE_POLICY  # the queue's: which receive is the last (none known: never)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,9 @@ class TemplateSender:
             await asyncio.shield(self._release_claim(key, owner))
             raise
         if outcome.disposition is Disposition.RETRY:
+            exhaustion = exhausted(outcome, message, self._config.redrive)
+            if exhaustion is not None and await self._give_up(key, owner, exhaustion):
+                return exhaustion.outcome()
             await self._release_claim(key, owner)
         return outcome
 
@@ -270,7 +277,7 @@ class TemplateSender:
                 return await self._fail(key, owner, ConversationStatus.FAILED_TO_SEND_MESSAGE, exc)
             except SendOutcomeUnknown as exc:
                 log.warning("send_outcome_unknown", reason=exc.reason)
-                return Outcome.retry("send_outcome_unknown")
+                return Outcome.retry("send_outcome_unknown", detail=failure_detail(exc))
             except TransientProviderError as exc:
                 await self._store.clear_attempt(key, owner, self._stamp())
                 return transient_retry("send", exc)
@@ -319,12 +326,19 @@ class TemplateSender:
     # ---- helpers ---------------------------------------------------------------------------------
 
     async def _fail(self, key: ConversationKey, owner: str, status: ConversationStatus, exc: Exception) -> Outcome:
-        reason = getattr(exc, "reason", str(exc))
-        code = getattr(exc, "code", None)
-        detail = f"{code}: {reason}" if code else reason
+        detail = failure_detail(exc)
         log.warning("conversation_failed", status=status.value, reason=detail)
         await self._store.mark_failed(key, owner, status, detail, self._stamp())
         return Outcome.done(status.value)
+
+    async def _give_up(self, key: ConversationKey, owner: str, exhaustion: Exhausted) -> bool:
+        """Record the exhausted retries (ledger kept); False if the claim was lost or DynamoDB failed (then the
+        retry stands and SQS's redrive moves the message; the conversation stays claimable)."""
+        try:
+            return await self._store.mark_exhausted(key, owner, exhaustion.status, exhaustion.reason, self._stamp())
+        except DependencyUnavailable as exc:
+            log.warning("exhausted_not_recorded", detail=str(exc))
+            return False
 
     async def _release_claim(self, key: ConversationKey, owner: str) -> None:
         """Let the retry find the conversation claimable: a claim left to lapse turns the redelivery into a

@@ -19,6 +19,7 @@ from consumers.contracts import Processor
 from consumers.metrics import ConsumerMetrics
 from consumers.reply_sender import ReplyPorts, ReplySender, ReplySenderConfig
 from consumers.runtime import ConsumerConfig, QueueConsumer
+from consumers.sqs_messages import read_redrive_policy
 from consumers.template_sender import TemplateSender, TemplateSenderConfig
 from service.adapters.aws.api_key_store import DynamoApiKeyStore
 from service.adapters.aws.clients import AwsClients, open_aws_clients
@@ -112,6 +113,7 @@ async def build(settings: Settings, *, expects_consumers: bool = False) -> Async
             router_version=settings.router_version,
             lease_s=settings.request_claim_lease_s,
             clock=time.time,
+            duplicate_wait_s=settings.duplicate_wait_s,
         )
         intake = InboundIntake(
             IntakePorts(
@@ -195,6 +197,7 @@ async def build_consumers(
     for queue in queues:
         queue_url = settings.queue_url(queue)
         assert queue_url is not None  # checked above
+        redrive = await read_redrive_policy(shared.aws.sqs, queue_url, queue)
         processor: Processor
         if queue == "replies":
             processor = ReplySender(
@@ -204,6 +207,7 @@ async def build_consumers(
                     ai_timeout_s=settings.ai_timeout_s,
                     batching_window_s=settings.batching_window_s,
                     status_callback_url=callback,
+                    redrive=redrive,
                 ),
                 ReplyPorts(
                     conversations=shared.replies,
@@ -224,6 +228,7 @@ async def build_consumers(
                     claim_lease_s=settings.claim_lease_s,
                     ai_timeout_s=settings.ai_timeout_s,
                     status_callback_url=callback,
+                    redrive=redrive,
                 ),
                 store,
                 shared.secrets,
@@ -231,5 +236,6 @@ async def build_consumers(
                 senders,
                 metrics,
             )
-        consumers.append(QueueConsumer(shared.aws.sqs, queue_url, queue, processor, metrics, consumer_config))
+        queue_config = consumer_config.model_copy(update={"dead_letter_queue_url": redrive.dead_letter_url})
+        consumers.append(QueueConsumer(shared.aws.sqs, queue_url, queue, processor, metrics, queue_config))
     return consumers

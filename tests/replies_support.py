@@ -308,10 +308,12 @@ class RepliesWorld:
         record = initial_record(parse_template_job(orjson.dumps(context).decode()), processor_version="t", stamp=stamp)
         first = {"message_id": new_sid(), "timestamp": stamp, "role": "assistant", "content": "Hi Lee, first."}
         record.update(
-            conversation_status=status,
-            send_state="sent",
-            messages=[first] if messages is None else messages,
-            **attributes,
+            {
+                "conversation_status": status,
+                "send_state": "sent",
+                "messages": [first] if messages is None else messages,
+                **attributes,  # may override send_state (e.g. a send still being attempted)
+            }
         )
         if thread:
             record["thread_id"] = await self.providers.new_thread()

@@ -6,10 +6,12 @@ import pytest
 
 from service.domain.conversation import ConversationStatus
 from service.domain.conversation_claim import (
+    RETRIES_EXHAUSTED,
     ClaimVerdict,
     ConversationSnapshot,
     NextStep,
     SendState,
+    may_reopen,
     next_step,
     verdict_for_refusal,
 )
@@ -69,3 +71,21 @@ def test_snapshot_reads_a_stored_record():
         {"1": "Hi"},
         {"total_tokens": 3},
     )
+
+
+@pytest.mark.parametrize("status", ["failed_secrets_fetch", "failed_to_process_ai", "failed_to_send_message"])
+def test_a_failure_by_exhausted_retries_may_be_reopened_by_a_redrive(status):
+    assert may_reopen({"conversation_status": status, "failure_kind": RETRIES_EXHAUSTED})
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"conversation_status": "failed_to_send_message"},  # permanent: no failure_kind
+        {"conversation_status": "failed_invalid_context", "failure_kind": RETRIES_EXHAUSTED},
+        {"conversation_status": "initial_message_sent", "failure_kind": RETRIES_EXHAUSTED},
+        {"conversation_status": "processing"},
+    ],
+)
+def test_permanent_failures_and_live_conversations_are_never_reopened(record):
+    assert not may_reopen(record)

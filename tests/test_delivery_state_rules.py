@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.domain.delivery_state import DeliveryStatus, is_forward, parse_delivery_status
+from service.domain.delivery_state import DeliveryStatus, conversations_to_hold, is_forward, parse_delivery_status
 
 S = DeliveryStatus
 
@@ -37,3 +37,21 @@ def test_twilio_intermediate_statuses_count_as_queued_and_unknown_ones_are_ignor
     assert parse_delivery_status("sending") is S.QUEUED
     assert parse_delivery_status("Delivered") is S.DELIVERED
     assert parse_delivery_status("receiving") is None
+
+
+def test_a_callback_before_its_message_is_kept_on_the_conversations_awaiting_a_final_update() -> None:
+    older_sending = {"conversation_id": "a", "created_at": "2026-01-01T10:00:00.000Z", "send_state": "attempting"}
+    replying = {"conversation_id": "b", "created_at": "2026-01-01T09:00:00.000Z", "reply_attempt": {"batch": "k"}}
+    newest_done = {"conversation_id": "c", "created_at": "2026-01-01T11:00:00.000Z", "send_state": "sent"}
+
+    held_on = conversations_to_hold([replying, newest_done, older_sending])
+
+    assert [c["conversation_id"] for c in held_on] == ["a", "b"]
+
+
+def test_with_no_conversation_awaiting_a_final_update_the_newest_keeps_it() -> None:
+    older = {"conversation_id": "a", "created_at": "2026-01-01T10:00:00.000Z", "send_state": "sent"}
+    newest = {"conversation_id": "c", "created_at": "2026-01-01T11:00:00.000Z", "send_state": "sent"}
+
+    assert [c["conversation_id"] for c in conversations_to_hold([newest, older])] == ["c"]
+    assert conversations_to_hold([]) == []

@@ -14,6 +14,9 @@ import pytest
 
 from service.config import Settings
 from service.local.seed import DEMO_TEMPLATE_SID
+from service.operator.dlq import QueuePair as DlqPair
+from service.operator.dlq import redrive
+from service.operator.output import Context, Output
 from tests.e2e_support import (
     STATUS_CALLBACK_URL,
     DynamoGate,
@@ -299,6 +302,79 @@ async def test_message_failing_transiently_every_time_lands_in_the_dead_letter_q
         assert retried >= 1
         assert len(await env.sandboxes.ai_requests()) == 3  # every receive was a real attempt
         assert await env.sandboxes.twilio_messages() == []
+
+
+async def test_ai_failing_on_every_receive_ends_failed_as_exhausted_and_a_redrive_then_sends_it_once(
+    settings, deps, e2e_tenant
+):
+    # Persistent AI 500s: three receives, then the DLQ. The record must say why (not `processing` for ever), and
+    # `comms dlq redrive` with the AI healthy again must finish the conversation with exactly one send.
+    async with e2e_env(settings, deps.aws, visibility_s=4, ai_max_attempts=1) as env:
+        await env.sandboxes.add_ai_fault(status=500, count=1000, retry_after=1, method="POST")
+        body = e2e_tenant.request("whatsapp")
+        tel = recipient_of(body)
+        queue = env.queues["whatsapp"]
+        async with in_process_service(env.settings) as service:
+            conversation_id = await service.initiate(e2e_tenant, body)
+            [dead] = await eventually(lambda: env.peek(queue.dlq_url), timeout_s=30, what="the message is in the DLQ")
+            await eventually(lambda: env.holds_nothing(queue.url), timeout_s=5, what="the source queue is empty")
+            failed = await env.record_with_status(tel, conversation_id, "failed_to_process_ai", timeout_s=5)
+
+            assert orjson.loads(dead["Body"])["conversation_data"]["conversation_id"] == conversation_id
+            assert "retries_exhausted" in failed["failure_reason"]
+            assert "ai_transient" in failed["failure_reason"] and "500" in failed["failure_reason"]
+            assert failed["failure_kind"] == "retries_exhausted"
+            assert failed["send_state"] == "not_sent"
+            assert service.received == 3
+            assert len(await env.sandboxes.ai_requests()) == 3
+            exhausted = service.metric(
+                "comms_messages_finished_total", queue="whatsapp", disposition="dead_letter", reason="retries_exhausted"
+            )
+            assert exhausted == 1
+
+            async with env.sandboxes.http.post(f"{env.sandboxes.openai.url}/_sandbox/reset") as answer:
+                assert answer.status == 200  # the AI is healthy again
+            ctx = Context(env.settings, env.aws, Output())
+            result = await redrive(ctx, DlqPair("whatsapp", queue.url, queue.dlq_url), None)
+            assert (result.moved, result.reopened, result.not_sent) == (1, 1, {})
+
+            record = await env.record_with_status(tel, conversation_id, SENT, timeout_s=20)
+            await eventually(lambda: env.is_empty("whatsapp"), timeout_s=5, what="the message is deleted")
+
+        [message] = await env.sandboxes.twilio_messages()
+        assert_initial_message_recorded(
+            record, body, message["sid"], orjson.dumps(message["content_variables"]).decode()
+        )
+        assert "failure_reason" not in record and "failure_kind" not in record
+        assert record["last_failure_reason"] == failed["failure_reason"]
+        assert service.received == 4
+
+
+async def test_redrive_does_not_reopen_a_conversation_that_failed_permanently(env, e2e_tenant):
+    body = e2e_tenant.request("whatsapp")
+    tel = recipient_of(body)
+    queue = env.queues["whatsapp"]
+    await env.sandboxes.fail_twilio_sends_to(tel, code=21211)
+    async with in_process_service(env.settings, start_consumers=False) as service:
+        conversation_id = await service.initiate(e2e_tenant, body)
+        [queued] = (await env.aws.sqs.receive_message(QueueUrl=queue.url, WaitTimeSeconds=5))["Messages"]
+        await env.aws.sqs.send_message(QueueUrl=queue.dlq_url, MessageBody=queued["Body"])
+        await env.aws.sqs.delete_message(QueueUrl=queue.url, ReceiptHandle=queued["ReceiptHandle"])
+        await env.aws.sqs.send_message(QueueUrl=queue.url, MessageBody=queued["Body"])
+        await service.start_consumers()
+        await env.record_with_status(tel, conversation_id, "failed_to_send_message", timeout_s=15)
+        await eventually(lambda: env.holds_nothing(queue.url), timeout_s=5, what="the message is deleted")
+
+        result = await redrive(
+            Context(env.settings, env.aws, Output()), DlqPair("whatsapp", queue.url, queue.dlq_url), None
+        )
+        await eventually(lambda: env.is_empty("whatsapp"), timeout_s=10, what="the redriven copy is dropped")
+
+    assert (result.moved, result.reopened) == (1, 0)
+    record = await env.record(tel, conversation_id)
+    assert record is not None and record["conversation_status"] == "failed_to_send_message"
+    assert "21211" in record["failure_reason"]
+    assert (await env.sandboxes.twilio_stats())["rejected"] == 1  # the redelivery was dropped, not sent again
 
 
 # -- heartbeat ------------------------------------------------------------------------------------------------------

@@ -5,19 +5,27 @@ Redrive must move exactly what was asked and lose nothing: every test counts sou
 
 from __future__ import annotations
 
+import asyncio
 import io
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import SimpleNamespace
+from typing import Any
 
 import orjson
 import pytest
 from rich.console import Console
 from rich.progress import Progress
 
+from consumers.sqs_messages import resendable_attributes
 from service.adapters.aws.clients import open_aws_clients
 from service.config import Settings
 from service.local.provision import provision_resources
-from service.operator.dlq import QueuePair, redrive, resolve_queue
+from service.operator.dlq import RUN_ATTRIBUTE, QueuePair, redrive, redrive_messages, resolve_queue
 from service.operator.output import Context, Output
 from tests.operator_support import Cli, unique
 
@@ -166,6 +174,8 @@ def test_redrive_keeps_bodies_and_message_attributes(cli):
     assert "moved 5 messages" in result.out
     moved = drain(cli, cli.settings.sms_queue_url)
     assert sorted(m["body"] for m in moved) == sorted(bodies)
+    runs = {m["attributes"].pop(RUN_ATTRIBUTE) for m in moved}
+    assert len(runs) == 1  # every copy names the one run that sent it
     for message in moved:
         n = orjson.loads(message["body"])["n"]
         assert message["attributes"] == {
@@ -288,3 +298,195 @@ async def test_redrive_deletes_only_what_the_source_queue_accepted(settings):
     assert sorted(sqs.source) == ["body0", "body2", "body4"]
     assert sorted(sqs.dlq.values()) == ["body1", "body3", "body5"]  # nothing lost
     assert sorted(sqs.released) == ["id1", "id3", "id5"]  # and visible again at once
+
+
+# -- redrive with a worker that dead-letters everything again (poison messages) -------------------------------------
+
+
+class PoisonWorker:
+    """A consumer for which every message is malformed: it dead-letters each one at once, copying its message
+    attributes as the consumer runtime does (`resendable_attributes`), up to `limit` times in all."""
+
+    def __init__(self, sqs: Any, source_url: str, dlq_url: str, limit: int = 200) -> None:
+        self.sqs = sqs
+        self.source_url = source_url
+        self.dlq_url = dlq_url
+        self.limit = limit
+        self.bodies: list[str] = []  # every message it received, in order
+
+    async def run(self, stopped: Callable[[], bool]) -> None:
+        while not stopped() and len(self.bodies) < self.limit:
+            answer = await self.sqs.receive_message(
+                QueueUrl=self.source_url, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
+            )
+            for raw in answer.get("Messages", []):
+                self.bodies.append(raw["Body"])
+                await self.sqs.send_message(
+                    QueueUrl=self.dlq_url, MessageBody=raw["Body"], MessageAttributes=resendable_attributes(raw)
+                )
+                await self.sqs.delete_message(QueueUrl=self.source_url, ReceiptHandle=raw["ReceiptHandle"])
+
+
+async def _own_pair(settings: Settings, stack: AsyncExitStack, kind: str) -> tuple[Context, QueuePair]:
+    own = await provision_resources(settings, queue_prefix=unique("op"))
+    aws = await open_aws_clients(own, stack)
+    ctx = Context(own, aws, Output())
+    return ctx, await resolve_queue(ctx, kind)
+
+
+async def _fill(sqs: Any, url: str, count: int) -> list[str]:
+    bodies = [f"poison-{i}-{uuid.uuid4().hex[:6]}" for i in range(count)]
+    for i, body in enumerate(bodies):
+        await sqs.send_message(
+            QueueUrl=url,
+            MessageBody=body,
+            MessageAttributes={"conversationId": {"DataType": "String", "StringValue": f"c#{i}"}},
+        )
+    return bodies
+
+
+async def _depth(sqs: Any, url: str) -> int:
+    names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    attributes = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=names))["Attributes"]
+    return sum(int(attributes[name]) for name in names)
+
+
+async def _settled(worker: PoisonWorker, sqs: Any, source_url: str, expected: int) -> None:
+    """Poll (bounded) until the worker has handled `expected` messages and the source queue is empty."""
+    for _ in range(200):
+        if len(worker.bodies) >= expected and await _depth(sqs, source_url) == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"worker handled {len(worker.bodies)} of {expected}")
+
+
+async def test_redrive_of_poison_messages_with_a_worker_running_ends_and_moves_each_once(settings):
+    async with AsyncExitStack() as stack:
+        ctx, pair = await _own_pair(settings, stack, "sms")
+        sqs = ctx.aws.sqs
+        bodies = await _fill(sqs, pair.dlq_url, 4)
+        worker = PoisonWorker(sqs, pair.source_url, pair.dlq_url)
+        done = asyncio.Event()
+        running = asyncio.create_task(worker.run(done.is_set))
+        try:
+            result = await redrive(ctx, pair, None)
+            await _settled(worker, sqs, pair.source_url, 4)
+        finally:
+            done.set()
+            await running
+
+        assert result.moved == 4 and result.not_sent == {} and result.not_deleted == 0
+        assert sorted(worker.bodies) == sorted(bodies)  # each moved once, none again
+        assert await _depth(sqs, pair.dlq_url) == 4  # back where they were, nothing lost or doubled
+
+
+async def test_redrive_leaves_copies_that_come_back_during_the_run_and_moves_every_original_once(settings):
+    # More than one batch: the first batch's copies come back while later batches are still being moved.
+    async with AsyncExitStack() as stack:
+        ctx, pair = await _own_pair(settings, stack, "whatsapp")
+        sqs = ctx.aws.sqs
+        bodies = await _fill(sqs, pair.dlq_url, 25)
+        worker = PoisonWorker(sqs, pair.source_url, pair.dlq_url)
+        done = asyncio.Event()
+        running = asyncio.create_task(worker.run(done.is_set))
+        try:
+            result = await redrive(ctx, pair, None)
+            await _settled(worker, sqs, pair.source_url, 25)
+        finally:
+            done.set()
+            await running
+
+        assert result.moved == 25
+        assert sorted(worker.bodies) == sorted(bodies)
+        assert await _depth(sqs, pair.dlq_url) == 25
+        again = await redrive(ctx, pair, 100)  # a later run moves them again (a new run id)
+        assert again.moved == 25
+
+
+def test_redrive_max_larger_than_the_dlq_with_a_worker_running_reports_what_the_dlq_held(cli):
+    fill_dlq(cli, "whatsapp", 6)
+    source, dead = cli.settings.whatsapp_queue_url, dlq_url(cli, "whatsapp")
+    stop = threading.Event()
+    worker: list[PoisonWorker] = []
+
+    async def work() -> None:
+        async with AsyncExitStack() as stack:
+            aws = await open_aws_clients(cli.settings, stack)
+            worker.append(PoisonWorker(aws.sqs, source, dead, limit=300))
+            await worker[0].run(stop.is_set)
+
+    thread = threading.Thread(target=asyncio.run, args=(work(),))
+    thread.start()
+    try:
+        result = cli("dlq", "redrive", "--queue", "whatsapp", "--max", "100", "--json")
+        for _ in range(200):  # bounded: the six copies reach the worker and are dead-lettered again
+            if len(worker[0].bodies) >= 6 and visible(cli, source) == 0:
+                break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+
+    assert result.code == 0, result.err
+    [report] = result.json["queues"]
+    assert report["moved"] == 6 and report["not_deleted"] == 0
+    assert len(worker[0].bodies) == 6 and len(set(worker[0].bodies)) == 6
+    assert visible(cli, dead) == 6
+
+
+class StoppingSqs:
+    """The real SQS, but `on_first_copy` runs as the first batch of copies is sent (a signal arriving mid-batch)."""
+
+    def __init__(self, sqs: Any, on_first_copy: Callable[[], None]) -> None:
+        self._sqs = sqs
+        self._on_first_copy = on_first_copy
+        self.copies_sent = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sqs, name)
+
+    async def send_message_batch(self, **request: Any) -> Any:
+        if self.copies_sent == 0:
+            self._on_first_copy()
+        answer = await self._sqs.send_message_batch(**request)
+        self.copies_sent += len(answer.get("Successful", []))
+        return answer
+
+
+async def test_redrive_stopped_mid_run_finishes_the_batch_in_hand_and_leaves_no_duplicate(settings):
+    async with AsyncExitStack() as stack:
+        ctx, pair = await _own_pair(settings, stack, "handoff")
+        await _fill(ctx.aws.sqs, pair.dlq_url, 25)
+        stop = asyncio.Event()
+        stopping = StoppingSqs(ctx.aws.sqs, stop.set)
+        own = Context(ctx.settings, SimpleNamespace(sqs=stopping, dynamodb=ctx.aws.dynamodb), Output())
+
+        result = await redrive(own, pair, None, None, stop)
+
+        assert result.stopped
+        assert result.moved == stopping.copies_sent and 0 < result.moved <= 10
+        assert await _depth(ctx.aws.sqs, pair.source_url) == result.moved
+        assert await _depth(ctx.aws.sqs, pair.dlq_url) == 25 - result.moved
+
+
+async def test_sigint_during_redrive_finishes_the_batch_then_exits_130(settings):
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: interrupted.append(number))
+    try:
+        async with AsyncExitStack() as stack:
+            ctx, pair = await _own_pair(settings, stack, "replies")
+            await _fill(ctx.aws.sqs, pair.dlq_url, 25)
+            stopping = StoppingSqs(ctx.aws.sqs, lambda: signal.raise_signal(signal.SIGINT))
+            own = Context(ctx.settings, SimpleNamespace(sqs=stopping, dynamodb=ctx.aws.dynamodb), Output())
+            args = SimpleNamespace(queue="replies", max=None, dry_run=False, json=True)
+
+            code = await redrive_messages(args, own)
+
+            assert code == 130
+            assert interrupted == []  # the redrive took the signal: no KeyboardInterrupt, the batch was finished
+            moved = stopping.copies_sent
+            assert 0 < moved <= 10
+            assert await _depth(ctx.aws.sqs, pair.source_url) == moved
+            assert await _depth(ctx.aws.sqs, pair.dlq_url) == 25 - moved
+    finally:
+        signal.signal(signal.SIGINT, previous)

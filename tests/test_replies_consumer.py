@@ -268,6 +268,47 @@ async def test_status_callback_that_arrives_before_the_reply_is_recorded_is_not_
         assert record["messages"][-1].get("delivery_status") == "delivered"
 
 
+# -- retries exhausted ----------------------------------------------------------------------------------------------
+
+
+async def test_reply_whose_ai_fails_on_every_receive_is_dead_lettered_and_the_conversation_stays_answerable(
+    settings, deps, tenant
+):
+    async with replies_world(settings, deps, consumers=True, window_s=0, ai_max_attempts=1) as world:
+        openai = world.providers.openai.url
+        fault = {"path_prefix": "/v1/responses", "method": "POST", "status": 500, "count": 1000, "retry_after": 1}
+        await world.providers._call("POST", f"{openai}/_sandbox/faults", fault)
+        tel = unique_tel()
+        key = await world.seed_conversation(tel)
+        await world.inbound(tel, "Is the viewing still on?")
+        dlq = f"{world.settings.replies_queue_url}-dlq"
+
+        async def dead_lettered() -> list[dict[str, Any]]:
+            answer = await world.deps.aws.sqs.receive_message(QueueUrl=dlq, VisibilityTimeout=0)
+            return list(answer.get("Messages", []))
+
+        [dead] = await eventually(dead_lettered, timeout_s=30, what="the trigger is in the replies DLQ")
+        assert orjson.loads(dead["Body"])["conversation_id"] == key.conversation_id
+        record = await world.conversation(key)
+        # Answerable still: back to its status before the claim, the failure noted, the trigger lock free.
+        assert record["conversation_status"] == "initial_message_sent"
+        failure = record["last_reply_failure"]
+        assert failure["status"] == "failed_to_process_ai" and failure["failure_kind"] == "retries_exhausted"
+        assert "ai_transient" in failure["reason"] and "retries_exhausted" in failure["reason"]
+        assert "reply_owner" not in record and "status_before_reply" not in record
+        assert await world.lock(key.conversation_id) is None
+        assert world.finished("dead_letter", "retries_exhausted") == 1
+        assert await world.providers.ai_calls_started() == 3
+
+        await world.providers._call("POST", f"{openai}/_sandbox/reset")  # the AI is healthy again
+        await world.inbound(tel, "Hello?")
+
+        record = await world.wait_for_status(key, "reply_sent", timeout_s=15)
+        await settled(world, key)
+        [sent] = await world.providers.twilio_messages(to=f"whatsapp:{tel}")
+        assert user_and_assistant(record) == [("user", "Is the viewing still on?\nHello?"), ("assistant", sent["body"])]
+
+
 # -- end to end -----------------------------------------------------------------------------------------------------
 
 

@@ -19,6 +19,26 @@ the one template send, written before the provider is called and after it answer
     ATTEMPTING                                    RECONCILE: ask the provider; found -> FINALISE with its
                                                   id; not found -> SEND; provider cannot tell -> REVIEW
     SENT (provider id known, final update lost)   FINALISE only
+
+Failures. A permanent one (or a send the provider cannot reconcile) ends the conversation in its failed_*
+status for good. A transient one is retried by redelivery; on the last receive the queue allows
+(ApproximateReceiveCount >= maxReceiveCount) it ends instead in the failed_* status of its step, marked
+`failure_kind` = RETRIES_EXHAUSTED, and the message goes to the DLQ. Only `comms dlq redrive` reopens it:
+
+    event                                         from                                    to
+    ---------------------------------------------  --------------------------------------  -------------------------
+    permanent failure                             PROCESSING (claim held)                 failed_*, failure_reason
+    transient failure, receives left              PROCESSING (claim held)                 PROCESSING, claim lapsed
+    transient failure, last receive               PROCESSING (claim held)                 failed_*, failure_reason,
+                                                                                          failure_kind exhausted
+    `comms dlq redrive` moves its message back    failed_*, failure_kind exhausted        PROCESSING, claim lapsed
+                                                                                          (claim_expires_at 0)
+    `comms dlq redrive`                           failed_* without failure_kind           unchanged (the message is
+                                                                                          acknowledged and dropped)
+
+The send ledger is never touched by a failure or a reopening: a conversation that failed with send_state
+ATTEMPTING (the send may have happened) is reconciled by the redelivery, never sent blindly again.
+The reopened record keeps the old reason as `last_failure_reason`.
 """
 
 from __future__ import annotations
@@ -28,6 +48,16 @@ from enum import StrEnum
 from typing import Any
 
 from service.domain.conversation import ConversationStatus
+
+RETRIES_EXHAUSTED = "retries_exhausted"  # `failure_kind` of a failure `comms dlq redrive` may reopen
+
+EXHAUSTIBLE_STATUSES = frozenset(
+    {
+        ConversationStatus.FAILED_SECRETS_FETCH,
+        ConversationStatus.FAILED_TO_PROCESS_AI,
+        ConversationStatus.FAILED_TO_SEND_MESSAGE,
+    }
+)
 
 FINISHED_STATUSES = frozenset(
     {
@@ -102,6 +132,14 @@ def verdict_for_refusal(snapshot: ConversationSnapshot, now: float) -> ClaimVerd
     if snapshot.status == ConversationStatus.PROCESSING and snapshot.claim_expires_at <= now:
         return ClaimVerdict.CLAIMED  # only if the conditional write raced the expiry: try again
     return ClaimVerdict.HELD_ELSEWHERE
+
+
+def may_reopen(record: dict[str, Any]) -> bool:
+    """A conversation whose retries ran out on a transient failure: a redriven message may take it up again."""
+    return (
+        record.get("failure_kind") == RETRIES_EXHAUSTED
+        and str(record.get("conversation_status", "")) in EXHAUSTIBLE_STATUSES
+    )
 
 
 def next_step(snapshot: ConversationSnapshot) -> NextStep:

@@ -1,6 +1,13 @@
 """What the Twilio webhooks do (SPEC §7): authenticate against the tenant's token, apply the rules,
 handle opt-out keywords, hand off, or stage the fragment and trigger one delayed reply per window.
-Status callbacks move a sent message's delivery state forward.
+Status callbacks move a sent message's delivery state forward; one that comes before the final update
+that records its message is kept and applied by that update (`delivery_state.conversations_to_hold`).
+
+Nothing about who talks to whom is revealed before the signature is verified: the tenant, and so the auth
+token, follows from the business number alone (`To` of a message, `From` of a status callback); only a
+request verified with that token gets as far as looking up the (sender, business number) pair, and the
+conversation found must belong to a tenant whose token verifies it too. Anything unverifiable is FORBIDDEN,
+whatever the pair.
 
 Nothing here talks HTTP: the handler passes the URL Twilio signed, the form and the signature,
 and turns the `IntakeResult` into a status code. AWS failures escape as `DependencyUnavailable`
@@ -20,7 +27,13 @@ import structlog
 
 from service.domain.company import CompanyRecord
 from service.domain.conversation import ConversationKey
-from service.domain.delivery_state import DeliveryStatus, is_forward, may_follow, parse_delivery_status
+from service.domain.delivery_state import (
+    DeliveryStatus,
+    conversations_to_hold,
+    is_forward,
+    may_follow,
+    parse_delivery_status,
+)
 from service.domain.errors import DependencyUnavailable
 from service.domain.inbound import (
     Fragment,
@@ -44,13 +57,14 @@ class IntakeResult(StrEnum):
     STAGED = "staged"  # stored; this fragment took the lock and queued the delayed trigger, or joined a window
     DUPLICATE = "duplicate"  # a webhook retry of a fragment already staged
     UNKNOWN_CONVERSATION = "unknown_conversation"
-    FORBIDDEN = "forbidden"  # missing or invalid signature: 403, nothing stored
+    FORBIDDEN = "forbidden"  # missing or invalid signature, or a number no tenant owns: 403, nothing stored
     REFUSED_BY_RULES = "refused_by_rules"  # project inactive or channel not allowed
     OPTED_OUT = "opted_out"
     OPTED_IN = "opted_in"
     SUPPRESSED = "suppressed"  # an opted-out sender wrote something else: no AI reply
     HANDED_OFF = "handed_off"
     STATUS_APPLIED = "status_applied"
+    STATUS_HELD = "status_held"  # its message is not recorded yet: kept until the final update records it
     STATUS_STALE = "status_stale"  # out of order or repeated: the stored state is already later
     STATUS_UNKNOWN = "status_unknown"  # no such message, or a status value we do not track
 
@@ -60,6 +74,8 @@ class SignatureVerifier(Protocol):
 
 
 class ReplyLookup(Protocol):
+    async def tenant_credentials(self, channel: str, company_address: str) -> str | None: ...
+
     async def find_open(self, channel: str, company_address: str, sender: str) -> dict[str, Any] | None: ...
 
     async def conversations_between(self, channel: str, company_address: str, sender: str) -> list[dict[str, Any]]: ...
@@ -74,6 +90,15 @@ class ReplyLookup(Protocol):
         self,
         key: ConversationKey,
         index: int,
+        message_sid: str,
+        new: DeliveryStatus,
+        may_replace: frozenset[DeliveryStatus],
+        stamp: str,
+    ) -> bool: ...
+
+    async def hold_delivery_status(
+        self,
+        key: ConversationKey,
         message_sid: str,
         new: DeliveryStatus,
         may_replace: frozenset[DeliveryStatus],
@@ -136,11 +161,14 @@ class InboundIntake:
 
     async def receive(self, message: InboundMessage, request: SignedRequest) -> IntakeResult:
         ports = self._ports
+        verified = await self._verified_for_number(message.channel, message.company_address, request)
+        if verified is None:
+            return IntakeResult.FORBIDDEN
         conversation = await ports.conversations.find_open(message.channel, message.company_address, message.sender)
         if conversation is None:
             log.info("inbound_unknown_conversation", channel=message.channel, message_sid=message.message_sid)
             return IntakeResult.UNKNOWN_CONVERSATION
-        if not await self._authentic(conversation, message.channel, request):
+        if not await self._belongs(conversation, message.channel, request, verified):
             return IntakeResult.FORBIDDEN
         key = conversation_key(conversation)
         company = await ports.companies.get(str(conversation["company_id"]), str(conversation["project_id"]))
@@ -186,7 +214,7 @@ class InboundIntake:
         queue_url = self._required(self._config.handoff_queue_url, "COMMS_HANDOFF_QUEUE_URL")
         context = {
             "conversation": {
-                **{k: v for k, v in conversation.items() if k not in ("ai_config", "channel_config")},
+                **{k: v for k, v in conversation.items() if k not in ("ai_config", "channel_config", "early_delivery")},
                 "messages": list(conversation.get("messages") or [])[-HANDOFF_MESSAGES_KEPT:],
             },
             "inbound": message.model_dump(mode="json"),
@@ -222,21 +250,26 @@ class InboundIntake:
     # ---- status callbacks ----------------------------------------------------------------------
 
     async def delivery_status(self, form: Mapping[str, str], request: SignedRequest) -> IntakeResult:
+        """For a status callback `From` is our number and `To` the recipient."""
         sid = form.get("MessageSid") or form.get("SmsSid") or ""
         status = parse_delivery_status(form.get("MessageStatus") or form.get("SmsStatus") or "")
         raw_from, raw_to = form.get("From") or "", form.get("To") or ""
         channel = "whatsapp" if raw_from.startswith("whatsapp:") else "sms"
-        if not sid or not raw_from or not raw_to:
-            return IntakeResult.STATUS_UNKNOWN
-        found = await self._message_named(channel, bare_address(raw_from), bare_address(raw_to), sid)
-        if found is None:
-            log.info("status_for_unknown_message", message_sid=sid)
-            return IntakeResult.STATUS_UNKNOWN
-        conversation, index = found
-        if not await self._authentic(conversation, channel, request):
+        company_address = bare_address(raw_from)
+        verified = await self._verified_for_number(channel, company_address, request) if company_address else None
+        if verified is None:
             return IntakeResult.FORBIDDEN
-        if status is None:
+        if not sid or not raw_to or status is None:
             return IntakeResult.STATUS_UNKNOWN
+        conversations = await self._ports.conversations.conversations_between(
+            channel, company_address, bare_address(raw_to)
+        )
+        found = self._message_named(conversations, sid)
+        if found is None:
+            return await self._hold(conversations, channel, sid, status, request, verified)
+        conversation, index = found
+        if not await self._belongs(conversation, channel, request, verified):
+            return IntakeResult.FORBIDDEN
         current = parse_delivery_status(str(conversation["messages"][index].get("delivery_status") or ""))
         if not is_forward(current, status):
             return IntakeResult.STATUS_STALE
@@ -245,29 +278,78 @@ class InboundIntake:
         )
         return IntakeResult.STATUS_APPLIED if applied else IntakeResult.STATUS_STALE
 
-    async def _message_named(
-        self, channel: str, company_address: str, recipient: str, sid: str
-    ) -> tuple[dict[str, Any], int] | None:
-        conversations = await self._ports.conversations.conversations_between(channel, company_address, recipient)
+    async def _hold(
+        self,
+        conversations: list[dict[str, Any]],
+        channel: str,
+        sid: str,
+        status: DeliveryStatus,
+        request: SignedRequest,
+        verified: str,
+    ) -> IntakeResult:
+        """A callback for a SID no record shows yet (Twilio never retries it): keep it for the final update."""
+        targets = conversations_to_hold(conversations)
+        if not targets:
+            log.info("status_for_unknown_message", message_sid=sid)
+            return IntakeResult.STATUS_UNKNOWN
+        held = False
+        stamp = utc_iso(self._clock())
+        for conversation in targets:
+            if not await self._belongs(conversation, channel, request, verified):
+                continue
+            held = (
+                await self._ports.conversations.hold_delivery_status(
+                    conversation_key(conversation), sid, status, may_follow(status), stamp
+                )
+                or held
+            )
+        log.info("status_before_its_message", message_sid=sid, status=status.value, held=held)
+        return IntakeResult.STATUS_HELD if held else IntakeResult.STATUS_STALE
+
+    @staticmethod
+    def _message_named(conversations: list[dict[str, Any]], sid: str) -> tuple[dict[str, Any], int] | None:
         for conversation in sorted(conversations, key=lambda c: str(c.get("created_at", "")), reverse=True):
             for index, element in enumerate(conversation.get("messages") or []):
                 if isinstance(element, dict) and element.get("message_id") == sid:
                     return conversation, index
         return None
 
-    # ---- helpers -------------------------------------------------------------------------------
+    # ---- authentication ------------------------------------------------------------------------
 
-    async def _authentic(self, conversation: Mapping[str, Any], channel: str, request: SignedRequest) -> bool:
-        """The signature checked with the tenant's own Twilio auth token (its secret, cached)."""
+    async def _verified_for_number(self, channel: str, company_address: str, request: SignedRequest) -> str | None:
+        """The credentials id of the tenant owning our number, if the signature verifies with its token; else None.
+
+        Looks at nothing but the number (public anyway), so an unverifiable request learns nothing about pairs.
+        """
         if not request.signature:
-            log.warning("webhook_signature_missing", conversation_id=conversation.get("conversation_id"))
-            return False
+            log.warning("webhook_signature_missing", channel=channel)
+            return None
+        credentials_id = await self._ports.conversations.tenant_credentials(channel, company_address)
+        if credentials_id is None:
+            log.warning("webhook_number_has_no_tenant", channel=channel)
+            return None
+        return credentials_id if await self._valid_with(credentials_id, request) else None
+
+    async def _belongs(
+        self, conversation: Mapping[str, Any], channel: str, request: SignedRequest, verified: str
+    ) -> bool:
+        """The conversation's own tenant verifies the request too (a number wrongly shared by two tenants must
+        not let one of them write into the other's conversations). Usually the same credentials: no new check."""
         credentials_id = (conversation.get("channel_config") or {}).get(f"{channel}_credentials_id")
+        if credentials_id == verified:
+            return True
         if not credentials_id:
             log.error("webhook_tenant_has_no_credentials", conversation_id=conversation.get("conversation_id"))
             return False
+        if await self._valid_with(str(credentials_id), request):
+            return True
+        log.warning("webhook_conversation_of_another_tenant", conversation_id=conversation.get("conversation_id"))
+        return False
+
+    async def _valid_with(self, credentials_id: str, request: SignedRequest) -> bool:
+        """The signature checked with the Twilio auth token in this secret (cached by the secret store)."""
         try:
-            secret = await self._ports.secrets.get_json(str(credentials_id))
+            secret = await self._ports.secrets.get_json(credentials_id)
         except PermanentProviderError as exc:  # no such secret: nothing can authenticate this tenant
             log.error("webhook_tenant_secret_unusable", reason=exc.reason)
             return False
@@ -276,8 +358,10 @@ class InboundIntake:
         token = secret.get("twilio_auth_token", "")
         if token and self._ports.signatures.valid(token, request.url, request.params, request.signature):
             return True
-        log.warning("webhook_signature_invalid", conversation_id=conversation.get("conversation_id"))
+        log.warning("webhook_signature_invalid")
         return False
+
+    # ---- helpers -------------------------------------------------------------------------------
 
     @staticmethod
     def _required(queue_url: str | None, setting: str) -> str:

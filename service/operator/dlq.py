@@ -4,15 +4,32 @@ A queue's URL comes from its `COMMS_<KIND>_QUEUE_URL` setting (else the queue na
 `<prefix>-<kind>`); its DLQ is the one its RedrivePolicy names (else `<name>-dlq`).
 
 `redrive` never loses a message: each batch is first copied to the source queue (body, message
-attributes and trace header kept), and only the copies SQS accepted are deleted from the DLQ. A
-message whose copy failed is released at once and stays in the DLQ; one whose delete failed is
-copied at most once per run (a later run may copy it again: consumers are idempotent).
+attributes and trace header kept), and only the copies SQS accepted are deleted from the DLQ, right
+after. A message whose copy failed is released at once and stays in the DLQ.
+
+It ends, even while a worker dead-letters everything it is given (poison messages): it moves at most
+what the DLQ held when it started (visible + in flight), each message once (by message id), and tags
+every copy with the message attribute `commsRedriveRun` = this run's id; the consumers and SQS's own
+redrive keep message attributes when they dead-letter, so a copy that comes back during the run is
+recognised and left in the DLQ (released when the run ends). `moved` counts copies sent and deleted.
+SIGINT/SIGTERM: the batch in hand is finished (copied and deleted), then the run stops. A run killed
+outright (kill -9) between a copy and its delete leaves that message in both queues: harmless, the
+conversation claim acknowledges and drops a repeat (a reply trigger answers only unanswered fragments).
+
+Before a channel message goes back, its conversation, if it failed because retries ran out (`failure_kind`
+= retries_exhausted), is reopened (`DynamoConversationStore.reopen_exhausted`) so the redelivery can claim it.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import asyncio
+import contextlib
+import signal
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -21,7 +38,13 @@ import orjson
 from botocore.exceptions import ClientError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from consumers.template_job import InvalidContext, parse_template_job
+from service.adapters.aws.conversation_store import DynamoConversationStore
 from service.adapters.aws.errors import error_code
+from service.config import CHANNELS
+from service.domain.conversation import ConversationKey
+from service.domain.errors import DependencyUnavailable
+from service.domain.timefmt import utc_iso
 from service.operator.output import Context, Refused, UsageError, cell_text
 from service.resources import QUEUE_KINDS
 
@@ -35,6 +58,11 @@ RECEIVE_WAIT_S = 1  # a short long-poll: sees every message server, ends quickly
 BODY_PREVIEW_CHARS = 160
 _MISSING_QUEUE_CODES = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 _BATCH_TOO_LONG_CODES = ("AWS.SimpleQueueService.BatchRequestTooLong", "BatchRequestTooLong")
+RUN_ATTRIBUTE = "commsRedriveRun"  # message attribute naming the redrive run that sent a copy
+MAX_MESSAGE_ATTRIBUTES = 10  # SQS: a message with 10 attributes of its own cannot be tagged (it still moves)
+MAX_IDLE_RECEIVES = 3  # receives in a row that bring nothing to move (only this run's returned copies): stop
+EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM (after the batch in hand)
+REOPEN_FAILED = "ReopenFailed"  # not_sent code: the conversation could not be reopened, so the message stays
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +82,12 @@ class QueuePair:
 
 @dataclass(slots=True)
 class RedriveResult:
-    moved: int = 0
+    moved: int = 0  # copies sent to the source queue and deleted from the DLQ
     not_sent: dict[str, int] = field(default_factory=dict)  # error code -> messages left in the DLQ
     not_deleted: int = 0  # copied, but still in the DLQ as well
+    came_back: int = 0  # this run's copies dead-lettered again during the run: left in the DLQ
+    reopened: int = 0  # conversations failed by exhausted retries, reopened for the redelivery
+    stopped: bool = False  # a signal stopped the run after the batch in hand
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -90,7 +121,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="move DLQ messages back to their source queue",
         description=(
             "Copy DLQ messages to their source queue, then delete them from the DLQ; a message is never lost. "
-            "Without --queue every DLQ is redriven; --max applies per queue."
+            "Moves at most what the DLQ held at the start, each message once; copies that fail again during the "
+            "run stay in the DLQ. Conversations that failed because retries ran out are reopened first. "
+            "Without --queue every DLQ is redriven; --max applies per queue. Ctrl-C/SIGTERM: the batch in hand "
+            "is finished, then it stops (exit 130). Killed outright, a message may be left in both queues: "
+            "harmless, the consumer drops a repeat."
         ),
     )
     _queue_argument(redrive)
@@ -331,7 +366,8 @@ async def show_messages(args: argparse.Namespace, ctx: Context) -> int:
 # ---- redrive ------------------------------------------------------------------------------------
 
 
-def _copy_entry(index: int, message: MessageTypeDef) -> SendMessageBatchRequestEntryTypeDef:
+def _copy_entry(index: int, message: MessageTypeDef, run_id: str) -> SendMessageBatchRequestEntryTypeDef:
+    """The copy SendMessageBatch takes: body, message attributes, trace header, and this run's tag."""
     entry: SendMessageBatchRequestEntryTypeDef = {"Id": str(index), "MessageBody": message["Body"]}
     attributes: dict[str, Any] = {}
     for name, attribute in message.get("MessageAttributes", {}).items():
@@ -341,8 +377,9 @@ def _copy_entry(index: int, message: MessageTypeDef) -> SendMessageBatchRequestE
         if "BinaryValue" in attribute:
             value["BinaryValue"] = attribute["BinaryValue"]
         attributes[name] = value
-    if attributes:
-        entry["MessageAttributes"] = attributes
+    if RUN_ATTRIBUTE in attributes or len(attributes) < MAX_MESSAGE_ATTRIBUTES:
+        attributes[RUN_ATTRIBUTE] = {"DataType": "String", "StringValue": run_id}
+    entry["MessageAttributes"] = attributes
     trace = message.get("Attributes", {}).get("AWSTraceHeader")
     if trace:
         entry["MessageSystemAttributes"] = {"AWSTraceHeader": {"DataType": "String", "StringValue": trace}}
@@ -374,66 +411,187 @@ async def _send_copies(
     )
 
 
-async def _delete(sqs: SQSClient, url: str, messages: list[MessageTypeDef]) -> int:
-    """Delete from the DLQ (one retry for entries that failed); the number still not deleted."""
+async def _delete(sqs: SQSClient, url: str, messages: list[MessageTypeDef]) -> list[MessageTypeDef]:
+    """Delete from the DLQ (one retry for entries that failed); the messages still not deleted."""
     pending = messages
     for _ in range(2):
         if not pending:
-            return 0
+            return []
         answer = await sqs.delete_message_batch(
             QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(pending)]
         )
         failed = {f["Id"] for f in answer.get("Failed", [])}
         pending = [m for i, m in enumerate(pending) if str(i) in failed]
-    return len(pending)
+    return pending
 
 
-async def redrive(ctx: Context, pair: QueuePair, limit: int | None, progress: Progress | None = None) -> RedriveResult:
-    """Move up to `limit` messages (all when None) from the DLQ to the source queue; copy first, then delete."""
+def _run_of(message: MessageTypeDef) -> str | None:
+    """The redrive run that sent this message, if one did."""
+    tag = message.get("MessageAttributes", {}).get(RUN_ATTRIBUTE)
+    return tag.get("StringValue") if tag is not None else None
+
+
+def _conversation_key(body: str) -> ConversationKey | None:
+    """The conversation a channel-queue message is for; None for a context the consumer would reject anyway."""
+    try:
+        job = parse_template_job(body)
+    except InvalidContext:
+        return None
+    return ConversationKey(job.recipient, job.conversation_id)
+
+
+@dataclass(slots=True)
+class _Run:
+    """One queue's redrive: what it may still move and what it has seen."""
+
+    pair: QueuePair
+    run_id: str
+    budget: int  # copies this run may send: what the DLQ held at the start, or --max if smaller
+    result: RedriveResult = field(default_factory=RedriveResult)
+    copied: set[str] = field(default_factory=set)  # DLQ message ids copied: never copied twice
+    undeleted: set[str] = field(default_factory=set)  # copied ids whose DLQ delete has not succeeded yet
+    came_back: dict[str, MessageTypeDef] = field(default_factory=dict)  # this run's copies, back: left alone
+
+    @property
+    def sent(self) -> int:
+        return len(self.copied)
+
+
+async def _reopen(ctx: Context, run: _Run, messages: list[MessageTypeDef]) -> list[MessageTypeDef]:
+    """Reopen exhausted conversations before their messages go back; the messages whose reopen failed."""
+    if run.pair.kind not in CHANNELS:
+        return []  # replies keep the conversation answerable (nothing to reopen); hand-off has no conversation
+    keys = [(m, key) for m in messages if (key := _conversation_key(m.get("Body", ""))) is not None]
+    if not keys:
+        return []
+    store = DynamoConversationStore(ctx.aws.dynamodb, ctx.settings.conversations_table)
+    failed: list[MessageTypeDef] = []
+    for message, key in keys:
+        try:
+            if await store.reopen_exhausted(key, utc_iso(time.time())):
+                run.result.reopened += 1
+        except DependencyUnavailable:
+            failed.append(message)  # sent now it would be dropped against the failed record: it stays
+    return failed
+
+
+async def _move_batch(ctx: Context, run: _Run, fresh: list[MessageTypeDef]) -> bool:
+    """Reopen, copy, then delete each copied message at once; False when some could not go (the source queue
+    refused them, or their conversation could not be reopened): the run stops rather than spin on them."""
     sqs = ctx.aws.sqs
-    result = RedriveResult()
-    copied: set[str] = set()  # message ids copied in this run: never copied twice
-    waiting = (await _counts(sqs, pair.dlq_url))["messages"]
-    if waiting == 0:  # nothing to long-poll for; the count may lag up to a minute: run again if some just arrived
+    result = run.result
+    not_reopened = await _reopen(ctx, run, fresh)
+    sendable = [m for m in fresh if m not in not_reopened]
+    accepted, refused = (
+        await _send_copies(sqs, run.pair.source_url, [_copy_entry(i, m, run.run_id) for i, m in enumerate(sendable)])
+        if sendable
+        else (set(), {})
+    )
+    sent = [m for i, m in enumerate(sendable) if str(i) in accepted]
+    unsent = [m for i, m in enumerate(sendable) if str(i) not in accepted]
+    run.copied.update(m["MessageId"] for m in sent)
+    run.undeleted.update(m["MessageId"] for m in sent)
+    await _delete_copied(sqs, run, sent)
+    for index in range(len(sendable)):
+        if str(index) not in accepted:
+            code = refused.get(str(index), "NotAccepted")
+            result.not_sent[code] = result.not_sent.get(code, 0) + 1
+    if not_reopened:
+        result.not_sent[REOPEN_FAILED] = result.not_sent.get(REOPEN_FAILED, 0) + len(not_reopened)
+    if unsent or not_reopened:
+        await _release(sqs, run.pair.dlq_url, unsent + not_reopened)
+    return not unsent and not not_reopened
+
+
+async def _delete_copied(sqs: SQSClient, run: _Run, messages: list[MessageTypeDef]) -> None:
+    """Delete copied messages from the DLQ; each one deleted counts as moved (once)."""
+    left = {m["MessageId"] for m in await _delete(sqs, run.pair.dlq_url, messages)}
+    for message in messages:
+        message_id = message["MessageId"]
+        if message_id not in left and message_id in run.undeleted:
+            run.undeleted.discard(message_id)
+            run.result.moved += 1
+    run.result.not_deleted = len(run.undeleted)
+
+
+async def redrive(
+    ctx: Context,
+    pair: QueuePair,
+    limit: int | None,
+    progress: Progress | None = None,
+    stop: asyncio.Event | None = None,
+) -> RedriveResult:
+    """Move up to `limit` messages (all when None) from the DLQ to the source queue; copy first, then delete.
+
+    Never more than the DLQ held at the start, each message once; this run's copies that come back are left in
+    the DLQ. `stop` set: the batch in hand is finished, then the run ends (`stopped`).
+    """
+    sqs = ctx.aws.sqs
+    counts = await _counts(sqs, pair.dlq_url)
+    held = counts["messages"] + counts["in_flight"]
+    run = _Run(pair, uuid.uuid4().hex, held if limit is None else min(limit, held))
+    result = run.result
+    if run.budget == 0:  # the counts may lag up to a minute: run again if some just arrived
         return result
-    task = None
-    if progress is not None:
-        task = progress.add_task(pair.dlq_name, total=waiting if limit is None else min(limit, waiting))
-    while limit is None or result.moved < limit:
-        want = 10 if limit is None else min(10, limit - result.moved)
-        answer = await sqs.receive_message(
-            QueueUrl=pair.dlq_url,
-            MaxNumberOfMessages=want,
-            VisibilityTimeout=REDRIVE_VISIBILITY_S,
-            WaitTimeSeconds=RECEIVE_WAIT_S,
-            MessageAttributeNames=["All"],
-            MessageSystemAttributeNames=["AWSTraceHeader"],
-        )
-        batch = answer.get("Messages", [])
-        if not batch:
-            break
-        repeats = [m for m in batch if m["MessageId"] in copied]
-        fresh = [m for m in batch if m["MessageId"] not in copied]
-        accepted, refused = (
-            await _send_copies(sqs, pair.source_url, [_copy_entry(i, m) for i, m in enumerate(fresh)])
-            if fresh
-            else (set(), {})
-        )
-        sent = [m for i, m in enumerate(fresh) if str(i) in accepted]
-        unsent = [m for i, m in enumerate(fresh) if str(i) not in accepted]
-        copied.update(m["MessageId"] for m in sent)
-        result.not_deleted += await _delete(sqs, pair.dlq_url, sent + repeats)
-        result.moved += len(sent)
-        if progress is not None and task is not None:
-            progress.update(task, advance=len(sent))
-        if unsent:
-            await _release(sqs, pair.dlq_url, unsent)
-            for index in range(len(fresh)):
-                if str(index) not in accepted:
-                    code = refused.get(str(index), "NotAccepted")
-                    result.not_sent[code] = result.not_sent.get(code, 0) + 1
-            break  # the source queue refuses: stop rather than spin on the same messages
+    task = progress.add_task(pair.dlq_name, total=run.budget) if progress is not None else None
+    idle = 0
+    try:
+        while run.sent < run.budget and idle < MAX_IDLE_RECEIVES:
+            if stop is not None and stop.is_set():
+                result.stopped = True
+                break
+            answer = await sqs.receive_message(
+                QueueUrl=pair.dlq_url,
+                MaxNumberOfMessages=min(10, run.budget - run.sent),
+                VisibilityTimeout=REDRIVE_VISIBILITY_S,
+                WaitTimeSeconds=RECEIVE_WAIT_S,
+                MessageAttributeNames=["All"],
+                MessageSystemAttributeNames=["AWSTraceHeader"],
+            )
+            batch = answer.get("Messages", [])
+            if not batch:
+                break
+            for message in batch:
+                if _run_of(message) == run.run_id:
+                    run.came_back[message["MessageId"]] = message
+            repeats = [m for m in batch if m["MessageId"] in run.copied and m["MessageId"] not in run.came_back]
+            fresh = [m for m in batch if m["MessageId"] not in run.copied and m["MessageId"] not in run.came_back]
+            if repeats:  # copied earlier, delete failed, visible again: delete only
+                await _delete_copied(sqs, run, repeats)
+            if not fresh:
+                idle += 1
+                continue
+            idle = 0
+            moved_before = result.moved
+            accepted_all = await _move_batch(ctx, run, fresh)
+            if progress is not None and task is not None:
+                progress.update(task, advance=result.moved - moved_before)
+            if not accepted_all:
+                break  # stop rather than spin on the same messages
+    finally:
+        result.came_back = len(run.came_back)
+        if run.came_back:  # left alone, and visible again now rather than after the redrive visibility
+            with contextlib.suppress(ClientError):
+                await _release(sqs, pair.dlq_url, list(run.came_back.values()))
     return result
+
+
+@contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM set `stop` (the batch in hand finishes) instead of interrupting the run."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            pass
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 def _progress(ctx: Context) -> Progress:
@@ -452,7 +610,8 @@ async def redrive_messages(args: argparse.Namespace, ctx: Context) -> int:
     reports: list[dict[str, Any]] = []
     if args.dry_run:
         for pair in pairs:
-            waiting = (await _counts(ctx.aws.sqs, pair.dlq_url))["messages"]
+            counts = await _counts(ctx.aws.sqs, pair.dlq_url)
+            waiting = counts["messages"] + counts["in_flight"]  # what a redrive would take as its upper bound
             would = waiting if args.max is None else min(args.max, waiting)
             reports.append({"queue": pair.kind, "dlq": pair.dlq_name, "source": pair.source_name, "would_move": would})
             if not args.json:
@@ -462,11 +621,16 @@ async def redrive_messages(args: argparse.Namespace, ctx: Context) -> int:
         if args.json:
             ctx.out.json({"dry_run": True, "queues": reports})
         return 0
-    failed = False
-    with _progress(ctx) as progress:
+    failed = stopped = False
+    stop = asyncio.Event()
+    with _stop_on_signals(stop), _progress(ctx) as progress:
         for pair in pairs:
-            outcome = await redrive(ctx, pair, args.max, progress)
+            if stop.is_set():
+                stopped = True
+                break
+            outcome = await redrive(ctx, pair, args.max, progress, stop)
             failed = failed or bool(outcome.not_sent)
+            stopped = stopped or outcome.stopped
             reports.append(
                 {
                     "queue": pair.kind,
@@ -475,6 +639,9 @@ async def redrive_messages(args: argparse.Namespace, ctx: Context) -> int:
                     "moved": outcome.moved,
                     "not_sent": outcome.not_sent,
                     "not_deleted": outcome.not_deleted,
+                    "came_back": outcome.came_back,
+                    "reopened": outcome.reopened,
+                    "stopped": outcome.stopped,
                 }
             )
     for report in reports:
@@ -483,11 +650,21 @@ async def redrive_messages(args: argparse.Namespace, ctx: Context) -> int:
                 f"{report['not_deleted']} messages were copied to {report['source']} but are still in "
                 f"{report['dlq']}; a later redrive would deliver them again"
             )
+    for report in reports:
+        if report["came_back"]:
+            ctx.out.warn(
+                f"{report['came_back']} of the messages moved to {report['source']} failed again and are back in "
+                f"{report['dlq']}; left there (fix the cause, then redrive again)"
+            )
     if args.json:
-        ctx.out.json({"dry_run": False, "queues": reports})
+        ctx.out.json({"dry_run": False, "stopped": stopped, "queues": reports})
     else:
         for report in reports:
-            ctx.out.line(f"moved {report['moved']} messages from {report['dlq']} to {report['source']}")
+            reopened = f" ({report['reopened']} conversations reopened)" if report["reopened"] else ""
+            ctx.out.line(f"moved {report['moved']} messages from {report['dlq']} to {report['source']}{reopened}")
+    if stopped:
+        ctx.out.warn("stopped by a signal after finishing the batch in hand; run redrive again for the rest")
+        return EXIT_INTERRUPTED
     if failed:
         details = "; ".join(
             f"{r['dlq']}: {sum(r['not_sent'].values())} refused ({', '.join(r['not_sent'])})"

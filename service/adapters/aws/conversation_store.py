@@ -11,9 +11,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from service.adapters.aws.dynamo_codec import from_item, to_attribute
+from service.adapters.aws.early_delivery import apply_pending_safely
 from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
 from service.domain.conversation import ConversationKey, ConversationStatus
-from service.domain.conversation_claim import ClaimVerdict, ConversationSnapshot, SendState, verdict_for_refusal
+from service.domain.conversation_claim import (
+    EXHAUSTIBLE_STATUSES,
+    RETRIES_EXHAUSTED,
+    ClaimVerdict,
+    ConversationSnapshot,
+    SendState,
+    verdict_for_refusal,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
@@ -204,19 +212,27 @@ class DynamoConversationStore:
             ":zero": 0,
             ":stamp": stamp,
         }
+        sids = [str(message.get("message_id") or provider_message_id)]
         try:
-            await self._dynamodb.update_item(
+            answer = await self._dynamodb.update_item(
                 TableName=self._table,
                 Key=item_key(key),
                 UpdateExpression=expression,
                 ConditionExpression="attribute_exists(conversation_id) AND send_state <> :sent",
                 ExpressionAttributeNames={"#status": "conversation_status", "#messages": "messages"},
                 ExpressionAttributeValues=attribute_values(values),
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
         except AWS_FAILURES as exc:
-            if is_conditional_check_failure(exc):
-                return False
-            raise unavailable("dynamodb", "UpdateItem", exc) from exc
+            if not is_conditional_check_failure(exc):
+                raise unavailable("dynamodb", "UpdateItem", exc) from exc
+            # Already finalised (a retry): a status callback it could not apply then is applied now.
+            old = from_item(getattr(exc, "response", {}).get("Item") or {})
+            await apply_pending_safely(self._dynamodb, self._table, item_key(key), old, sids)
+            return False
+        # Status callbacks that came before this write (kept in early_delivery): onto the message it appended.
+        await apply_pending_safely(self._dynamodb, self._table, item_key(key), from_item(answer["Attributes"]), sids)
         return True
 
     async def record_invalid(self, key: ConversationKey, fields: Mapping[str, Any], reason: str, stamp: str) -> None:
@@ -240,6 +256,51 @@ class DynamoConversationStore:
 
     async def get(self, key: ConversationKey) -> dict[str, Any] | None:
         return await get_conversation(self._dynamodb, self._table, key)
+
+    async def mark_exhausted(
+        self, key: ConversationKey, owner: str, status: ConversationStatus, reason: str, stamp: str
+    ) -> bool:
+        """Retries ran out on a transient failure: failed like `mark_failed`, but marked `failure_kind` =
+        retries_exhausted so `comms dlq redrive` may reopen it. The send ledger is left exactly as it is."""
+        expression = (
+            "SET #status = :failed, failure_reason = :reason, failure_kind = :kind, claim_expires_at = :zero, "
+            "updated_at = :stamp"
+        )
+        values = {":failed": status.value, ":reason": reason, ":kind": RETRIES_EXHAUSTED, ":zero": 0, ":stamp": stamp}
+        return await self._owned_update(key, owner, expression, values, "mark_exhausted")
+
+    async def reopen_exhausted(self, key: ConversationKey, stamp: str) -> bool:
+        """`comms dlq redrive`: a conversation failed by exhausted retries back to PROCESSING with a lapsed claim
+        (claim_expires_at 0), so the redriven message claims it. The ledger stays: a message that may have gone
+        out is reconciled, not sent again. False (nothing changed) for any other record."""
+        statuses = sorted(s.value for s in EXHAUSTIBLE_STATUSES)
+        placeholders = [f":failed{i}" for i in range(len(statuses))]
+        values: dict[str, Any] = {
+            ":processing": ConversationStatus.PROCESSING.value,
+            ":kind": RETRIES_EXHAUSTED,
+            ":zero": 0,
+            ":one": 1,
+            ":stamp": stamp,
+            **dict(zip(placeholders, statuses, strict=True)),
+        }
+        try:
+            await self._dynamodb.update_item(
+                TableName=self._table,
+                Key=item_key(key),
+                UpdateExpression=(
+                    "SET #status = :processing, claim_expires_at = :zero, last_failure_reason = failure_reason, "
+                    "updated_at = :stamp, reopen_count = if_not_exists(reopen_count, :zero) + :one "
+                    "REMOVE failure_reason, failure_kind"
+                ),
+                ConditionExpression=f"failure_kind = :kind AND #status IN ({', '.join(placeholders)})",
+                ExpressionAttributeNames={"#status": "conversation_status"},
+                ExpressionAttributeValues=attribute_values(values),
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return False
+            raise unavailable("dynamodb", "UpdateItem", exc) from exc
+        return True
 
 
 async def get_conversation(dynamodb: DynamoDBClient, table: str, key: ConversationKey) -> dict[str, Any] | None:

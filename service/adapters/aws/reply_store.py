@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from service.adapters.aws.conversation_store import attribute_values, get_conversation, item_key
 from service.adapters.aws.dynamo_codec import from_item
+from service.adapters.aws.early_delivery import apply_pending_safely, hold, set_message_status
 from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
+from service.adapters.ttl_cache import TtlCache
 from service.domain.conversation import ConversationKey, ConversationStatus
+from service.domain.conversation_claim import RETRIES_EXHAUSTED
 from service.domain.delivery_state import DeliveryStatus
 from service.resources import CONVERSATION_INDEXES, Index
 
@@ -50,9 +53,11 @@ class ReplyClaim:
 
 
 class DynamoReplyStore:
-    def __init__(self, dynamodb: DynamoDBClient, table: str) -> None:
+    def __init__(self, dynamodb: DynamoDBClient, table: str, number_cache_ttl_s: float = 60.0) -> None:
         self._dynamodb = dynamodb
         self._table = table
+        # company number -> the credentials id of the tenant it belongs to (found ones only, briefly)
+        self._numbers: TtlCache[tuple[str, str], str | None] = TtlCache(number_cache_ttl_s, max_entries=10_000)
 
     # ---- look-ups ------------------------------------------------------------------------------
 
@@ -87,6 +92,49 @@ class DynamoReplyStore:
             c for c in await self.conversations_between(channel, company_address, sender) if c.get("task_complete") == 0
         ]
         return max(candidates, key=lambda c: str(c.get("created_at", "")), default=None)
+
+    async def tenant_credentials(self, channel: str, company_address: str) -> str | None:
+        """The credentials id (`channel_config.<channel>_credentials_id`) of the tenant that owns this company
+        address, from its conversations alone (the index's partition key: no sender involved), cached briefly;
+        None when no conversation names the address."""
+        key = (channel, company_address)
+        found = await self._numbers.get(key, lambda: self._credentials_of(channel, company_address))
+        if found is None:
+            self._numbers.invalidate(key)  # a number's first conversation must be found as soon as it exists
+        return found
+
+    async def _credentials_of(self, channel: str, company_address: str) -> str | None:
+        index = INDEX_BY_CHANNEL[channel]
+        attribute = f"{channel}_credentials_id"
+        start: dict[str, Any] | None = None
+        for _ in range(5):  # a few small pages: a record without channel config (an invalid context) is skipped
+            params: dict[str, Any] = {
+                "TableName": self._table,
+                "IndexName": index.name,
+                "KeyConditionExpression": "#pk = :pk",
+                "ProjectionExpression": "#config.#credentials",
+                "ExpressionAttributeNames": {
+                    "#pk": index.partition_key,
+                    "#config": "channel_config",
+                    "#credentials": attribute,
+                },
+                "ExpressionAttributeValues": attribute_values({":pk": company_address}),
+                "Limit": 1 if start is None else 10,
+            }
+            if start:
+                params["ExclusiveStartKey"] = start
+            try:
+                page = await self._dynamodb.query(**params)
+            except AWS_FAILURES as exc:
+                raise unavailable("dynamodb", "Query", exc) from exc
+            for item in page.get("Items", []):
+                credentials = (from_item(item).get("channel_config") or {}).get(attribute)
+                if isinstance(credentials, str) and credentials:
+                    return credentials
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                return None
+        return None
 
     async def get(self, key: ConversationKey) -> dict[str, Any] | None:
         return await get_conversation(self._dynamodb, self._table, key)
@@ -208,9 +256,13 @@ class DynamoReplyStore:
         }
         if not stopped:
             values[":reply_sent"] = ConversationStatus.REPLY_SENT.value
-        return await self._owned_update(
+        record = await self._owned_update(
             key, owner, expression, values, "finalise", {"#messages": "messages"}, stopped=stopped
         )
+        if record is not None:  # status callbacks that came before this write: onto the messages it appended
+            sids = [str(m["message_id"]) for m in messages if m.get("message_id")]
+            await apply_pending_safely(self._dynamodb, self._table, item_key(key), record, sids)
+        return record
 
     async def release(self, key: ConversationKey, owner: str, stamp: str) -> bool:
         """Nothing to answer: back to the status the conversation had before the claim."""
@@ -275,6 +327,18 @@ class DynamoReplyStore:
         values = {":handed_off": ConversationStatus.HANDED_OFF.value, ":reason": reason, ":stamp": stamp}
         await self._set(key, expression, values, "hand_off")
 
+    async def hold_delivery_status(
+        self,
+        key: ConversationKey,
+        message_sid: str,
+        new: DeliveryStatus,
+        may_replace: frozenset[DeliveryStatus],
+        stamp: str,
+    ) -> bool:
+        """A status callback for a SID not (yet) in `messages`: kept on this conversation until the final update
+        that appends it applies it (`early_delivery`), or applied now if that update landed meanwhile."""
+        return await hold(self._dynamodb, self._table, item_key(key), message_sid, new, may_replace, stamp)
+
     async def set_delivery_status(
         self,
         key: ConversationKey,
@@ -285,24 +349,20 @@ class DynamoReplyStore:
         stamp: str,
     ) -> bool:
         """Forward-only: applied when the message has no state yet or one `new` may replace; else False."""
-        element = f"#messages[{index}]"
-        allowed = sorted(s.value for s in may_replace)
-        placeholders = [f":from{i}" for i in range(len(allowed))]
-        condition = f"{element}.message_id = :sid AND (attribute_not_exists({element}.delivery_status)"
-        condition += f" OR {element}.delivery_status IN ({', '.join(placeholders)}))" if allowed else ")"
-        values: dict[str, Any] = {":sid": message_sid, ":new": new.value, ":stamp": stamp}
-        values.update(dict(zip(placeholders, allowed, strict=True)))
-        try:
-            await self._dynamodb.update_item(
-                TableName=self._table,
-                Key=item_key(key),
-                UpdateExpression=f"SET {element}.delivery_status = :new, {element}.delivery_updated_at = :stamp",
-                ConditionExpression=condition,
-                ExpressionAttributeNames={"#messages": "messages"},
-                ExpressionAttributeValues=attribute_values(values),
-            )
-        except AWS_FAILURES as exc:
-            if is_conditional_check_failure(exc):
-                return False
-            raise unavailable("dynamodb", "UpdateItem", exc) from exc
-        return True
+        return await set_message_status(
+            self._dynamodb, self._table, item_key(key), index, message_sid, new, may_replace, stamp
+        )
+
+    async def release_exhausted(
+        self, key: ConversationKey, owner: str, status: ConversationStatus, reason: str, stamp: str
+    ) -> bool:
+        """Retries ran out on a transient failure: back to the status before the claim (the conversation stays
+        answerable), the failure noted in `last_reply_failure`; `reply_attempt` is kept, so a reply that may have
+        gone out is reconciled by the next trigger, never sent twice."""
+        expression = (
+            "SET #status = status_before_reply, last_reply_failure = :failure, updated_at = :stamp "
+            "REMOVE reply_owner, reply_lease_expires, status_before_reply"
+        )
+        failure = {"status": status.value, "reason": reason, "failure_kind": RETRIES_EXHAUSTED, "at": stamp}
+        values = {":failure": failure, ":stamp": stamp}
+        return await self._owned_update(key, owner, expression, values, "release_exhausted") is not None
