@@ -18,16 +18,22 @@ from typing import Any
 
 import orjson
 import pytest
+from botocore.exceptions import ClientError
 from rich.console import Console
 from rich.progress import Progress
 
 from consumers.sqs_messages import resendable_attributes
+from consumers.template_job import parse_template_job
 from service.adapters.aws.clients import open_aws_clients
+from service.adapters.aws.conversation_store import DynamoConversationStore, item_key
+from service.adapters.aws.dynamo_codec import to_attribute
 from service.config import Settings
+from service.domain.conversation import ConversationKey
 from service.local.provision import provision_resources
 from service.operator.dlq import RUN_ATTRIBUTE, QueuePair, redrive, redrive_messages, resolve_queue
 from service.operator.output import Context, Output
 from tests.operator_support import Cli, unique
+from tests.test_template_job_parsing import context_for
 
 
 @pytest.fixture
@@ -490,3 +496,115 @@ async def test_sigint_during_redrive_finishes_the_batch_then_exits_130(settings)
             assert await _depth(ctx.aws.sqs, pair.dlq_url) == 25 - moved
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# -- a reopened conversation whose copy the source queue refuses ----------------------------------------------------
+
+EXHAUSTED_REASON = "retries_exhausted: ai_transient (500)"
+
+
+class SourceRefusingSqs:
+    """The real SQS, but the source queue refuses every copy: reported as failed entries, or an AWS error."""
+
+    def __init__(self, sqs: Any, *, raise_error: bool = False) -> None:
+        self._sqs = sqs
+        self._raise_error = raise_error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sqs, name)
+
+    async def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, Any]]) -> Any:
+        if self._raise_error:
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "SendMessageBatch")
+        return {
+            "Successful": [],
+            "Failed": [{"Id": e["Id"], "Code": "KmsThrottled", "SenderFault": False} for e in Entries],
+        }
+
+
+async def _exhausted_in_dlq(ctx: Context, pair: QueuePair) -> ConversationKey:
+    """A channel message in the DLQ whose conversation failed because retries ran out."""
+    body = orjson.dumps(context_for("whatsapp")).decode()
+    job = parse_template_job(body)
+    key = ConversationKey(job.recipient, job.conversation_id)
+    record = {
+        "conversation_status": "failed_to_process_ai",
+        "failure_reason": EXHAUSTED_REASON,
+        "failure_kind": "retries_exhausted",
+        "claim_owner": "worker-1",
+        "claim_expires_at": 0,
+        "send_state": "not_sent",
+        "updated_at": "2025-01-01T00:00:00.000Z",
+    }
+    await ctx.aws.dynamodb.put_item(
+        TableName=ctx.settings.conversations_table,
+        Item={**item_key(key), **{k: to_attribute(v) for k, v in record.items()}},
+    )
+    await ctx.aws.sqs.send_message(QueueUrl=pair.dlq_url, MessageBody=body)
+    return key
+
+
+async def test_a_refused_copy_leaves_its_conversation_failed_as_exhausted_and_a_later_redrive_reopens_it(settings):
+    async with AsyncExitStack() as stack:
+        ctx, pair = await _own_pair(settings, stack, "whatsapp")
+        key = await _exhausted_in_dlq(ctx, pair)
+        store = DynamoConversationStore(ctx.aws.dynamodb, ctx.settings.conversations_table)
+        refusing = Context(
+            ctx.settings, SimpleNamespace(sqs=SourceRefusingSqs(ctx.aws.sqs), dynamodb=ctx.aws.dynamodb), Output()
+        )
+
+        result = await redrive(refusing, pair, None)
+
+        record = await store.get(key)
+        assert record is not None
+        assert record["conversation_status"] == "failed_to_process_ai"
+        assert record["failure_kind"] == "retries_exhausted" and record["failure_reason"] == EXHAUSTED_REASON
+        assert "last_failure_reason" not in record and "reopen_count" not in record
+        assert record["claim_owner"] == "worker-1" and record["claim_expires_at"] == 0
+        assert (result.moved, result.not_sent, result.reopened, result.not_closed) == (0, {"KmsThrottled": 1}, 0, 0)
+        assert await _depth(ctx.aws.sqs, pair.dlq_url) == 1 and await _depth(ctx.aws.sqs, pair.source_url) == 0
+
+        again = await redrive(ctx, pair, None)  # the source queue healthy again: reopened and moved
+
+        assert (again.moved, again.not_sent, again.reopened) == (1, {}, 1)
+        assert await _depth(ctx.aws.sqs, pair.dlq_url) == 0 and await _depth(ctx.aws.sqs, pair.source_url) == 1
+        reopened = await store.get(key)
+        assert reopened is not None and reopened["conversation_status"] == "processing"
+        assert "failure_kind" not in reopened and reopened["last_failure_reason"] == EXHAUSTED_REASON
+
+
+async def test_an_aws_error_sending_the_copy_leaves_its_conversation_failed_as_exhausted(settings):
+    async with AsyncExitStack() as stack:
+        ctx, pair = await _own_pair(settings, stack, "whatsapp")
+        key = await _exhausted_in_dlq(ctx, pair)
+        failing = SourceRefusingSqs(ctx.aws.sqs, raise_error=True)
+        own = Context(ctx.settings, SimpleNamespace(sqs=failing, dynamodb=ctx.aws.dynamodb), Output())
+
+        with pytest.raises(ClientError):
+            await redrive(own, pair, None)
+
+        assert await _depth(ctx.aws.sqs, pair.dlq_url) == 1 and await _depth(ctx.aws.sqs, pair.source_url) == 0
+        record = await DynamoConversationStore(ctx.aws.dynamodb, ctx.settings.conversations_table).get(key)
+        assert record is not None and record["conversation_status"] == "failed_to_process_ai"
+        assert record["failure_kind"] == "retries_exhausted" and record["failure_reason"] == EXHAUSTED_REASON
+
+
+async def test_a_reopen_is_not_undone_once_the_record_changed_after_it(settings):
+    async with AsyncExitStack() as stack:
+        ctx, pair = await _own_pair(settings, stack, "whatsapp")
+        key = await _exhausted_in_dlq(ctx, pair)
+        store = DynamoConversationStore(ctx.aws.dynamodb, ctx.settings.conversations_table)
+        before = await store.get(key)
+        assert before is not None and await store.reopen_exhausted(key, "2025-01-02T00:00:00.000Z")
+        await ctx.aws.dynamodb.update_item(  # a worker took the claim meanwhile
+            TableName=ctx.settings.conversations_table,
+            Key=item_key(key),
+            UpdateExpression="SET claim_owner = :owner, claim_expires_at = :lease",
+            ExpressionAttributeValues={":owner": to_attribute("worker-2"), ":lease": to_attribute(time.time() + 60)},
+        )
+
+        assert not await store.close_reopened(key, before, "2025-01-02T00:00:00.000Z", "2025-01-02T00:00:01.000Z")
+
+        record = await store.get(key)
+        assert record is not None and record["conversation_status"] == "processing"
+        assert record["claim_owner"] == "worker-2" and "failure_kind" not in record

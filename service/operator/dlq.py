@@ -18,6 +18,9 @@ conversation claim acknowledges and drops a repeat (a reply trigger answers only
 
 Before a channel message goes back, its conversation, if it failed because retries ran out (`failure_kind`
 = retries_exhausted), is reopened (`DynamoConversationStore.reopen_exhausted`) so the redelivery can claim it.
+If the source queue then refuses that copy, the reopen is undone (`close_reopened`: failed and retries_exhausted
+again, only while the record is exactly as the reopen left it), so the conversation matches the message left in
+the DLQ and a later redrive reopens it.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ class RedriveResult:
     not_deleted: int = 0  # copied, but still in the DLQ as well
     came_back: int = 0  # this run's copies dead-lettered again during the run: left in the DLQ
     reopened: int = 0  # conversations failed by exhausted retries, reopened for the redelivery
+    not_closed: int = 0  # reopened, copy refused, and the reopen could not be undone: left `processing`
     stopped: bool = False  # a signal stopped the run after the batch in hand
 
 
@@ -457,22 +461,61 @@ class _Run:
         return len(self.copied)
 
 
-async def _reopen(ctx: Context, run: _Run, messages: list[MessageTypeDef]) -> list[MessageTypeDef]:
-    """Reopen exhausted conversations before their messages go back; the messages whose reopen failed."""
+@dataclass(frozen=True, slots=True)
+class _Reopened:
+    """A conversation this batch reopened: enough to undo the reopen if its copy is refused."""
+
+    key: ConversationKey
+    before: dict[str, Any]  # the record read just before the reopen
+    stamp: str  # the updated_at the reopen wrote
+
+
+async def _reopen(
+    ctx: Context, run: _Run, messages: list[MessageTypeDef]
+) -> tuple[list[MessageTypeDef], dict[str, _Reopened]]:
+    """Reopen exhausted conversations before their messages go back: the messages whose reopen failed, and
+    what was reopened (by message id) so it can be undone for a copy the source queue refuses."""
     if run.pair.kind not in CHANNELS:
-        return []  # replies keep the conversation answerable (nothing to reopen); hand-off has no conversation
+        return [], {}  # replies keep the conversation answerable (nothing to reopen); hand-off has no conversation
     keys = [(m, key) for m in messages if (key := _conversation_key(m.get("Body", ""))) is not None]
     if not keys:
-        return []
+        return [], {}
     store = DynamoConversationStore(ctx.aws.dynamodb, ctx.settings.conversations_table)
     failed: list[MessageTypeDef] = []
+    reopened: dict[str, _Reopened] = {}
     for message, key in keys:
+        stamp = utc_iso(time.time())
         try:
-            if await store.reopen_exhausted(key, utc_iso(time.time())):
+            before = await store.get(key)
+            if await store.reopen_exhausted(key, stamp):
                 run.result.reopened += 1
+                if before is not None:
+                    reopened[message["MessageId"]] = _Reopened(key, before, stamp)
         except DependencyUnavailable:
             failed.append(message)  # sent now it would be dropped against the failed record: it stays
-    return failed
+    return failed, reopened
+
+
+async def _close_reopened(
+    ctx: Context, run: _Run, reopened: dict[str, _Reopened], unsent: list[MessageTypeDef], sent: list[MessageTypeDef]
+) -> None:
+    """Undo the reopen of each conversation whose copy the source queue did not take (and no other copy in this
+    batch went for): failed and retries_exhausted again, so it matches the message left in the DLQ and a later
+    redrive reopens it. Conditional: a record changed since the reopen is left as it is (counted `not_closed`)."""
+    going = {_conversation_key(m.get("Body", "")) for m in sent}
+    undo = [r for m in unsent if (r := reopened.get(m["MessageId"])) is not None and r.key not in going]
+    if not undo:
+        return
+    store = DynamoConversationStore(ctx.aws.dynamodb, ctx.settings.conversations_table)
+    for reopen in undo:
+        try:
+            closed = await store.close_reopened(reopen.key, reopen.before, reopen.stamp, utc_iso(time.time()))
+        except DependencyUnavailable:
+            closed = False
+        if closed:
+            run.result.reopened -= 1
+        else:
+            run.result.not_closed += 1
 
 
 async def _move_batch(ctx: Context, run: _Run, fresh: list[MessageTypeDef]) -> bool:
@@ -480,15 +523,22 @@ async def _move_batch(ctx: Context, run: _Run, fresh: list[MessageTypeDef]) -> b
     refused them, or their conversation could not be reopened): the run stops rather than spin on them."""
     sqs = ctx.aws.sqs
     result = run.result
-    not_reopened = await _reopen(ctx, run, fresh)
+    not_reopened, reopened = await _reopen(ctx, run, fresh)
     sendable = [m for m in fresh if m not in not_reopened]
-    accepted, refused = (
-        await _send_copies(sqs, run.pair.source_url, [_copy_entry(i, m, run.run_id) for i, m in enumerate(sendable)])
-        if sendable
-        else (set(), {})
-    )
+    try:
+        accepted, refused = (
+            await _send_copies(
+                sqs, run.pair.source_url, [_copy_entry(i, m, run.run_id) for i, m in enumerate(sendable)]
+            )
+            if sendable
+            else (set(), {})
+        )
+    except Exception:  # no answer: treated as none sent (a copy that did go finds its record failed, and is dropped)
+        await _close_reopened(ctx, run, reopened, sendable, [])
+        raise
     sent = [m for i, m in enumerate(sendable) if str(i) in accepted]
     unsent = [m for i, m in enumerate(sendable) if str(i) not in accepted]
+    await _close_reopened(ctx, run, reopened, unsent, sent)
     run.copied.update(m["MessageId"] for m in sent)
     run.undeleted.update(m["MessageId"] for m in sent)
     await _delete_copied(sqs, run, sent)
@@ -641,6 +691,7 @@ async def redrive_messages(args: argparse.Namespace, ctx: Context) -> int:
                     "not_deleted": outcome.not_deleted,
                     "came_back": outcome.came_back,
                     "reopened": outcome.reopened,
+                    "not_closed": outcome.not_closed,
                     "stopped": outcome.stopped,
                 }
             )
@@ -655,6 +706,12 @@ async def redrive_messages(args: argparse.Namespace, ctx: Context) -> int:
             ctx.out.warn(
                 f"{report['came_back']} of the messages moved to {report['source']} failed again and are back in "
                 f"{report['dlq']}; left there (fix the cause, then redrive again)"
+            )
+    for report in reports:
+        if report["not_closed"]:
+            ctx.out.warn(
+                f"{report['not_closed']} conversations were reopened but their messages stayed in {report['dlq']}, "
+                "and the reopen could not be undone: they show `processing`; redrive again to move the messages"
             )
     if args.json:
         ctx.out.json({"dry_run": False, "stopped": stopped, "queues": reports})

@@ -302,6 +302,67 @@ class DynamoConversationStore:
             raise unavailable("dynamodb", "UpdateItem", exc) from exc
         return True
 
+    async def close_reopened(
+        self, key: ConversationKey, before: Mapping[str, Any], reopened_at: str, stamp: str
+    ) -> bool:
+        """Undo `reopen_exhausted` when its redriven copy never reached the source queue: `before` is the record as
+        read just before the reopen, `reopened_at` the stamp the reopen wrote. Failed as it was again (status,
+        failure_reason, failure_kind = retries_exhausted, last_failure_reason and reopen_count as they were), only
+        while the record is exactly as that reopen left it (processing, claim lapsed at 0, same stamp and
+        reopen_count, claim_owner unchanged): no worker can have claimed it, since no copy exists. False (nothing
+        changed) when it is not, or when `before` was not a reopenable record."""
+        status = str(before.get("conversation_status", ""))
+        reason = before.get("failure_reason")
+        if before.get("failure_kind") != RETRIES_EXHAUSTED or status not in EXHAUSTIBLE_STATUSES or reason is None:
+            return False
+        count = int(before.get("reopen_count") or 0)
+        values: dict[str, Any] = {
+            ":processing": ConversationStatus.PROCESSING.value,
+            ":zero": 0,
+            ":reopened": reopened_at,
+            ":count": count + 1,
+            ":failed": status,
+            ":reason": reason,
+            ":kind": RETRIES_EXHAUSTED,
+            ":stamp": stamp,
+        }
+        sets = ["#status = :failed", "failure_reason = :reason", "failure_kind = :kind", "updated_at = :stamp"]
+        removes: list[str] = []
+        if "last_failure_reason" in before:
+            sets.append("last_failure_reason = :last")
+            values[":last"] = before["last_failure_reason"]
+        else:
+            removes.append("last_failure_reason")
+        if "reopen_count" in before:
+            sets.append("reopen_count = :before_count")
+            values[":before_count"] = count
+        else:
+            removes.append("reopen_count")
+        condition = (
+            "#status = :processing AND claim_expires_at = :zero AND updated_at = :reopened "
+            "AND reopen_count = :count AND attribute_not_exists(failure_kind)"
+        )
+        if before.get("claim_owner") is not None:
+            condition += " AND claim_owner = :owner"
+            values[":owner"] = before["claim_owner"]
+        else:
+            condition += " AND attribute_not_exists(claim_owner)"
+        expression = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
+        try:
+            await self._dynamodb.update_item(
+                TableName=self._table,
+                Key=item_key(key),
+                UpdateExpression=expression,
+                ConditionExpression=condition,
+                ExpressionAttributeNames={"#status": "conversation_status"},
+                ExpressionAttributeValues=attribute_values(values),
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return False
+            raise unavailable("dynamodb", "UpdateItem", exc) from exc
+        return True
+
 
 async def get_conversation(dynamodb: DynamoDBClient, table: str, key: ConversationKey) -> dict[str, Any] | None:
     """The record, read consistently (after a conditional write refused us), or None."""
