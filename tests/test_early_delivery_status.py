@@ -8,6 +8,7 @@ two writes lands first.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -214,6 +215,23 @@ async def test_kept_callbacks_are_bounded_per_conversation(world):
         assert await world.status_callback(tel, new_sid(), "sent") == 200
 
     assert len(await pending(world, key)) == PENDING_CAP
+
+
+async def test_a_full_map_drops_its_oldest_entry_to_keep_a_new_callback(world):
+    """Kept on up to three conversations but forgotten only by the one recording the message: a map filled by
+    such leftovers must still keep the next early callback (in place of the oldest), not refuse it for good."""
+    tel, key = await sending_template(world)
+    sids = [new_sid() for _ in range(PENDING_CAP + 3)]
+
+    for sid in sids:
+        assert await world.status_callback(tel, sid, "sent") == 200
+        await asyncio.sleep(0.002)  # distinct `at` stamps (ms resolution)
+
+    kept = await pending(world, key)
+    assert len(kept) == PENDING_CAP
+    assert set(kept) == set(sids[3:])
+    assert await finalise_template(world, key, assistant(sids[-1]))
+    assert (await message_named(world, key, sids[-1]))["delivery_status"] == "sent"
 
 
 async def test_callback_for_a_pair_with_no_conversation_is_answered_200_and_stores_nothing(world):

@@ -457,3 +457,51 @@ async def test_another_body_is_refused_without_waiting():
         await rig.initiate()
     assert refused.value.code is ErrorCode.IDEMPOTENCY_KEY_REUSED
     assert rig.time.slept == []
+
+
+@dataclass
+class _WrittenThenStuckLedger(_MemoryLedger):
+    """A claim whose conditional write DynamoDB applied, but whose answer never comes back before the deadline."""
+
+    written: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def claim(self, record: RequestRecord, now: float) -> RequestRecord | None:
+        answer = await super().claim(record, now)
+        self.written.set()
+        await asyncio.Event().wait()  # until cancelled
+        return answer
+
+
+async def test_deadline_during_an_applied_claim_write_frees_the_request_id_for_the_retry():
+    rig = _rig(duplicate_wait_s=0)
+    stuck = _WrittenThenStuckLedger()
+    rig.initiator._ports = replace(rig.initiator._ports, ledger=stuck)
+    first = asyncio.ensure_future(rig.initiate())
+    await asyncio.wait_for(stuck.written.wait(), 1)
+    assert stuck.records[rig.key].state is RequestState.IN_PROGRESS
+
+    first.cancel()  # the request deadline
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+    assert rig.key not in stuck.records
+    rig.initiator._ports = replace(rig.initiator._ports, ledger=rig.ledger)
+    rig.ledger.records.update(stuck.records)
+    outcome = await rig.initiate()  # the caller's retry: queued at once, not 409 for the whole lease
+    assert outcome.enqueued is True
+    assert rig.publisher.sent == [outcome.conversation_id]
+
+
+async def test_deadline_during_a_claim_write_never_frees_another_attempts_claim():
+    rig = _rig(duplicate_wait_s=0)
+    rig.hold_elsewhere()
+    stuck = _WrittenThenStuckLedger(records=rig.ledger.records)
+    rig.initiator._ports = replace(rig.initiator._ports, ledger=stuck)
+    first = asyncio.ensure_future(rig.initiate())
+    await asyncio.wait_for(stuck.written.wait(), 1)
+
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+    assert stuck.records[rig.key].conversation_id == "elsewhere"

@@ -125,7 +125,8 @@ async def test_signed_inbound_for_a_real_pair_is_still_staged(world):
 
 
 async def test_conversation_is_checked_with_its_own_tenants_token_too(world):
-    """A number shared by mistake between tenants: the token that verified the number must also be the pair's."""
+    """A number shared by mistake between tenants: the token that verified the number must also be the pair's.
+    If it is not, the request is answered as for an unknown pair (one tenant must not learn another's pairs)."""
     number = f"+44779{uuid.uuid4().int % 10**7:07d}"
     other_secret = f"test/other-tenant/{uuid.uuid4().hex}"
     await world.deps.aws.secrets.create_secret(
@@ -144,9 +145,63 @@ async def test_conversation_is_checked_with_its_own_tenants_token_too(world):
     form["To"] = f"whatsapp:{number}"
 
     answer = await world.post_form(INBOUND, form, signature=sign(world.public_url(INBOUND), form))
+    unknown = inbound_form("whatsapp", f"+44779{uuid.uuid4().int % 10**7:07d}", "nobody's pair")
+    unknown["To"] = f"whatsapp:{number}"
+    for_unknown = await world.post_form(INBOUND, unknown, signature=sign(world.public_url(INBOUND), unknown))
 
-    assert refusal(*answer) == FORBIDDEN
+    assert answer == for_unknown == (200, "text/xml", EMPTY_TWIML)
     await nothing_stored(world, other.conversation_id)
+
+
+async def test_number_whose_old_conversations_name_old_credentials_still_verifies_with_the_current_ones(world):
+    """A project's credentials id changed: conversations from before name the old one, newer ones the current
+    one. A request signed with the current token is accepted whichever conversation the number is read from."""
+    number = f"+44779{uuid.uuid4().int % 10**7:07d}"
+    old_secret = f"test/rotated-away/{uuid.uuid4().hex}"
+    await world.deps.aws.secrets.create_secret(
+        Name=old_secret, SecretString=orjson.dumps({"twilio_auth_token": "the-old-token"}).decode()
+    )
+    # Sorted first on the number's index (lowest recipient): an old conversation naming the old credentials.
+    await world.seed_conversation(
+        "+440000000001",
+        gsi_company_whatsapp_number=number,
+        channel_config={"whatsapp_credentials_id": old_secret, "company_whatsapp_number": number},
+        thread=False,
+    )
+    tel = f"+44779{uuid.uuid4().int % 10**7:07d}"
+    current = await world.seed_conversation(tel, gsi_company_whatsapp_number=number, thread=False)
+    form = inbound_form("whatsapp", tel, "signed with the current token")
+    form["To"] = f"whatsapp:{number}"
+
+    answer = await world.post_form(INBOUND, form, signature=sign(world.public_url(INBOUND), form))
+
+    assert answer == (200, "text/xml", EMPTY_TWIML)
+    assert [f["body"] for f in await world.staged(current.conversation_id)] == ["signed with the current token"]
+
+
+async def test_status_callback_for_another_tenants_conversation_is_answered_as_unknown(world):
+    number = f"+44779{uuid.uuid4().int % 10**7:07d}"
+    other_secret = f"test/other-tenant/{uuid.uuid4().hex}"
+    await world.deps.aws.secrets.create_secret(
+        Name=other_secret, SecretString=orjson.dumps({"twilio_auth_token": "another-tenants-token"}).decode()
+    )
+    await world.seed_conversation("+440000000001", gsi_company_whatsapp_number=number, thread=False)
+    tel, sid = f"+44779{uuid.uuid4().int % 10**7:07d}", new_sid()
+    message = {"message_id": sid, "timestamp": "2026-01-01T00:00:00.000Z", "role": "assistant", "content": "Hi"}
+    other = await world.seed_conversation(
+        tel,
+        gsi_company_whatsapp_number=number,
+        channel_config={"whatsapp_credentials_id": other_secret, "company_whatsapp_number": number},
+        messages=[message],
+        thread=False,
+    )
+    form = status_form("whatsapp", tel, sid, "delivered")
+    form["From"] = f"whatsapp:{number}"
+
+    answer = await world.post_form(STATUS, form, signature=sign(world.public_url(STATUS), form))
+
+    assert answer == (200, "text/xml", EMPTY_TWIML)
+    assert "delivery_status" not in (await world.conversation(other))["messages"][0]
 
 
 async def test_inbound_without_message_sid_is_a_400_error_body(world):

@@ -6,8 +6,12 @@ that records its message is kept and applied by that update (`delivery_state.con
 Nothing about who talks to whom is revealed before the signature is verified: the tenant, and so the auth
 token, follows from the business number alone (`To` of a message, `From` of a status callback); only a
 request verified with that token gets as far as looking up the (sender, business number) pair, and the
-conversation found must belong to a tenant whose token verifies it too. Anything unverifiable is FORBIDDEN,
-whatever the pair.
+conversation found must belong to a tenant whose token verifies it too (if not, it is answered as an unknown
+pair: one tenant learns nothing of another's pairs). Anything unverifiable is FORBIDDEN, whatever the pair.
+
+Once the request is verified and its conversation found, the state-changing rest (opt-out, hand-off, stage +
+lock + trigger) runs under `asyncio.shield`: the request deadline may answer 503, but never cuts the work
+between taking the trigger lock and queueing the trigger (a lock held with no trigger would never be answered).
 
 Nothing here talks HTTP: the handler passes the URL Twilio signed, the form and the signature,
 and turns the `IntakeResult` into a status code. AWS failures escape as `DependencyUnavailable`
@@ -16,6 +20,7 @@ and turns the `IntakeResult` into a status code. AWS failures escape as `Depende
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -74,7 +79,7 @@ class SignatureVerifier(Protocol):
 
 
 class ReplyLookup(Protocol):
-    async def tenant_credentials(self, channel: str, company_address: str) -> str | None: ...
+    async def tenant_credentials(self, channel: str, company_address: str) -> tuple[str, ...]: ...
 
     async def find_open(self, channel: str, company_address: str, sender: str) -> dict[str, Any] | None: ...
 
@@ -110,6 +115,8 @@ class StageStore(Protocol):
     async def stage(self, conversation_id: str, primary_channel: str, fragment: Fragment, expires_at: int) -> bool: ...
 
     async def take_lock(self, conversation_id: str, holder: str, now: float, expires_at: int) -> bool: ...
+
+    async def mark_queued(self, conversation_id: str, holder: str) -> None: ...
 
     async def release_lock(self, conversation_id: str, holder: str | None = None) -> None: ...
 
@@ -169,7 +176,12 @@ class InboundIntake:
             log.info("inbound_unknown_conversation", channel=message.channel, message_sid=message.message_sid)
             return IntakeResult.UNKNOWN_CONVERSATION
         if not await self._belongs(conversation, message.channel, request, verified):
-            return IntakeResult.FORBIDDEN
+            return IntakeResult.UNKNOWN_CONVERSATION
+        # Verified and found: from here on every step changes state; a deadline must not cut it half-way.
+        return await asyncio.shield(self._act(conversation, message))
+
+    async def _act(self, conversation: dict[str, Any], message: InboundMessage) -> IntakeResult:
+        ports = self._ports
         key = conversation_key(conversation)
         company = await ports.companies.get(str(conversation["company_id"]), str(conversation["project_id"]))
         if company is None or not company.is_active or not company.allows(message.channel):
@@ -234,7 +246,8 @@ class InboundIntake:
         expires_at = int(now + window + LOCK_MARGIN_S)
         fragment = Fragment(message.message_sid, message.body, utc_iso(now))
         stored = await self._ports.stage.stage(key.conversation_id, key.primary_channel, fragment, expires_at)
-        # Even a duplicate tries the lock: the first delivery may have failed before it queued the trigger.
+        # Even a duplicate tries the lock: the first delivery may have failed (or been cut) before it queued the
+        # trigger; it holds the lock then, and as its holder this retry may re-take it (`take_lock`).
         if await self._ports.stage.take_lock(key.conversation_id, message.message_sid, now, expires_at):
             trigger = orjson.dumps({"conversation_id": key.conversation_id, "primary_channel": key.primary_channel})
             try:
@@ -245,6 +258,10 @@ class InboundIntake:
                 await self._ports.stage.release_lock(key.conversation_id, message.message_sid)
                 raise
             log.info("reply_trigger_queued", conversation_id=key.conversation_id, delay_s=window)
+            try:  # unmarked, a retry of this MessageSid re-takes the lock and queues a (harmless) second trigger
+                await self._ports.stage.mark_queued(key.conversation_id, message.message_sid)
+            except DependencyUnavailable as exc:
+                log.warning("reply_trigger_not_marked_queued", conversation_id=key.conversation_id, detail=str(exc))
         return IntakeResult.STAGED if stored else IntakeResult.DUPLICATE
 
     # ---- status callbacks ----------------------------------------------------------------------
@@ -269,7 +286,7 @@ class InboundIntake:
             return await self._hold(conversations, channel, sid, status, request, verified)
         conversation, index = found
         if not await self._belongs(conversation, channel, request, verified):
-            return IntakeResult.FORBIDDEN
+            return IntakeResult.STATUS_UNKNOWN
         current = parse_delivery_status(str(conversation["messages"][index].get("delivery_status") or ""))
         if not is_forward(current, status):
             return IntakeResult.STATUS_STALE
@@ -317,18 +334,23 @@ class InboundIntake:
     # ---- authentication ------------------------------------------------------------------------
 
     async def _verified_for_number(self, channel: str, company_address: str, request: SignedRequest) -> str | None:
-        """The credentials id of the tenant owning our number, if the signature verifies with its token; else None.
+        """The credentials id, among those the number's conversations name, whose token verifies the signature;
+        else None. (A project whose credentials id changed leaves old conversations naming the old one: any of
+        them may verify.)
 
         Looks at nothing but the number (public anyway), so an unverifiable request learns nothing about pairs.
         """
         if not request.signature:
             log.warning("webhook_signature_missing", channel=channel)
             return None
-        credentials_id = await self._ports.conversations.tenant_credentials(channel, company_address)
-        if credentials_id is None:
+        candidates = await self._ports.conversations.tenant_credentials(channel, company_address)
+        if not candidates:
             log.warning("webhook_number_has_no_tenant", channel=channel)
             return None
-        return credentials_id if await self._valid_with(credentials_id, request) else None
+        for credentials_id in candidates:
+            if await self._valid_with(credentials_id, request):
+                return credentials_id
+        return None
 
     async def _belongs(
         self, conversation: Mapping[str, Any], channel: str, request: SignedRequest, verified: str

@@ -1,7 +1,8 @@
 """The initiate-conversation use case: tenant rules, request idempotency, queueing (SPEC §2, §4).
 
 Talks only to ports. The queue-and-record step runs shielded, so a cancelled
-request can never leave a message queued without its idempotency record settled.
+request can never leave a message queued without its idempotency record settled;
+one cancelled during the claim write releases the claim it may have written.
 
 A repeat of a request_id that is still being queued waits for it (bounded by
 `duplicate_wait_s`, polling the ledger) and answers as it does; a repeat whose body
@@ -142,7 +143,7 @@ class ConversationInitiator:
                 claim = RequestRecord(
                     key, RequestState.IN_PROGRESS, conversation_id, now + self._lease_s, body_hash=body_hash
                 )
-                record = await self._ports.ledger.claim(claim, now)
+                record = await self._claim(claim, now)
                 if record is None:
                     return None
                 # Refused: follow the record that refused. Even one `decide` calls claimable (a lease
@@ -165,6 +166,32 @@ class ConversationInitiator:
             now = self._clock()
             record = await self._ports.ledger.read(key)
             verdict = decide(record, now=now, body_hash=body_hash)
+
+    async def _claim(self, claim: RequestRecord, now: float) -> RequestRecord | None:
+        """The ledger claim; cancelled (the request deadline) while the write may have been applied, the claim is
+        released (shielded, best effort, only if the record is still this very claim) so a retry need not wait
+        out the whole lease for a request that queued nothing."""
+        try:
+            return await self._ports.ledger.claim(claim, now)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._release_if_ours(claim))
+            raise
+
+    async def _release_if_ours(self, claim: RequestRecord) -> None:
+        try:
+            record = await self._ports.ledger.read(claim.key)
+        except DependencyUnavailable as exc:
+            log.warning("request_claim_not_released", error=str(exc), lease_s=self._lease_s)
+            return
+        ours = (
+            record is not None
+            and record.state is RequestState.IN_PROGRESS
+            and record.conversation_id == claim.conversation_id
+            and record.body_hash == claim.body_hash
+            and int(record.lease_expires_at) == int(claim.lease_expires_at)  # the ledger stores whole seconds
+        )
+        if ours:
+            await self._release_quietly(claim.key)
 
     async def _queue(
         self,

@@ -4,7 +4,9 @@ Twilio reports a message as soon as it has it, and does not retry a status callb
 appends the message (template sender or replier) may land later, after a crash and a redelivery's reconcile.
 A signed callback whose SID is not in `messages` yet is kept on the conversation in the map attribute
 `early_delivery` = {sid: {"status", "at"}} (forward-only merge, at most `PENDING_CAP` entries) and applied by
-the final update that appends that SID.
+the final update that appends that SID. A callback is kept on up to three conversations but forgotten only by the
+one that records its message, so a full map makes room by dropping its oldest entry (by `at`): a new callback
+is never refused for lack of room.
 
 Race-free both ways because both sides write the same item and read what they wrote (ReturnValues ALL_NEW):
     - the callback keeps its state first: the final update's ALL_NEW holds the entry, it applies it;
@@ -186,8 +188,51 @@ async def hold(
         index = message_index(old, sid)
         if index is not None:  # recorded after our look-up: straight onto the message
             return await set_message_status(dynamodb, table, key, index, sid, new, may_replace, stamp)
-        log.info("early_delivery_status_not_kept", message_sid=sid, status=new.value, reason="stale_or_full")
+        kept = old.get(PENDING_ATTRIBUTE)
+        if isinstance(kept, dict) and sid not in kept and len(kept) >= PENDING_CAP:
+            return await _replace_oldest(dynamodb, table, key, kept, sid, entry, new, may_replace, stamp)
+        log.info("early_delivery_status_not_kept", message_sid=sid, status=new.value, reason="stale")
         return False
+    return await _settle(dynamodb, table, key, from_item(answer["Attributes"]), sid, new, may_replace, stamp)
+
+
+def _kept_at(entry: Any) -> str:
+    return str(entry.get("at") or "") if isinstance(entry, dict) else ""
+
+
+async def _replace_oldest(
+    dynamodb: DynamoDBClient,
+    table: str,
+    key: Mapping[str, Any],
+    kept: Mapping[str, Any],
+    sid: str,
+    entry: Mapping[str, str],
+    new: DeliveryStatus,
+    may_replace: frozenset[DeliveryStatus],
+    stamp: str,
+) -> bool:
+    """The map is full: keep this callback in place of the oldest entry (by `at`; entries whose message was
+    recorded elsewhere are never forgotten here and would otherwise fill it for good)."""
+    oldest = min(kept, key=lambda kept_sid: (_kept_at(kept[kept_sid]), kept_sid))
+    try:
+        answer = await dynamodb.update_item(
+            TableName=table,
+            Key=dict(key),
+            UpdateExpression="REMOVE #pending.#oldest SET #pending.#sid = :entry",
+            ConditionExpression=(
+                "attribute_exists(conversation_id) AND attribute_exists(#pending.#oldest)"
+                " AND attribute_not_exists(#pending.#sid)"
+            ),
+            ExpressionAttributeNames={"#pending": PENDING_ATTRIBUTE, "#oldest": oldest, "#sid": sid},
+            ExpressionAttributeValues=_values({":entry": dict(entry)}),
+            ReturnValues="ALL_NEW",
+        )
+    except AWS_FAILURES as exc:
+        if not is_conditional_check_failure(exc):
+            raise unavailable("dynamodb", "UpdateItem", exc) from exc
+        log.info("early_delivery_status_not_kept", message_sid=sid, status=new.value, reason="full_and_changing")
+        return False
+    log.info("early_delivery_status_replaced_oldest", message_sid=sid, dropped_sid=oldest)
     return await _settle(dynamodb, table, key, from_item(answer["Attributes"]), sid, new, may_replace, stamp)
 
 

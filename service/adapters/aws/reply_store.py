@@ -33,6 +33,9 @@ INDEX_BY_CHANNEL: dict[str, Index] = {
     "sms": CONVERSATION_INDEXES[2],
     "email": CONVERSATION_INDEXES[3],
 }
+# Credentials ids of a company number: its conversations read in a few pages, the credentials attribute only.
+CREDENTIALS_PAGE_SIZE = 200
+CREDENTIALS_PAGES = 5
 REPLYABLE = (ConversationStatus.INITIAL_MESSAGE_SENT.value, ConversationStatus.REPLY_SENT.value)
 _CLAIMABLE = "(#status IN (:initial, :replied)) OR (#status = :processing_reply AND reply_lease_expires < :now)"
 _OWNED = "reply_owner = :owner AND #status = :processing_reply"
@@ -56,8 +59,8 @@ class DynamoReplyStore:
     def __init__(self, dynamodb: DynamoDBClient, table: str, number_cache_ttl_s: float = 60.0) -> None:
         self._dynamodb = dynamodb
         self._table = table
-        # company number -> the credentials id of the tenant it belongs to (found ones only, briefly)
-        self._numbers: TtlCache[tuple[str, str], str | None] = TtlCache(number_cache_ttl_s, max_entries=10_000)
+        # company number -> the credentials ids its conversations name (found ones only, briefly)
+        self._numbers: TtlCache[tuple[str, str], tuple[str, ...]] = TtlCache(number_cache_ttl_s, max_entries=10_000)
 
     # ---- look-ups ------------------------------------------------------------------------------
 
@@ -93,21 +96,26 @@ class DynamoReplyStore:
         ]
         return max(candidates, key=lambda c: str(c.get("created_at", "")), default=None)
 
-    async def tenant_credentials(self, channel: str, company_address: str) -> str | None:
-        """The credentials id (`channel_config.<channel>_credentials_id`) of the tenant that owns this company
-        address, from its conversations alone (the index's partition key: no sender involved), cached briefly;
-        None when no conversation names the address."""
+    async def tenant_credentials(self, channel: str, company_address: str) -> tuple[str, ...]:
+        """The distinct credentials ids (`channel_config.<channel>_credentials_id`) the conversations of this
+        company address name (the index's partition key: no sender involved), in the order first seen, cached
+        briefly; empty when no conversation names the address.
+
+        All of them, not the first: a project whose credentials id changed leaves its old conversations naming
+        the old one, and the request is accepted if any of them verifies it."""
         key = (channel, company_address)
         found = await self._numbers.get(key, lambda: self._credentials_of(channel, company_address))
-        if found is None:
+        if not found:
             self._numbers.invalidate(key)  # a number's first conversation must be found as soon as it exists
         return found
 
-    async def _credentials_of(self, channel: str, company_address: str) -> str | None:
+    async def _credentials_of(self, channel: str, company_address: str) -> tuple[str, ...]:
+        """A bounded query: only the credentials attribute, at most `CREDENTIALS_PAGES` pages."""
         index = INDEX_BY_CHANNEL[channel]
         attribute = f"{channel}_credentials_id"
+        found: dict[str, None] = {}
         start: dict[str, Any] | None = None
-        for _ in range(5):  # a few small pages: a record without channel config (an invalid context) is skipped
+        for _ in range(CREDENTIALS_PAGES):
             params: dict[str, Any] = {
                 "TableName": self._table,
                 "IndexName": index.name,
@@ -119,7 +127,7 @@ class DynamoReplyStore:
                     "#credentials": attribute,
                 },
                 "ExpressionAttributeValues": attribute_values({":pk": company_address}),
-                "Limit": 1 if start is None else 10,
+                "Limit": CREDENTIALS_PAGE_SIZE,
             }
             if start:
                 params["ExclusiveStartKey"] = start
@@ -127,14 +135,14 @@ class DynamoReplyStore:
                 page = await self._dynamodb.query(**params)
             except AWS_FAILURES as exc:
                 raise unavailable("dynamodb", "Query", exc) from exc
-            for item in page.get("Items", []):
+            for item in page.get("Items", []):  # a record without channel config (an invalid context) is skipped
                 credentials = (from_item(item).get("channel_config") or {}).get(attribute)
                 if isinstance(credentials, str) and credentials:
-                    return credentials
+                    found[credentials] = None
             start = page.get("LastEvaluatedKey")
             if not start:
-                return None
-        return None
+                break
+        return tuple(found)
 
     async def get(self, key: ConversationKey) -> dict[str, Any] | None:
         return await get_conversation(self._dynamodb, self._table, key)

@@ -108,20 +108,43 @@ class DynamoStageStore:
     # ---- trigger lock --------------------------------------------------------------------------
 
     async def take_lock(self, conversation_id: str, holder: str, now: float, expires_at: int) -> bool:
-        """True when this caller now holds the trigger lock (it was absent or had expired)."""
+        """True when this caller now holds the trigger lock: it was absent, had expired, or is `holder`'s own
+        and its trigger is not marked queued (`mark_queued`).
+
+        So a webhook retry of the same MessageSid whose first delivery took the lock but never queued the trigger
+        (cut or crashed in between) queues it then; one whose trigger is known queued does not queue a second
+        (a second would be harmless anyway: the reply claim deduplicates)."""
         item = to_item({"conversation_id": conversation_id, "holder": holder, "expires_at": expires_at})
         try:
             await self._dynamodb.put_item(
                 TableName=self._lock_table,
                 Item=item,
-                ConditionExpression="attribute_not_exists(conversation_id) OR expires_at < :now",
-                ExpressionAttributeValues={":now": to_attribute(int(now))},
+                ConditionExpression=(
+                    "attribute_not_exists(conversation_id) OR expires_at < :now"
+                    " OR (holder = :holder AND attribute_not_exists(trigger_queued))"
+                ),
+                ExpressionAttributeValues={":now": to_attribute(int(now)), ":holder": to_attribute(holder)},
             )
         except AWS_FAILURES as exc:
             if is_conditional_check_failure(exc):
                 return False
             raise unavailable("dynamodb", "PutItem", exc) from exc
         return True
+
+    async def mark_queued(self, conversation_id: str, holder: str) -> None:
+        """Note on `holder`'s lock that its trigger is queued (its retries then no longer re-take it)."""
+        try:
+            await self._dynamodb.update_item(
+                TableName=self._lock_table,
+                Key={"conversation_id": to_attribute(conversation_id)},
+                UpdateExpression="SET trigger_queued = :yes",
+                ConditionExpression="holder = :holder",
+                ExpressionAttributeValues={":yes": to_attribute(True), ":holder": to_attribute(holder)},
+            )
+        except AWS_FAILURES as exc:
+            if is_conditional_check_failure(exc):
+                return
+            raise unavailable("dynamodb", "UpdateItem", exc) from exc
 
     async def release_lock(self, conversation_id: str, holder: str | None = None) -> None:
         """Drop the lock (only `holder`'s, when given)."""
