@@ -10,8 +10,11 @@ during a slow AI call used to dead-letter healthy messages). So on stop:
 
 - `running` goes False at once and no new poll starts. A poller waiting for a slot or resting after a
   failed poll has nothing open at SQS and is cancelled at once.
-- An open receive is left to end by itself (within `wait_time_s`); what it brings is handed back at once
-  (visibility 0, never started). In parallel, in-flight work drains within `grace_s`.
+- An open receive is always left to end by itself (within `wait_time_s`), also when nothing is in flight:
+  cancelling it would only close our end, and the poll SQS still holds would take what becomes visible
+  meanwhile (another replica's retry whose visibility lapsed, a new message), count a receive and hide it
+  for a visibility timeout. What it brings is handed back at once (visibility 0, never started). In
+  parallel, in-flight work drains within `grace_s`.
 - Work interrupted at stop (reason `shutdown`, visibility 0), and any retry due before the open receive
   could end, is made visible only once no receive is outstanding (`_no_receive` set). Until then the
   heartbeat keeps it invisible.
@@ -19,14 +22,13 @@ during a slow AI call used to dead-letter healthy messages). So on stop:
   the AWS read timeout). A receive still open then (a hung connection; a failing one with botocore's
   retries) is cancelled as a last resort and logged (`receive_abandoned`); a receive that fails ends the
   poller without the usual rest, so an unreachable SQS never holds stop up beyond that bound.
-- When the drain leaves nothing to make visible (no work in flight, no retry waiting for the poll), there
-  is nothing the open receive could take from us, so it is cancelled then rather than holding stop up for
-  the rest of its wait (an idle worker still stops at once).
+- `abandon()` (an operator's second signal) stops at once instead: the open receive and all in-flight work
+  are cancelled, nothing is made visible; interrupted messages reappear when their visibility lapses.
 
-What remains is not ours to avoid: a message sent to the queue while the final receive is open is taken by
-it (one receive), and if that receive was left open at idle or abandoned, also hidden for a visibility
-timeout. Stop can take up to `wait_time_s + receive_margin_s` when work was interrupted, longer than a short
-`grace_s`: the process' termination grace must allow for it.
+What remains is not ours to avoid: a message made visible while the final receive is open is taken by it
+(one receive, handed back at once); only if that receive is abandoned is it also hidden for a visibility
+timeout. Stop takes up to `wait_time_s + receive_margin_s` even when idle, longer than a short `grace_s`:
+the process' termination grace must allow for it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ log = structlog.get_logger(__name__)
 UNHANDLED_ERROR = "unhandled_error"  # the processor raised
 LEASE_LOST = "lease_lost"  # visibility could not be kept; the work was cancelled (or finished protected)
 SHUTDOWN = "shutdown"  # cancelled by stop() after the grace period; made visible again at once
+ABANDONED = "abandoned"  # cancelled by abandon(); left to reappear when its visibility lapses
 CANCELLED = "cancelled"  # cancelled by something else; made visible again at once
 
 
@@ -149,6 +152,7 @@ class QueueConsumer:
         self._after_poll_end: set[InFlight] = set()  # finishes waiting for `_no_receive` to make their message visible
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._abandoned = False
         self._stopped = asyncio.Event()
         self.counts = ConsumerCounts()
 
@@ -207,8 +211,6 @@ class QueueConsumer:
             polling = asyncio.create_task(self.stop_polling(), name=f"stop-polling:{self._queue_name}")
             try:
                 await self.drain(grace_s)
-                if not self._in_flight and not self._after_poll_end:
-                    self.cancel_receive("nothing_to_return")
             finally:
                 await polling
             await self.settle_finishing()
@@ -243,11 +245,22 @@ class QueueConsumer:
                 poller.cancel()
         await asyncio.wait({poller})
 
-    def cancel_receive(self, why: str) -> None:
-        """Cancel our end of an open receive now (SQS keeps its end open until the wait is over)."""
-        if self._poller is not None and not self._poller.done() and not self._no_receive.is_set():
-            log.info("receive_cancelled", queue=self._queue_name, reason=why)
+    def abandon(self) -> None:
+        """Stop at once (an operator's second signal): cancel the poll and all in-flight work, make nothing visible.
+
+        SQS keeps a cancelled receive open until its wait is over; interrupted messages reappear only when their
+        visibility lapses, so that receive cannot take them. Safe to call more than once.
+        """
+        if self._abandoned:
+            return
+        self._abandoned = True
+        log.warning("consumer_abandoned", queue=self._queue_name, ongoing=self.ongoing)
+        if self._poller is not None and not self._poller.done():
+            if not self._no_receive.is_set():
+                log.warning("receive_abandoned", queue=self._queue_name, reason="abandon")
             self._poller.cancel()
+        for item in list(self._in_flight.values()):
+            self.cancel(item)
 
     async def drain(self, grace_s: float) -> None:
         """Wait for in-flight work up to `grace_s`; cancel what is unprotected, give protected work a bounded while."""
@@ -448,6 +461,8 @@ class QueueConsumer:
         """What a cancelled message's finish does: nothing after a lost lease, else visible again at once."""
         if item.lease.lost.is_set():
             return Outcome.retry(LEASE_LOST)
+        if self._abandoned:
+            return Outcome.retry(ABANDONED)
         return Outcome.retry(SHUTDOWN if self._stopping else CANCELLED, 0)
 
     def finish_soon(self, item: InFlight, outcome: Outcome, duration_s: float) -> asyncio.Task[None]:
@@ -469,7 +484,9 @@ class QueueConsumer:
         a receive for nothing and, if that receive is abandoned, wait out a whole visibility timeout.
         A retry without a fixed delay uses the backoff, which may be shorter: it waits too.
         """
-        if not self._stopping or self._no_receive.is_set() or outcome.disposition is not Disposition.RETRY:
+        if self._abandoned or not self._stopping or self._no_receive.is_set():
+            return False
+        if outcome.disposition is not Disposition.RETRY:
             return False
         if item.lease.lost.is_set():
             return False  # nothing will be changed: the message reappears when its visibility lapses
@@ -515,7 +532,7 @@ class QueueConsumer:
 
     async def retry_later(self, item: InFlight, outcome: Outcome) -> dict[str, Any]:
         """Make the message visible after the processor's delay, or a backoff from its receive count."""
-        if item.lease.lost.is_set():
+        if item.lease.lost.is_set() or (self._abandoned and outcome.reason in (SHUTDOWN, ABANDONED)):
             return {"sqs": "left_to_reappear"}
         delay = outcome.retry_delay_s
         if delay is None:

@@ -191,6 +191,7 @@ async def build_consumers(
     consumer_config = ConsumerConfig(
         concurrency=settings.consumer_concurrency,
         visibility_timeout_s=settings.visibility_timeout_s,
+        wait_time_s=settings.poll_wait_s,
     )
     store = DynamoConversationStore(shared.aws.dynamodb, settings.conversations_table)
     consumers: list[QueueConsumer] = []

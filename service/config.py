@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     consumer_concurrency: int = Field(64, ge=1, le=2000)
     visibility_timeout_s: int = Field(60, ge=10, le=43200)
     drain_grace_s: float = Field(25.0, ge=0)
+    poll_wait_s: int = Field(
+        20, ge=1, le=20, description="SQS long-poll WaitTimeSeconds; a stop waits for the open poll up to this + 5 s"
+    )
     batching_window_s: int = Field(10, ge=0, le=900)
     consumer_queues: str = Field("whatsapp,sms,email,replies", description="Queues this process consumes")
     secrets_cache_ttl_s: float = Field(300.0, ge=0)

@@ -2,18 +2,21 @@
 
 Shutdown order: readiness goes false, new work stops, in-flight work drains within
 the grace period, then the HTTP server and every client close (reverse of opening).
+A second SIGTERM/SIGINT during shutdown stops at once: open polls and in-flight work are cancelled
+(`QueueConsumer.abandon`), and messages in flight reappear after their visibility timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import structlog
 from aiohttp import web
 
+from consumers.runtime import QueueConsumer
 from service.api.app import create_app, make_runner
 from service.bootstrap import Dependencies, build
 from service.config import Settings
@@ -22,10 +25,19 @@ Role = Literal["api", "worker", "all"]
 log = structlog.get_logger("service.runner")
 
 
-def install_stop_signals(stop: asyncio.Event) -> None:
+def install_stop_signals(stop: asyncio.Event, force: asyncio.Event) -> None:
+    """The first SIGTERM/SIGINT sets `stop` (graceful drain); one during shutdown sets `force` (stop at once)."""
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            stop.set()
+        elif not force.is_set():
+            log.warning("forced_stop", signal=sig.name, in_flight="reappears after its visibility timeout")
+            force.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
 
 
 async def start_http(deps: Dependencies) -> web.AppRunner:
@@ -44,7 +56,8 @@ async def run_service(
     on_ready: Callable[[Dependencies], None] | None = None,
 ) -> None:
     stop = stop or asyncio.Event()
-    install_stop_signals(stop)
+    force = asyncio.Event()
+    install_stop_signals(stop, force)
     runs_consumers = role in ("worker", "all")
     async with build(settings, expects_consumers=runs_consumers) as deps:
         http = await start_http(deps)
@@ -60,6 +73,20 @@ async def run_service(
             # Readiness goes false first, so load balancers and KEDA stop counting on this process.
             deps.readiness.draining = True
             log.info("service_stopping", role=role, grace_s=settings.drain_grace_s)
-            await asyncio.gather(*(consumer.stop(settings.drain_grace_s) for consumer in deps.consumers))
+            await stop_consumers(deps.consumers, settings.drain_grace_s, force)
             await http.cleanup()
     log.info("service_stopped", role=role)
+
+
+async def stop_consumers(consumers: Sequence[QueueConsumer], grace_s: float, force: asyncio.Event) -> None:
+    """Stop every consumer gracefully in parallel; once `force` is set, abandon whatever is still stopping."""
+    stopping: asyncio.Future[Any] = asyncio.gather(*(consumer.stop(grace_s) for consumer in consumers))
+    forced: asyncio.Future[Any] = asyncio.create_task(force.wait())
+    try:
+        await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.done():
+            for consumer in consumers:
+                consumer.abandon()
+        await stopping
+    finally:
+        forced.cancel()

@@ -30,7 +30,8 @@ def moto_server() -> Iterator[MotoServer]:
 
 @pytest.fixture(scope="session")
 async def settings(moto_server: MotoServer) -> Settings:
-    base = Settings(aws_endpoint_url=moto_server.url, aws_max_attempts=2, consumer_concurrency=8)
+    # A short long poll: every in-process consumer's stop waits for its open poll to end.
+    base = Settings(aws_endpoint_url=moto_server.url, aws_max_attempts=2, consumer_concurrency=8, poll_wait_s=1)
     return await provision_resources(base)
 
 

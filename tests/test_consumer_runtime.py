@@ -25,6 +25,7 @@ from consumers.contracts import Lease, Outcome, QueueMessage
 from consumers.heartbeat import InFlight, VisibilityHeartbeat, next_visibility_s
 from consumers.metrics import ConsumerMetrics
 from consumers.runtime import ConsumerConfig, QueueConsumer, run_consumers
+from service.runner import stop_consumers
 
 # -- queues, clients and metrics -------------------------------------------------------------------------
 
@@ -118,7 +119,8 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout_s: flo
 
 
 def config(**changes: Any) -> ConsumerConfig:
-    return ConsumerConfig(**{"concurrency": 4, "visibility_timeout_s": 3, **changes})
+    # A short long poll: stop() lets the open one end by itself, so the wait bounds every test's stop.
+    return ConsumerConfig(**{"concurrency": 4, "visibility_timeout_s": 3, "wait_time_s": 1, **changes})
 
 
 @asynccontextmanager
@@ -676,6 +678,52 @@ async def test_a_message_arriving_during_the_final_poll_is_handed_back_at_once(s
     # that is open) + this receive; handed back at once rather than hidden for the visibility timeout.
     assert counts == {"slow": "2", "late": "2"}
     assert consumer.counts.returned == 2
+
+
+async def test_an_idle_consumer_lets_its_open_poll_end_and_hands_back_what_it_took(sqs, metrics):
+    # Nothing in flight at stop: cancelling the poll would only close our end; SQS keeps it open and a message
+    # made visible meanwhile (another replica's retry, a new one) would be taken, counted and hidden for 30 s.
+    queue = await create_queue(sqs, visibility_s=30)
+    recorder = Recorder(after(0, Outcome.done("sent")))
+    client = ReceivesOutliveCancellation(sqs)
+    consumer = QueueConsumer(client, queue.url, queue.name, recorder, metrics, config(visibility_timeout_s=30))
+    await consumer.start()
+    await client.started.get()  # the long poll is open at SQS
+    stopping = asyncio.create_task(consumer.stop(grace_s=0))
+    await asyncio.sleep(0)  # stop has begun: no new poll, the open one is left to end
+    assert not consumer.running and not stopping.done()
+    await send(sqs, queue, ["late"])
+    await stopping
+    await client.ended()
+    assert [m["Body"] for m in client.taken] == ["late"]
+    assert len(client.receive_sizes) == 1
+    assert recorder.seen == []
+    assert consumer.counts.returned == 1
+    # Visible again at once (not after 30 s): the handed-back receive + this one.
+    [again] = await raw_receive(sqs, queue.url)
+    assert (again["Body"], again["Attributes"]["ApproximateReceiveCount"]) == ("late", "2")
+
+
+async def test_forced_stop_abandons_the_open_poll_and_in_flight_work_at_once(sqs, metrics):
+    queue, recorder, client, consumer = await slow_message_and_open_poll(sqs, metrics)
+    force = asyncio.Event()
+    with capture_logs() as logs:
+        stopping = asyncio.create_task(stop_consumers([consumer], grace_s=60, force=force))
+        await asyncio.sleep(0)  # the graceful stop has begun: it would wait for "slow" and the open poll
+        assert not stopping.done()
+        force.set()  # a second SIGTERM
+        await stopping
+    assert any(not call.done() for call in client.calls), "stop waited for the open poll to end"
+    assert recorder.cancelled == ["slow"]
+    assert consumer.counts.returned == 0
+    assert "consumer_abandoned" in [e["event"] for e in logs]
+    [finished] = [e for e in logs if e["event"] == "message_finished"]
+    assert (finished["reason"], finished["sqs"]) == ("abandoned", "left_to_reappear")
+    # Nothing made visible: "slow" reappears only when its visibility lapses, so the poll SQS keeps open
+    # cannot take it.
+    await client.ended()
+    assert [m["Body"] for m in client.taken] == ["slow"]
+    assert await message_counts(sqs, queue.url) == (0, 1)
 
 
 class ReceiveNeverAnswers(RecordingSqs):

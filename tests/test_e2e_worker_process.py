@@ -28,6 +28,10 @@ from tests.e2e_support import (
 
 SENT = "initial_message_sent"
 VISIBILITY_S = 10
+# An idle worker no longer exits at once on SIGTERM: it lets its open long poll (WaitTimeSeconds 20) end by
+# itself, bounded by the receive margin (5 s), and hands back what it brings; cancelling the poll would leave it
+# open at SQS to take (count a receive of, and hide) a message made visible meanwhile. Plus a little to exit.
+IDLE_EXIT_S = 20 + 5 + 5
 
 
 @pytest.fixture
@@ -65,7 +69,7 @@ async def killed_before_sending(settings, deps, e2e_tenant, log_dir):
                 record = await env.record_with_status(tel, conversation_id, SENT, timeout_s=VISIBILITY_S + 15)
                 await eventually(lambda: env.is_empty("whatsapp"), timeout_s=5, what="the message is deleted")
                 second.terminate()
-                assert await second.exit_code(timeout_s=15) == 0
+                assert await second.exit_code(timeout_s=IDLE_EXIT_S) == 0
 
         [message] = await env.sandboxes.twilio_messages()
         assert message["to"] == f"whatsapp:{tel}"
@@ -101,7 +105,7 @@ async def killed_after_the_send_call(settings, deps, e2e_tenant, log_dir):
                 record = await env.record_with_status(tel, conversation_id, SENT, timeout_s=VISIBILITY_S + 15)
                 await eventually(lambda: env.is_empty("whatsapp"), timeout_s=5, what="the message is deleted")
                 second.terminate()
-                assert await second.exit_code(timeout_s=15) == 0
+                assert await second.exit_code(timeout_s=IDLE_EXIT_S) == 0
 
         [message] = await env.sandboxes.twilio_messages()
         assert record["provider_message_id"] == message["sid"]
@@ -161,6 +165,21 @@ async def test_sigterm_drains_in_flight_work_and_returns_the_rest(settings, deps
         assert reasons == {"sent": 4, "shutdown": 2}
         returned = [e for e in worker.events("message_finished") if e["reason"] == "shutdown"]
         assert all(e["retry_in_s"] == 0 for e in returned)
+
+
+async def test_a_second_sigterm_during_shutdown_stops_at_once(settings, deps, tmp_path):
+    # The first SIGTERM starts the graceful stop, which waits for the open long poll (up to 20 s); the second
+    # one abandons it and exits at once.
+    async with (
+        e2e_env(settings, deps.aws, visibility_s=VISIBILITY_S, consumer_queues="whatsapp") as env,
+        worker_process(env.settings, tmp_path) as worker,
+    ):
+        worker.terminate()
+        await eventually(lambda: bool(worker.events("service_stopping")), timeout_s=10, what="graceful stop began")
+        worker.terminate()
+        assert await worker.exit_code(timeout_s=10) == 0
+        assert [e["signal"] for e in worker.events("forced_stop")] == ["SIGTERM"]
+        assert len(worker.events("consumer_abandoned")) == 1
 
 
 def one_slot(settings: Settings) -> Settings:
