@@ -103,8 +103,8 @@ async def request_deadline(request: web.Request, handler: Handler) -> web.Stream
     """Answer 503 SERVICE_UNAVAILABLE (with Retry-After) when the request outlives its deadline.
 
     The AWS clients' own timeouts suit the consumers' long polls, not a caller waiting (Twilio gives up
-    after 15 s): the handler is cancelled at the deadline. Work it had started stops where it was; the
-    initiate use case tolerates that (a request claim left in progress lapses with its lease).
+    after 15 s): the handler is cancelled at the deadline. The use cases shield what must not stop half
+    way (the SQS send of an initiate, inbound work after verification) and release a cut request claim.
     """
     if not _has_deadline(request):
         return await handler(request)
