@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from service.adapters.aws.dynamo_codec import from_item, to_attribute
+from service.adapters.aws.dynamo_calls import update_if
+from service.adapters.aws.dynamo_codec import attribute_values, from_item, to_attribute
 from service.adapters.aws.early_delivery import apply_pending_safely
 from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
 from service.domain.conversation import ConversationKey, ConversationStatus
@@ -42,10 +43,6 @@ def item_key(key: ConversationKey) -> dict[str, Any]:
 class ClaimResult:
     verdict: ClaimVerdict
     snapshot: ConversationSnapshot
-
-
-def attribute_values(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: to_attribute(value) for name, value in values.items()}
 
 
 class DynamoConversationStore:
@@ -125,22 +122,18 @@ class DynamoConversationStore:
         self, key: ConversationKey, owner: str, expression: str, values: Mapping[str, Any], operation: str
     ) -> bool:
         """A write that applies only while `owner` still holds the claim; False when it does not."""
-        try:
-            await self._dynamodb.update_item(
-                TableName=self._table,
-                Key=item_key(key),
-                UpdateExpression=expression,
-                ConditionExpression=_OWNED,
-                ExpressionAttributeNames={"#status": "conversation_status"},
-                ExpressionAttributeValues=attribute_values(
-                    {":owner": owner, ":processing": ConversationStatus.PROCESSING.value, **values}
-                ),
-            )
-        except AWS_FAILURES as exc:
-            if is_conditional_check_failure(exc):
-                return False
-            raise unavailable("dynamodb", operation, exc) from exc
-        return True
+        return await update_if(
+            self._dynamodb,
+            operation,
+            TableName=self._table,
+            Key=item_key(key),
+            UpdateExpression=expression,
+            ConditionExpression=_OWNED,
+            ExpressionAttributeNames={"#status": "conversation_status"},
+            ExpressionAttributeValues=attribute_values(
+                {":owner": owner, ":processing": ConversationStatus.PROCESSING.value, **values}
+            ),
+        )
 
     async def refresh_claim(self, key: ConversationKey, owner: str, lease_until: float) -> bool:
         return await self._owned_update(key, owner, "SET claim_expires_at = :lease", {":lease": lease_until}, "refresh")
@@ -283,24 +276,20 @@ class DynamoConversationStore:
             ":stamp": stamp,
             **dict(zip(placeholders, statuses, strict=True)),
         }
-        try:
-            await self._dynamodb.update_item(
-                TableName=self._table,
-                Key=item_key(key),
-                UpdateExpression=(
-                    "SET #status = :processing, claim_expires_at = :zero, last_failure_reason = failure_reason, "
-                    "updated_at = :stamp, reopen_count = if_not_exists(reopen_count, :zero) + :one "
-                    "REMOVE failure_reason, failure_kind"
-                ),
-                ConditionExpression=f"failure_kind = :kind AND #status IN ({', '.join(placeholders)})",
-                ExpressionAttributeNames={"#status": "conversation_status"},
-                ExpressionAttributeValues=attribute_values(values),
-            )
-        except AWS_FAILURES as exc:
-            if is_conditional_check_failure(exc):
-                return False
-            raise unavailable("dynamodb", "UpdateItem", exc) from exc
-        return True
+        return await update_if(
+            self._dynamodb,
+            "UpdateItem",
+            TableName=self._table,
+            Key=item_key(key),
+            UpdateExpression=(
+                "SET #status = :processing, claim_expires_at = :zero, last_failure_reason = failure_reason, "
+                "updated_at = :stamp, reopen_count = if_not_exists(reopen_count, :zero) + :one "
+                "REMOVE failure_reason, failure_kind"
+            ),
+            ConditionExpression=f"failure_kind = :kind AND #status IN ({', '.join(placeholders)})",
+            ExpressionAttributeNames={"#status": "conversation_status"},
+            ExpressionAttributeValues=attribute_values(values),
+        )
 
     async def close_reopened(
         self, key: ConversationKey, before: Mapping[str, Any], reopened_at: str, stamp: str
@@ -348,20 +337,16 @@ class DynamoConversationStore:
         else:
             condition += " AND attribute_not_exists(claim_owner)"
         expression = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
-        try:
-            await self._dynamodb.update_item(
-                TableName=self._table,
-                Key=item_key(key),
-                UpdateExpression=expression,
-                ConditionExpression=condition,
-                ExpressionAttributeNames={"#status": "conversation_status"},
-                ExpressionAttributeValues=attribute_values(values),
-            )
-        except AWS_FAILURES as exc:
-            if is_conditional_check_failure(exc):
-                return False
-            raise unavailable("dynamodb", "UpdateItem", exc) from exc
-        return True
+        return await update_if(
+            self._dynamodb,
+            "UpdateItem",
+            TableName=self._table,
+            Key=item_key(key),
+            UpdateExpression=expression,
+            ConditionExpression=condition,
+            ExpressionAttributeNames={"#status": "conversation_status"},
+            ExpressionAttributeValues=attribute_values(values),
+        )
 
 
 async def get_conversation(dynamodb: DynamoDBClient, table: str, key: ConversationKey) -> dict[str, Any] | None:

@@ -31,6 +31,11 @@ def to_attribute(value: Any) -> AttributeValue:
     raise TypeError(f"cannot store {type(value).__name__} in DynamoDB")
 
 
+def attribute_values(values: Mapping[str, Any]) -> dict[str, AttributeValue]:
+    """ExpressionAttributeValues (or any name -> value map) encoded."""
+    return {name: to_attribute(value) for name, value in values.items()}
+
+
 def from_attribute(attribute: Mapping[str, Any]) -> Any:
     ((kind, value),) = attribute.items()
     if kind == "S":

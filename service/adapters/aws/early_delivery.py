@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from service.adapters.aws.dynamo_codec import from_item, to_attribute
+from service.adapters.aws.dynamo_calls import update_if
+from service.adapters.aws.dynamo_codec import attribute_values, from_item
 from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
 from service.domain.delivery_state import DeliveryStatus, may_follow, parse_delivery_status
 from service.domain.errors import DependencyUnavailable
@@ -33,10 +34,6 @@ log = structlog.get_logger(__name__)
 
 PENDING_ATTRIBUTE = "early_delivery"
 PENDING_CAP = 20  # kept callbacks per conversation; a SID that is never recorded must not grow the item for ever
-
-
-def _values(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: to_attribute(value) for name, value in values.items()}
 
 
 def message_index(record: Mapping[str, Any], sid: str) -> int | None:
@@ -69,35 +66,31 @@ async def set_message_status(
     placeholders, allowed = _allowed(may_replace, "from")
     condition = f"{element}.message_id = :sid AND (attribute_not_exists({element}.delivery_status)"
     condition += f" OR {element}.delivery_status IN ({', '.join(placeholders)}))" if placeholders else ")"
-    try:
-        await dynamodb.update_item(
-            TableName=table,
-            Key=dict(key),
-            UpdateExpression=f"SET {element}.delivery_status = :new, {element}.delivery_updated_at = :stamp",
-            ConditionExpression=condition,
-            ExpressionAttributeNames={"#messages": "messages"},
-            ExpressionAttributeValues=_values({":sid": message_sid, ":new": new.value, ":stamp": stamp, **allowed}),
-        )
-    except AWS_FAILURES as exc:
-        if is_conditional_check_failure(exc):
-            return False
-        raise unavailable("dynamodb", "UpdateItem", exc) from exc
-    return True
+    return await update_if(
+        dynamodb,
+        "UpdateItem",
+        TableName=table,
+        Key=dict(key),
+        UpdateExpression=f"SET {element}.delivery_status = :new, {element}.delivery_updated_at = :stamp",
+        ConditionExpression=condition,
+        ExpressionAttributeNames={"#messages": "messages"},
+        ExpressionAttributeValues=attribute_values(
+            {":sid": message_sid, ":new": new.value, ":stamp": stamp, **allowed}
+        ),
+    )
 
 
 async def _forget(dynamodb: DynamoDBClient, table: str, key: Mapping[str, Any], sid: str) -> None:
     """Drop a kept entry whose message is recorded (any later callback then finds the message itself)."""
-    try:
-        await dynamodb.update_item(
-            TableName=table,
-            Key=dict(key),
-            UpdateExpression="REMOVE #pending.#sid",
-            ConditionExpression="attribute_exists(#pending.#sid)",
-            ExpressionAttributeNames={"#pending": PENDING_ATTRIBUTE, "#sid": sid},
-        )
-    except AWS_FAILURES as exc:
-        if not is_conditional_check_failure(exc):
-            raise unavailable("dynamodb", "UpdateItem", exc) from exc
+    await update_if(  # already gone: another writer forgot it first
+        dynamodb,
+        "UpdateItem",
+        TableName=table,
+        Key=dict(key),
+        UpdateExpression="REMOVE #pending.#sid",
+        ConditionExpression="attribute_exists(#pending.#sid)",
+        ExpressionAttributeNames={"#pending": PENDING_ATTRIBUTE, "#sid": sid},
+    )
 
 
 async def apply_pending(
@@ -153,7 +146,7 @@ async def hold(
             UpdateExpression="SET #pending = :pending",
             ConditionExpression="attribute_exists(conversation_id) AND attribute_not_exists(#pending)",
             ExpressionAttributeNames=names,
-            ExpressionAttributeValues=_values({":pending": {sid: entry}}),
+            ExpressionAttributeValues=attribute_values({":pending": {sid: entry}}),
             ReturnValues="ALL_NEW",
             ReturnValuesOnConditionCheckFailure="ALL_OLD",
         )
@@ -177,7 +170,7 @@ async def hold(
             UpdateExpression="SET #pending.#sid = :entry",
             ConditionExpression=f"attribute_exists(conversation_id) AND ({condition})",
             ExpressionAttributeNames={**names, "#sid": sid},
-            ExpressionAttributeValues=_values({":entry": entry, ":cap": PENDING_CAP, **allowed}),
+            ExpressionAttributeValues=attribute_values({":entry": entry, ":cap": PENDING_CAP, **allowed}),
             ReturnValues="ALL_NEW",
             ReturnValuesOnConditionCheckFailure="ALL_OLD",
         )
@@ -224,7 +217,7 @@ async def _replace_oldest(
                 " AND attribute_not_exists(#pending.#sid)"
             ),
             ExpressionAttributeNames={"#pending": PENDING_ATTRIBUTE, "#oldest": oldest, "#sid": sid},
-            ExpressionAttributeValues=_values({":entry": dict(entry)}),
+            ExpressionAttributeValues=attribute_values({":entry": dict(entry)}),
             ReturnValues="ALL_NEW",
         )
     except AWS_FAILURES as exc:

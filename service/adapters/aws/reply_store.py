@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from service.adapters.aws.conversation_store import attribute_values, get_conversation, item_key
-from service.adapters.aws.dynamo_codec import from_item
+from service.adapters.aws.conversation_store import get_conversation, item_key
+from service.adapters.aws.dynamo_calls import query_items
+from service.adapters.aws.dynamo_codec import attribute_values, from_item
 from service.adapters.aws.early_delivery import apply_pending_safely, hold, set_message_status
 from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
 from service.adapters.ttl_cache import TtlCache
@@ -68,26 +69,16 @@ class DynamoReplyStore:
         """Every conversation of this company address with this sender (GSI, all pages)."""
         index = INDEX_BY_CHANNEL[channel]
         sender_key = sender.lower() if channel == "email" else sender
-        found: list[dict[str, Any]] = []
-        start: dict[str, Any] | None = None
-        while True:
-            params: dict[str, Any] = {
+        return await query_items(
+            self._dynamodb,
+            {
                 "TableName": self._table,
                 "IndexName": index.name,
                 "KeyConditionExpression": "#pk = :pk AND #sk = :sk",
                 "ExpressionAttributeNames": {"#pk": index.partition_key, "#sk": str(index.sort_key)},
                 "ExpressionAttributeValues": attribute_values({":pk": company_address, ":sk": sender_key}),
-            }
-            if start:
-                params["ExclusiveStartKey"] = start
-            try:
-                page = await self._dynamodb.query(**params)
-            except AWS_FAILURES as exc:
-                raise unavailable("dynamodb", "Query", exc) from exc
-            found += [from_item(item) for item in page.get("Items", [])]
-            start = page.get("LastEvaluatedKey")
-            if not start:
-                return found
+            },
+        )
 
     async def find_open(self, channel: str, company_address: str, sender: str) -> dict[str, Any] | None:
         """The newest open conversation (`task_complete` = 0, latest `created_at`), or None."""
@@ -113,10 +104,9 @@ class DynamoReplyStore:
         """A bounded query: only the credentials attribute, at most `CREDENTIALS_PAGES` pages."""
         index = INDEX_BY_CHANNEL[channel]
         attribute = f"{channel}_credentials_id"
-        found: dict[str, None] = {}
-        start: dict[str, Any] | None = None
-        for _ in range(CREDENTIALS_PAGES):
-            params: dict[str, Any] = {
+        items = await query_items(
+            self._dynamodb,
+            {
                 "TableName": self._table,
                 "IndexName": index.name,
                 "KeyConditionExpression": "#pk = :pk",
@@ -128,20 +118,14 @@ class DynamoReplyStore:
                 },
                 "ExpressionAttributeValues": attribute_values({":pk": company_address}),
                 "Limit": CREDENTIALS_PAGE_SIZE,
-            }
-            if start:
-                params["ExclusiveStartKey"] = start
-            try:
-                page = await self._dynamodb.query(**params)
-            except AWS_FAILURES as exc:
-                raise unavailable("dynamodb", "Query", exc) from exc
-            for item in page.get("Items", []):  # a record without channel config (an invalid context) is skipped
-                credentials = (from_item(item).get("channel_config") or {}).get(attribute)
-                if isinstance(credentials, str) and credentials:
-                    found[credentials] = None
-            start = page.get("LastEvaluatedKey")
-            if not start:
-                break
+            },
+            max_pages=CREDENTIALS_PAGES,
+        )
+        found: dict[str, None] = {}  # insertion-ordered set
+        for item in items:  # a record without channel config (an invalid context) is skipped
+            credentials = (item.get("channel_config") or {}).get(attribute)
+            if isinstance(credentials, str) and credentials:
+                found[credentials] = None
         return tuple(found)
 
     async def get(self, key: ConversationKey) -> dict[str, Any] | None:

@@ -11,7 +11,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from service.adapters.aws.dynamo_codec import from_item, to_attribute, to_item
+from service.adapters.aws.dynamo_calls import query_items
+from service.adapters.aws.dynamo_codec import to_attribute, to_item
 from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
 from service.domain.errors import DependencyUnavailable
 from service.domain.inbound import Fragment
@@ -55,29 +56,18 @@ class DynamoStageStore:
 
     async def staged(self, conversation_id: str) -> list[Fragment]:
         """Every staged fragment of the conversation (strongly consistent, all pages)."""
-        fragments: list[Fragment] = []
-        start: dict[str, Any] | None = None
-        while True:
-            params: dict[str, Any] = {
+        items = await query_items(
+            self._dynamodb,
+            {
                 "TableName": self._stage_table,
                 "KeyConditionExpression": "conversation_id = :id",
                 "ExpressionAttributeValues": {":id": to_attribute(conversation_id)},
                 "ConsistentRead": True,
-            }
-            if start:
-                params["ExclusiveStartKey"] = start
-            try:
-                page = await self._dynamodb.query(**params)
-            except AWS_FAILURES as exc:
-                raise unavailable("dynamodb", "Query", exc) from exc
-            for raw in page.get("Items", []):
-                item = from_item(raw)
-                fragments.append(
-                    Fragment(str(item["message_sid"]), str(item.get("body", "")), str(item["received_at"]))
-                )
-            start = page.get("LastEvaluatedKey")
-            if not start:
-                return fragments
+            },
+        )
+        return [
+            Fragment(str(item["message_sid"]), str(item.get("body", "")), str(item["received_at"])) for item in items
+        ]
 
     async def delete_staged(self, conversation_id: str, message_sids: Sequence[str]) -> None:
         """Delete the answered fragments (batched; unprocessed items retried)."""
