@@ -35,8 +35,8 @@ async def add_tenant(
     return key.plaintext
 
 
-async def queued_messages(deps: Dependencies, queue_url: str, conversation_id: str) -> list[dict[str, Any]]:
-    """Every message on the queue for this conversation (received and deleted); others are deleted too."""
+async def drained_messages(deps: Dependencies, queue_url: str) -> list[dict[str, Any]]:
+    """Every message that was on the queue, received and deleted: its parsed body and string attributes."""
     found: list[dict[str, Any]] = []
     while True:
         answer = await deps.aws.sqs.receive_message(
@@ -47,9 +47,14 @@ async def queued_messages(deps: Dependencies, queue_url: str, conversation_id: s
             return found
         for message in messages:
             attributes = {k: v["StringValue"] for k, v in message.get("MessageAttributes", {}).items()}
-            if attributes.get("conversationId") == conversation_id:
-                found.append({"body": orjson.loads(message["Body"]), "attributes": attributes})
+            found.append({"body": orjson.loads(message["Body"]), "attributes": attributes})
             await deps.aws.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+async def queued_messages(deps: Dependencies, queue_url: str, conversation_id: str) -> list[dict[str, Any]]:
+    """Every message on the queue for this conversation (received and deleted); others are deleted too."""
+    drained = await drained_messages(deps, queue_url)
+    return [message for message in drained if message["attributes"].get("conversationId") == conversation_id]
 
 
 @asynccontextmanager

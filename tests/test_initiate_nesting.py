@@ -16,6 +16,7 @@ import pytest
 from service.domain.errors import ApiError, ErrorCode
 from service.domain.initiate import MAX_PROJECT_DATA_DEPTH, validate_initiate_body
 from tests.conftest import initiate_body
+from tests.support import drained_messages
 
 
 def nested_dicts(depth: int, leaf: Any = "v") -> Any:
@@ -120,17 +121,7 @@ def _raw_body_with_deep_project_data(depth: int) -> tuple[bytes, str]:
 
 async def _queued_conversation_ids(deps, queue_url) -> set[str]:
     """Drain the queue; the conversation ids of every message that was on it."""
-    found: set[str] = set()
-    while True:
-        answer = await deps.aws.sqs.receive_message(
-            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
-        )
-        messages = answer.get("Messages", [])
-        if not messages:
-            return found
-        for message in messages:
-            found.add(message.get("MessageAttributes", {}).get("conversationId", {}).get("StringValue", ""))
-            await deps.aws.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+    return {message["attributes"].get("conversationId", "") for message in await drained_messages(deps, queue_url)}
 
 
 async def test_deep_project_data_is_refused_with_400_and_nothing_is_queued(api, deps, tenant):

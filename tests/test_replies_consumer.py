@@ -297,6 +297,10 @@ async def test_reply_whose_ai_fails_on_every_receive_is_dead_lettered_and_the_co
         assert "ai_transient" in failure["reason"] and "retries_exhausted" in failure["reason"]
         assert "reply_owner" not in record and "status_before_reply" not in record
         assert await world.lock(key.conversation_id) is None
+        # The DLQ copy lands before the consumer counts the finish (it first deletes the original, batched).
+        await eventually(
+            lambda: world.finished("dead_letter", "retries_exhausted"), timeout_s=10, what="the finish is counted"
+        )
         assert world.finished("dead_letter", "retries_exhausted") == 1
         assert await world.providers.ai_calls_started() == 3
 
