@@ -1,6 +1,6 @@
 """The Helm chart: lints, renders valid Kubernetes manifests in every mode, and keeps its operating rules.
 
-Renders with a real helm binary (installed into .tools/bin by ../shared/tools/get-helm on first use, or the
+Renders with a real helm binary (installed into .tools/bin by tools/get-helm on first use, or the
 one $HELM_BIN names) and validates core kinds with kubernetes-validate's bundled schemas. The CI values
 files under helm/comms-engine/ci/ are the modes: KEDA (default), KEDA on some queues, a CPU HPA, fixed
 replicas behind an ingress, and Prometheus Operator monitoring.
@@ -26,7 +26,7 @@ from service.config import Settings, load_settings
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "comms-engine"
 CI_VALUES = sorted(path.name for path in (CHART / "ci").glob("*.yaml"))
-GET_HELM = REPO.parent / "shared" / "tools" / "get-helm"
+GET_HELM = REPO / "tools" / "get-helm"
 HELM_DIR = REPO / ".tools" / "bin"
 KUBERNETES_VERSION = "1.30.0"
 # Custom resources the chart may render; their operators' CRDs are not in kubernetes-validate.
