@@ -18,8 +18,8 @@ local: install
 	$(BIN)/comms local
 
 lint: install
-	$(BIN)/ruff check service consumers tests bench
-	$(BIN)/ruff format --check service consumers tests bench
+	$(BIN)/ruff check service consumers local_stack tests bench
+	$(BIN)/ruff format --check service consumers local_stack tests bench
 	$(BIN)/mypy
 
 ## Lint, type-check and run every test (what CI runs).

@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from service.local.sandbox_http import RunningServer, serve
+from local_stack.sandbox_http import RunningServer, serve
 
 # Hop-by-hop headers and the ones aiohttp recomputes for the forwarded message.
 _REQUEST_DROP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive"})

@@ -37,11 +37,11 @@ from bench.sandboxes import Sandboxes, start_sandboxes
 from bench.service_process import ServiceProcess
 from bench.verify import Verification, verify
 from bench.workload import ContextMessage, build_messages, enqueue, feed
+from local_stack.moto_server import LOCAL_CREDENTIALS, MotoServer, free_port, start_moto_server
+from local_stack.seed import DemoTenant, seed_demo_tenant
+from service.adapters.aws.provisioning import provision_resources
 from service.bootstrap import Dependencies, build
 from service.config import Settings, load_settings
-from service.local.moto_server import LOCAL_CREDENTIALS, MotoServer, free_port, start_moto_server
-from service.local.provision import provision_resources
-from service.local.seed import DemoTenant, seed_demo_tenant
 
 if TYPE_CHECKING:
     pass

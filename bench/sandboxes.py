@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from service.local.openai_sandbox import OPENAI_STATE_KEY, OpenAISandboxStats, create_openai_sandbox
-from service.local.sandbox_http import Handler, RunningServer, SandboxControl, serve
-from service.local.seed import DEMO_SENDGRID_KEY, DEMO_TWILIO_ACCOUNT_SID, DEMO_TWILIO_AUTH_TOKEN
-from service.local.sendgrid_sandbox import create_sendgrid_sandbox
-from service.local.twilio_sandbox import TWILIO_STATE_KEY, TwilioSandboxState, create_twilio_sandbox
+from local_stack.openai_sandbox import OPENAI_STATE_KEY, OpenAISandboxStats, create_openai_sandbox
+from local_stack.sandbox_http import Handler, RunningServer, SandboxControl, serve
+from local_stack.seed import DEMO_SENDGRID_KEY, DEMO_TWILIO_ACCOUNT_SID, DEMO_TWILIO_AUTH_TOKEN
+from local_stack.sendgrid_sandbox import create_sendgrid_sandbox
+from local_stack.twilio_sandbox import TWILIO_STATE_KEY, TwilioSandboxState, create_twilio_sandbox
 
 
 def ai_latency(model_latency_s: float, thread_latency_s: float) -> Middleware:

@@ -14,8 +14,8 @@ from typing import IO
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from local_stack.moto_server import LOCAL_CREDENTIALS
 from service.config import Settings
-from service.local.moto_server import LOCAL_CREDENTIALS
 
 
 def service_environment(settings: Settings) -> dict[str, str]:

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from local_stack.twilio_sandbox import TwilioSandboxState
 from service.domain.conversation import ConversationStatus
-from service.local.twilio_sandbox import TwilioSandboxState
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient

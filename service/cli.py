@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
 
+from service.adapters.aws.provisioning import provision_resources
 from service.config import ConfigurationError, Settings, load_settings
 from service.logging import configure_logging
 from service.operator import COMMANDS as OPERATOR_COMMANDS
@@ -24,8 +26,8 @@ EXIT_CONFIG = 2
 
 
 async def _run_local(base: Settings, role: Role, ai_latency_s: float) -> None:
-    from service.local.moto_server import LOCAL_CREDENTIALS
-    from service.local.stack import local_stack, ready_banner
+    from local_stack.moto_server import LOCAL_CREDENTIALS
+    from local_stack.stack import local_stack, ready_banner
 
     for name, value in LOCAL_CREDENTIALS.items():
         os.environ.setdefault(name, value)  # moto accepts any credentials; aiobotocore needs some
@@ -38,8 +40,6 @@ async def _run_local(base: Settings, role: Role, ai_latency_s: float) -> None:
 
 
 async def _bootstrap(settings: Settings) -> None:
-    from service.local.provision import provision_resources
-
     provisioned = await provision_resources(settings)
     for kind in ("whatsapp", "sms", "email", "replies", "handoff"):
         print(f"COMMS_{kind.upper()}_QUEUE_URL={getattr(provisioned, f'{kind}_queue_url')}")
@@ -73,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Operator commands print data on stdout (tables, --json): their logs go to stderr.
     configure_logging(settings.log_level, to_stderr=args.command in OPERATOR_COMMANDS)
     if args.command == "local":
+        if importlib.util.find_spec("local_stack") is None:  # the image ships the service only
+            print("comms: `comms local` needs the embedded stack of a source checkout (make local)", file=sys.stderr)
+            return EXIT_CONFIG
         asyncio.run(_run_local(settings, args.role, args.ai_latency))
     elif args.command == "serve":
         asyncio.run(run_service(settings, args.role))

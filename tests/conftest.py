@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from local_stack.moto_server import LOCAL_CREDENTIALS, MotoServer, start_moto_server
+from local_stack.seed import DemoTenant, seed_demo_tenant
+from service.adapters.aws.provisioning import provision_resources
 from service.api.app import create_app
 from service.bootstrap import Dependencies, build
 from service.config import Settings
-from service.local.moto_server import LOCAL_CREDENTIALS, MotoServer, start_moto_server
-from service.local.provision import provision_resources
-from service.local.seed import DemoTenant, seed_demo_tenant
 
 for _name, _value in LOCAL_CREDENTIALS.items():
     os.environ.setdefault(_name, _value)

@@ -26,6 +26,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from consumers.runtime import QueueConsumer
+from local_stack.moto_server import LOCAL_CREDENTIALS, free_port
+from local_stack.openai_sandbox import create_openai_sandbox
+from local_stack.sandbox_http import RunningServer, serve
+from local_stack.seed import DEMO_OPENAI_KEY, DEMO_SENDGRID_KEY, DEMO_TWILIO_ACCOUNT_SID, DEMO_TWILIO_AUTH_TOKEN
+from local_stack.sendgrid_sandbox import create_sendgrid_sandbox
+from local_stack.twilio_sandbox import create_twilio_sandbox
 from service.adapters.aws.clients import AwsClients
 from service.adapters.aws.conversation_store import DynamoConversationStore
 from service.adapters.aws.provisioning import ensure_queue
@@ -33,12 +39,6 @@ from service.api.app import create_app
 from service.bootstrap import Dependencies, build
 from service.config import CHANNELS, Settings
 from service.domain.conversation import ConversationKey
-from service.local.moto_server import LOCAL_CREDENTIALS, free_port
-from service.local.openai_sandbox import create_openai_sandbox
-from service.local.sandbox_http import RunningServer, serve
-from service.local.seed import DEMO_OPENAI_KEY, DEMO_SENDGRID_KEY, DEMO_TWILIO_ACCOUNT_SID, DEMO_TWILIO_AUTH_TOKEN
-from service.local.sendgrid_sandbox import create_sendgrid_sandbox
-from service.local.twilio_sandbox import create_twilio_sandbox
 from service.resources import queue_specs
 from tests.conftest import initiate_body
 from tests.support import add_tenant

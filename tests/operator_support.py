@@ -18,9 +18,9 @@ import orjson
 import pytest
 
 from service.adapters.aws.clients import AwsClients, open_aws_clients
+from service.adapters.aws.provisioning import provision_resources
 from service.cli import main
 from service.config import Settings
-from service.local.provision import provision_resources
 from service.resources import QUEUE_KINDS
 
 T = TypeVar("T")

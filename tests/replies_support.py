@@ -25,6 +25,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from twilio.request_validator import RequestValidator
 
 from consumers.template_job import initial_record, parse_template_job
+from local_stack.moto_server import free_port
+from local_stack.openai_sandbox import create_openai_sandbox
+from local_stack.sandbox_http import RunningServer, serve
+from local_stack.seed import DEMO_OPENAI_KEY, DEMO_TWILIO_ACCOUNT_SID, DEMO_TWILIO_AUTH_TOKEN
+from local_stack.twilio_sandbox import create_twilio_sandbox
 from service.adapters.aws.conversation_store import item_key
 from service.adapters.aws.dynamo_codec import from_item, to_attribute, to_item
 from service.adapters.aws.opt_out_registry import suppression_key
@@ -35,11 +40,6 @@ from service.config import Settings
 from service.domain.conversation import ConversationKey
 from service.domain.conversation import conversation_id as make_conversation_id
 from service.domain.timefmt import utc_iso
-from service.local.moto_server import free_port
-from service.local.openai_sandbox import create_openai_sandbox
-from service.local.sandbox_http import RunningServer, serve
-from service.local.seed import DEMO_OPENAI_KEY, DEMO_TWILIO_ACCOUNT_SID, DEMO_TWILIO_AUTH_TOKEN
-from service.local.twilio_sandbox import create_twilio_sandbox
 from service.resources import QueueSpec
 from tests.conftest import initiate_body
 from tests.support import add_tenant

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from aiohttp.test_utils import TestClient, TestServer
 
+from local_stack.seed import demo_company
 from service.api.app import create_app
 from service.bootstrap import Dependencies, build
 from service.config import Settings
@@ -17,7 +18,6 @@ from service.domain.api_keys import issue_key
 from service.domain.company import CompanyRecord
 from service.domain.ports import ApiKeyRecord
 from service.domain.timefmt import utc_iso
-from service.local.seed import demo_company
 
 
 async def add_tenant(

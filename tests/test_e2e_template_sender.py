@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
+from local_stack.seed import DEMO_TEMPLATE_SID
 from service.config import Settings
-from service.local.seed import DEMO_TEMPLATE_SID
 from service.operator.dlq import QueuePair as DlqPair
 from service.operator.dlq import redrive
 from service.operator.output import Context, Output

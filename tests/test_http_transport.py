@@ -15,9 +15,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from local_stack.seed import DemoTenant
 from service.api.app import create_app, make_runner
 from service.bootstrap import Dependencies
-from service.local.seed import DemoTenant
 from service.runner import start_http
 from tests.conftest import initiate_body
 from tests.fault_proxy import FaultProxy, RawResponse, chunked_body, exchange, http_request, split

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from local_stack.seed import DEMO_COMPANY_ID, DEMO_PROJECT_ID, demo_company
 from service.adapters.aws.stage_store import DynamoStageStore
 from service.bootstrap import Dependencies
 from service.domain.company import CompanyRecord
@@ -28,7 +29,6 @@ from service.domain.inbound_intake import (
     IntakeResult,
     SignedRequest,
 )
-from service.local.seed import DEMO_COMPANY_ID, DEMO_PROJECT_ID, demo_company
 
 NUMBER = "+447700900001"
 SENDER = "+447712345678"

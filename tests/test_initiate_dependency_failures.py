@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from local_stack.moto_server import free_port
 from service.domain.initiation import ConversationInitiator, InitiationPorts
-from service.local.moto_server import free_port
 from tests.conftest import initiate_body
 from tests.support import api_client, queued_messages
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from local_stack.seed import demo_company
 from service.domain.errors import ApiError, ErrorCode
 from service.domain.initiate import validate_initiate_body
 from service.domain.initiation import ConversationInitiator, InitiationPorts, poll_delays
@@ -27,7 +28,6 @@ from service.domain.request_claim import (
     decide,
     request_key,
 )
-from service.local.seed import demo_company
 from tests.conftest import initiate_body
 from tests.support import api_client, queued_messages
 

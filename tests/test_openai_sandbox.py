@@ -16,8 +16,8 @@ from openai.types.conversations import ConversationItem, Message
 from openai.types.responses import Response, ResponseFormatTextJSONSchemaConfigParam
 from pydantic import BaseModel
 
-from service.local.openai_sandbox import create_openai_sandbox
-from service.local.sandbox_http import serve
+from local_stack.openai_sandbox import create_openai_sandbox
+from local_stack.sandbox_http import serve
 
 MODEL = "gpt-sandbox"
 TERMINAL = ("completed", "failed", "cancelled", "incomplete")

@@ -12,10 +12,10 @@ import httpx2
 import orjson
 import pytest
 
+from local_stack.openai_sandbox import create_openai_sandbox
+from local_stack.sandbox_http import RunningServer, serve
 from service.adapters.providers.openai_writer import OpenAiWriter
 from service.domain.provider_ports import AiRequest, PermanentProviderError, TransientProviderError
-from service.local.openai_sandbox import create_openai_sandbox
-from service.local.sandbox_http import RunningServer, serve
 
 API_KEY = "sk-sandbox-tenant-a"
 CONTEXT = orjson.dumps({"recipient_data": {"recipient_first_name": "Lee", "recipient_last_name": "Hayton"}}).decode()

@@ -23,10 +23,10 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from local_stack.sandbox_http import serve
 from service.api.app import create_app
 from service.bootstrap import build
 from service.config import Settings
-from service.local.sandbox_http import serve
 from tests.support import add_tenant
 
 

@@ -6,10 +6,10 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from local_stack.moto_server import free_port
+from local_stack.seed import DemoTenant
 from service.config import Settings
 from service.domain.errors import ErrorCode
-from service.local.moto_server import free_port
-from service.local.seed import DemoTenant
 from tests.conftest import initiate_body
 from tests.support import api_client
 

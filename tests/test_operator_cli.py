@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from local_stack.moto_server import free_port
 from service.config import Settings
-from service.local.moto_server import free_port
 from tests.operator_support import Cli, unique
 
 COMMANDS = [

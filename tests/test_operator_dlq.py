@@ -27,9 +27,9 @@ from consumers.template_job import parse_template_job
 from service.adapters.aws.clients import open_aws_clients
 from service.adapters.aws.conversation_store import DynamoConversationStore, item_key
 from service.adapters.aws.dynamo_codec import to_attribute
+from service.adapters.aws.provisioning import provision_resources
 from service.config import Settings
 from service.domain.conversation import ConversationKey
-from service.local.provision import provision_resources
 from service.operator.dlq import RUN_ATTRIBUTE, QueuePair, redrive, redrive_messages, resolve_queue
 from service.operator.output import Context, Output
 from tests.operator_support import Cli, unique

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.local.moto_server import free_port
+from local_stack.moto_server import free_port
 from tests.conftest import initiate_body
 from tests.replies_support import (
     EMPTY_TWIML,

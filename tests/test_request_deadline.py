@@ -18,8 +18,8 @@ import pytest
 import structlog
 from aiohttp.test_utils import TestClient
 
+from local_stack.seed import DemoTenant
 from service.config import Settings
-from service.local.seed import DemoTenant
 from tests.conftest import initiate_body
 from tests.fault_proxy import FaultProxy
 from tests.support import api_client

@@ -8,8 +8,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service.local.sandbox_http import serve
-from service.local.sendgrid_sandbox import create_sendgrid_sandbox
+from local_stack.sandbox_http import serve
+from local_stack.sendgrid_sandbox import create_sendgrid_sandbox
 
 API_KEY = "SG.sandbox-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

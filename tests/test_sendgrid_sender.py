@@ -10,6 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from local_stack.sandbox_http import RunningServer, serve
+from local_stack.sendgrid_sandbox import create_sendgrid_sandbox
 from service.adapters.providers.sendgrid_sender import SendGridSender
 from service.domain.provider_ports import (
     OutboundMessage,
@@ -17,8 +19,6 @@ from service.domain.provider_ports import (
     SendOutcomeUnknown,
     TransientProviderError,
 )
-from service.local.sandbox_http import RunningServer, serve
-from service.local.sendgrid_sandbox import create_sendgrid_sandbox
 
 API_KEY = "SG.sandbox-key"
 CREDENTIALS = {"sendgrid_api_key": API_KEY, "from_email": "hello@demo-homes.example", "from_name": "Demo Homes"}

@@ -9,10 +9,10 @@ import orjson
 import pytest
 
 from consumers.template_job import InvalidContext, initial_record, parse_template_job
+from local_stack.seed import demo_company
 from service.domain.company import CompanyRecord
 from service.domain.context import build_context
 from service.domain.initiate import validate_initiate_body
-from service.local.seed import demo_company
 from tests.conftest import initiate_body
 
 

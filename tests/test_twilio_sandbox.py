@@ -16,9 +16,9 @@ from twilio.base.exceptions import TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.request_validator import RequestValidator
 
+from local_stack.sandbox_http import RunningServer, serve
+from local_stack.twilio_sandbox import create_twilio_sandbox
 from service.adapters.providers.twilio_client import build_async_http_client, build_twilio_client
-from service.local.sandbox_http import RunningServer, serve
-from service.local.twilio_sandbox import create_twilio_sandbox
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "sandbox-auth-token"

@@ -11,6 +11,8 @@ import aiohttp
 import pytest
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 
+from local_stack.sandbox_http import RunningServer, serve
+from local_stack.twilio_sandbox import create_twilio_sandbox
 from service.adapters.providers.twilio_client import build_async_http_client
 from service.adapters.providers.twilio_sender import TwilioSender
 from service.domain.provider_ports import (
@@ -19,8 +21,6 @@ from service.domain.provider_ports import (
     SendOutcomeUnknown,
     TransientProviderError,
 )
-from service.local.sandbox_http import RunningServer, serve
-from service.local.twilio_sandbox import create_twilio_sandbox
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "sandbox-auth-token"

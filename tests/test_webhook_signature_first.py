@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.local.moto_server import free_port
+from local_stack.moto_server import free_port
 from tests.replies_support import (
     EMPTY_TWIML,
     SIGNATURE_HEADER,

@@ -6,18 +6,23 @@ Existing resources are left as they are; the result maps each queue kind to its 
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from botocore.exceptions import ClientError
 
+from service.adapters.aws.clients import open_aws_clients
 from service.adapters.aws.errors import error_code
+from service.config import Settings
 from service.resources import (
     DLQ_MAX_RECEIVE_COUNT,
     DLQ_RETENTION_S,
     QUEUE_RETENTION_S,
     QueueSpec,
     TableSpec,
+    queue_specs,
+    table_specs,
 )
 
 if TYPE_CHECKING:
@@ -95,3 +100,24 @@ async def provision(
     await asyncio.gather(*(ensure_table(dynamodb, spec) for spec in tables))
     urls = await asyncio.gather(*(ensure_queue(sqs, spec) for spec in queues))
     return {spec.kind: url for spec, url in zip(queues, urls, strict=True)}
+
+
+async def provision_resources(settings: Settings, queue_prefix: str | None = None) -> Settings:
+    """Idempotently create every resource; the returned settings carry the queue URLs."""
+    async with AsyncExitStack() as stack:
+        aws = await open_aws_clients(settings, stack)
+        urls = await provision(
+            aws.dynamodb,
+            aws.sqs,
+            table_specs(settings),
+            queue_specs(queue_prefix or settings.secrets_prefix, settings.visibility_timeout_s),
+        )
+    return settings.model_copy(
+        update={
+            "whatsapp_queue_url": urls["whatsapp"],
+            "sms_queue_url": urls["sms"],
+            "email_queue_url": urls["email"],
+            "replies_queue_url": urls["replies"],
+            "handoff_queue_url": urls["handoff"],
+        }
+    )

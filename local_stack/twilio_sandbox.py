@@ -38,7 +38,7 @@ from aiohttp.typedefs import Middleware
 from multidict import MultiDictProxy
 from twilio.request_validator import RequestValidator
 
-from service.local.sandbox_http import Handler, SandboxControl, json_response, new_sandbox_app
+from local_stack.sandbox_http import Handler, SandboxControl, json_response, new_sandbox_app
 
 __all__ = [
     "TWILIO_STATE_KEY",
@@ -54,7 +54,7 @@ __all__ = [
     "required_text",
 ]
 
-log = structlog.get_logger("service.local.twilio_sandbox")
+log = structlog.get_logger("local_stack.twilio_sandbox")
 
 API_VERSION = "2010-04-01"
 API_PREFIX = f"/{API_VERSION}/"

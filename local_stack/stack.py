@@ -15,21 +15,21 @@ from typing import Any
 
 import orjson
 
-from service.bootstrap import build
-from service.config import Settings
-from service.local.moto_server import MotoServer, start_moto_server
-from service.local.openai_sandbox import create_openai_sandbox
-from service.local.provision import provision_resources
-from service.local.sandbox_http import RunningServer, SandboxControl, serve
-from service.local.seed import (
+from local_stack.moto_server import MotoServer, start_moto_server
+from local_stack.openai_sandbox import create_openai_sandbox
+from local_stack.sandbox_http import RunningServer, SandboxControl, serve
+from local_stack.seed import (
     DEMO_SENDGRID_KEY,
     DEMO_TWILIO_ACCOUNT_SID,
     DEMO_TWILIO_AUTH_TOKEN,
     DemoTenant,
     seed_demo_tenant,
 )
-from service.local.sendgrid_sandbox import create_sendgrid_sandbox
-from service.local.twilio_sandbox import create_twilio_sandbox
+from local_stack.sendgrid_sandbox import create_sendgrid_sandbox
+from local_stack.twilio_sandbox import create_twilio_sandbox
+from service.adapters.aws.provisioning import provision_resources
+from service.bootstrap import build
+from service.config import Settings
 
 
 @dataclass(slots=True)

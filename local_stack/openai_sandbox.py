@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from service.local.sandbox_http import (
+from local_stack.sandbox_http import (
     CONTROL_KEY,
     Handler,
     RecordedRequest,

@@ -24,8 +24,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from service.local.sandbox_http import SandboxControl, json_response, new_sandbox_app
-from service.local.twilio_sandbox import RequestGauge, gauge_middleware, read_json_object, required_text
+from local_stack.sandbox_http import SandboxControl, json_response, new_sandbox_app
+from local_stack.twilio_sandbox import RequestGauge, gauge_middleware, read_json_object, required_text
 
 __all__ = [
     "SENDGRID_STATE_KEY",
