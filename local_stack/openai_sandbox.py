@@ -10,9 +10,10 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -45,6 +46,21 @@ EXCERPT_CHARS = 80
 _FIRST_NAME = re.compile(r"first[_\s-]?name[\"']?\s*[:=]\s*[\"']?([A-Za-z][A-Za-z'-]*)", re.IGNORECASE)
 _MY_NAME_IS = re.compile(r"(?i:\bmy name is)\s+([A-Z][A-Za-z'-]*)")
 _QUOTED_KEY = re.compile(r"\"([A-Za-z_][\w-]*)\"\s*:")
+
+
+class Timer(Protocol):
+    """A scheduled callback that can be called off (`asyncio.Handle` is one)."""
+
+    def cancel(self) -> None: ...
+
+
+# Runs a callback after a delay in seconds: when a background response's generation time is over.
+CallLater = Callable[[float, Callable[[], None]], Timer]
+
+
+def loop_call_later(delay_s: float, callback: Callable[[], None]) -> Timer:
+    """The real background timer: the running event loop's `call_later`."""
+    return asyncio.get_running_loop().call_later(delay_s, callback)
 
 
 # --- errors -------------------------------------------------------------------------------------------
@@ -459,7 +475,7 @@ class StoredResponse:
     body: JSONObject
     input_items: list[JSONObject]
     generation: Generation
-    timers: list[asyncio.Handle] = field(default_factory=list)
+    timers: list[Timer] = field(default_factory=list)
 
     @property
     def id(self) -> str:
@@ -505,13 +521,17 @@ class OpenAISandboxStats:
 
 @dataclass(slots=True)
 class OpenAISandboxState:
-    """Everything one OpenAI sandbox holds; `background_latency_s` None means "follow `control.latency_s`"."""
+    """Everything one OpenAI sandbox holds; `background_latency_s` None means "follow `control.latency_s`".
+
+    `call_later` schedules the end of each background generation (tests may pass a timer they fire themselves).
+    """
 
     control: SandboxControl
     responses: dict[str, StoredResponse] = field(default_factory=dict)
     conversations: dict[str, StoredConversation] = field(default_factory=dict)
     stats: OpenAISandboxStats = field(default_factory=OpenAISandboxStats)
     background_latency_s: float | None = None
+    call_later: CallLater = loop_call_later
 
     def background_generation_s(self) -> float:
         return self.control.latency_s if self.background_latency_s is None else self.background_latency_s
@@ -622,7 +642,7 @@ def run_in_background(state: OpenAISandboxState, stored: StoredResponse) -> None
     loop = asyncio.get_running_loop()
     stored.timers = [
         loop.call_soon(mark_in_progress, stored),
-        loop.call_later(state.background_generation_s(), finish_response, state, stored),
+        state.call_later(state.background_generation_s(), partial(finish_response, state, stored)),
     ]
 
 
@@ -860,10 +880,15 @@ async def stop_background_work(app: web.Application) -> None:
     app[OPENAI_STATE_KEY].stop_background_work()
 
 
-def create_openai_sandbox(control: SandboxControl | None = None) -> web.Application:
-    """The OpenAI sandbox app: point `AsyncOpenAI(base_url=<url>/v1, api_key=<any>)` at it."""
+def create_openai_sandbox(
+    control: SandboxControl | None = None, *, call_later: CallLater = loop_call_later
+) -> web.Application:
+    """The OpenAI sandbox app: point `AsyncOpenAI(base_url=<url>/v1, api_key=<any>)` at it.
+
+    `call_later` ends background generations (default: real time on the running loop).
+    """
     app = new_sandbox_app(control)
-    state = OpenAISandboxState(control=app[CONTROL_KEY])
+    state = OpenAISandboxState(control=app[CONTROL_KEY], call_later=call_later)
     app[OPENAI_STATE_KEY] = state
     app.middlewares.insert(0, openai_front_door(state))
     add_api_routes(app)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -35,9 +36,57 @@ TEMPLATE_FORMAT: ResponseFormatTextJSONSchemaConfigParam = {
 }
 
 
+@dataclass(eq=False)
+class HeldTimer:
+    """One background generation's end, as the sandbox scheduled it."""
+
+    delay_s: float
+    callback: Callable[[], None]
+    cancelled: bool = False
+    fired: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class HeldTimers:
+    """The sandbox's background timers, held until the test lets the generation time pass (`fire_all`)."""
+
+    scheduled: list[HeldTimer] = field(default_factory=list)
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> HeldTimer:
+        timer = HeldTimer(delay_s, callback)
+        self.scheduled.append(timer)
+        return timer
+
+    def delays(self) -> list[float]:
+        return [timer.delay_s for timer in self.scheduled]
+
+    def fire_all(self) -> None:
+        """Every generation time is over: run each timer that was not called off, once."""
+        for timer in self.scheduled:
+            if not timer.cancelled and not timer.fired:
+                timer.fired = True
+                timer.callback()
+
+
 @pytest.fixture
 async def sandbox_url() -> AsyncIterator[str]:
     server = await serve(create_openai_sandbox(), "127.0.0.1", 0)
+    yield server.url
+    await server.close()
+
+
+@pytest.fixture
+def timers() -> HeldTimers:
+    return HeldTimers()
+
+
+@pytest.fixture
+async def held_url(timers: HeldTimers) -> AsyncIterator[str]:
+    """A sandbox whose background generations end only when the test fires `timers`."""
+    server = await serve(create_openai_sandbox(call_later=timers.call_later), "127.0.0.1", 0)
     yield server.url
     await server.close()
 
@@ -49,6 +98,12 @@ def sdk_client(sandbox_url: str, max_retries: int = 0) -> AsyncOpenAI:
 @pytest.fixture
 async def client(sandbox_url: str) -> AsyncIterator[AsyncOpenAI]:
     async with sdk_client(sandbox_url) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+async def held_client(held_url: str) -> AsyncIterator[AsyncOpenAI]:
+    async with sdk_client(held_url) as sdk:
         yield sdk
 
 
@@ -253,33 +308,38 @@ async def test_background_response_goes_from_queued_to_completed(sandbox_url: st
     assert finished.output_text.startswith("Hi there")
 
 
-async def test_background_create_and_retrieve_skip_the_latency(sandbox_url: str, client: AsyncOpenAI) -> None:
-    await steer(sandbox_url, "latency", {"seconds": 0.5})
-    started = time.monotonic()
-    created = await client.responses.create(model=MODEL, input="hi", background=True)
-    polled = await client.responses.retrieve(created.id)
-    answered_after = time.monotonic() - started
-    finished = await poll_until_terminal(client, created.id)
-    assert answered_after < 0.3
-    assert polled.status == "in_progress"
-    assert finished.status == "completed" and time.monotonic() - started >= 0.5
+async def test_background_create_and_retrieve_skip_the_latency(
+    held_url: str, held_client: AsyncOpenAI, timers: HeldTimers
+) -> None:
+    # A request that served the latency would hold this test for a minute; the guard only catches that hang.
+    await steer(held_url, "latency", {"seconds": 60.0})
+    async with asyncio.timeout(10):
+        created = await held_client.responses.create(model=MODEL, input="hi", background=True)
+        polled = await held_client.responses.retrieve(created.id)
+    assert (created.status, polled.status) == ("queued", "in_progress")
+    assert timers.delays() == [60.0]  # the generation takes the latency instead
+    timers.fire_all()
+    finished = await held_client.responses.retrieve(created.id)
+    assert finished.status == "completed" and finished.output_text.startswith("Hi there")
 
 
 async def test_background_generation_time_can_be_set_apart_from_the_latency(
-    sandbox_url: str, client: AsyncOpenAI
+    held_url: str, held_client: AsyncOpenAI, timers: HeldTimers
 ) -> None:
-    await steer(sandbox_url, "openai/background_latency", {"seconds": 5.0})
-    created = await client.responses.create(model=MODEL, input="hi", background=True)
-    await asyncio.sleep(0.1)
-    assert (await client.responses.retrieve(created.id)).status == "in_progress"
+    await steer(held_url, "latency", {"seconds": 0.2})
+    await steer(held_url, "openai/background_latency", {"seconds": 5.0})
+    created = await held_client.responses.create(model=MODEL, input="hi", background=True)
+    assert timers.delays() == [5.0]
+    assert (await held_client.responses.retrieve(created.id)).status == "in_progress"
 
 
-async def test_cancel_stops_a_background_response(sandbox_url: str, client: AsyncOpenAI) -> None:
-    await steer(sandbox_url, "latency", {"seconds": 0.2})
-    created = await client.responses.create(model=MODEL, input="hi", background=True)
-    cancelled = await client.responses.cancel(created.id)
-    await asyncio.sleep(0.3)
-    later = await client.responses.retrieve(created.id)
+async def test_cancel_stops_a_background_response(held_client: AsyncOpenAI, timers: HeldTimers) -> None:
+    created = await held_client.responses.create(model=MODEL, input="hi", background=True)
+    cancelled = await held_client.responses.cancel(created.id)
+    [generation] = timers.scheduled
+    assert generation.cancelled
+    timers.fire_all()  # the generation time passes
+    later = await held_client.responses.retrieve(created.id)
     assert cancelled.status == "cancelled"
     assert later.status == "cancelled" and later.output == []
 
@@ -292,10 +352,10 @@ async def test_cancel_of_a_foreground_response_is_a_bad_request(client: AsyncOpe
 
 async def test_200_concurrent_requests_overlap_their_latency(sandbox_url: str, client: AsyncOpenAI) -> None:
     await steer(sandbox_url, "latency", {"seconds": 0.5})
-    started = time.monotonic()
     responses = await asyncio.gather(*(client.responses.create(model=MODEL, input=f"n{i}") for i in range(200)))
-    assert time.monotonic() - started < 5.0
     assert all(response.status == "completed" for response in responses)
+    stats = await steer(sandbox_url, "openai/stats")
+    assert (stats["peak_in_flight"], stats["in_flight"]) == (200, 0)  # all 200 were in their latency at once
 
 
 async def test_stats_count_created_objects_and_peak_in_flight(sandbox_url: str, client: AsyncOpenAI) -> None:

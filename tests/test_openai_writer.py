@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -15,16 +16,98 @@ import pytest
 from local_stack.openai_sandbox import create_openai_sandbox
 from local_stack.sandbox_http import RunningServer, serve
 from service.adapters.providers.openai_writer import OpenAiWriter
-from service.domain.provider_ports import AiRequest, PermanentProviderError, TransientProviderError
+from service.domain.provider_ports import AiRequest, AiResult, PermanentProviderError, TransientProviderError
 
 API_KEY = "sk-sandbox-tenant-a"
 CONTEXT = orjson.dumps({"recipient_data": {"recipient_first_name": "Lee", "recipient_last_name": "Hayton"}}).decode()
 TEMPLATE_KEYS = ("1", "2", "3")
 
 
+@dataclass(eq=False)
+class VirtualTimer:
+    """When a background generation ends, in virtual time; the sandbox cancels it with its response."""
+
+    due_s: float
+    callback: Callable[[], None]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class Sleeper:
+    wake_s: float
+    woken: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class VirtualTime:
+    """The one clock of the writer's sleeps and the sandbox's background generations.
+
+    It moves only when every writer taking part (`writers`) is asleep, straight to the earliest wake-up, and
+    ends the generations due by then: polls and generations line up the same way on every run, and nothing
+    waits for real. `slept` lists each delay the writer asked for. `hold()` stops the clock for good; real
+    time, and with it each write's own timeout, still runs.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+        self.writers = 1
+        self.held = False
+        self._sleepers: list[Sleeper] = []
+        self._timers: list[VirtualTimer] = []
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> VirtualTimer:
+        """The sandbox's background timer."""
+        timer = VirtualTimer(self.now + delay_s, callback)
+        self._timers.append(timer)
+        return timer
+
+    async def sleep(self, delay_s: float) -> None:
+        """The writer's sleep."""
+        self.slept.append(delay_s)
+        sleeper = Sleeper(self.now + delay_s)
+        self._sleepers.append(sleeper)
+        try:
+            self._advance()
+            await sleeper.woken.wait()
+        finally:
+            if sleeper in self._sleepers:  # cancelled while asleep
+                self._sleepers.remove(sleeper)
+
+    def hold(self) -> None:
+        self.held = True
+
+    def finished(self) -> None:
+        """One writer is done: the clock no longer waits for it."""
+        self.writers -= 1
+        self._advance()
+
+    def _advance(self) -> None:
+        if self.held or not self._sleepers or len(self._sleepers) < self.writers:
+            return
+        self.now = max(self.now, min(sleeper.wake_s for sleeper in self._sleepers))
+        for timer in [timer for timer in self._timers if timer.due_s <= self.now]:
+            self._timers.remove(timer)
+            if not timer.cancelled:
+                timer.callback()
+        for sleeper in [sleeper for sleeper in self._sleepers if sleeper.wake_s <= self.now]:
+            self._sleepers.remove(sleeper)
+            sleeper.woken.set()
+
+
 @pytest.fixture(scope="module")
-async def sandbox() -> AsyncIterator[RunningServer]:
-    server = await serve(create_openai_sandbox())
+def clock() -> VirtualTime:
+    return VirtualTime()
+
+
+@pytest.fixture(scope="module")
+async def sandbox(clock: VirtualTime) -> AsyncIterator[RunningServer]:
+    server = await serve(create_openai_sandbox(call_later=clock.call_later))
     assert server.runner.server is not None
     server.runner.server.handler_cancellation = True  # a client giving up on a hung request ends its handler
     yield server
@@ -40,17 +123,26 @@ async def http_client() -> AsyncIterator[httpx2.AsyncClient]:
 
 
 @pytest.fixture
-async def control(sandbox: RunningServer) -> AsyncIterator[aiohttp.ClientSession]:
+async def control(sandbox: RunningServer, clock: VirtualTime) -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(base_url=sandbox.url) as session:
         await steer(session, "/_sandbox/reset", {})
         await steer(session, "/_sandbox/openai/reset", {})
+        clock.reset()
         yield session
 
 
 @pytest.fixture
-async def writer(sandbox: RunningServer, http_client: httpx2.AsyncClient) -> AsyncIterator[OpenAiWriter]:
+async def writer(
+    sandbox: RunningServer, http_client: httpx2.AsyncClient, clock: VirtualTime
+) -> AsyncIterator[OpenAiWriter]:
     writer = OpenAiWriter(
-        http_client, f"{sandbox.url}/v1", max_attempts=4, backoff_base_s=0.05, poll_first_s=0.1, poll_cap_s=0.4
+        http_client,
+        f"{sandbox.url}/v1",
+        max_attempts=4,
+        backoff_base_s=0.05,
+        poll_first_s=0.1,
+        poll_cap_s=0.4,
+        sleep=clock.sleep,
     )
     yield writer
     await writer.close()
@@ -168,11 +260,12 @@ async def test_output_that_is_not_a_json_object_is_permanent(
 # ---- retries --------------------------------------------------------------------------------------
 
 
-async def test_rate_limit_is_retried_after_retry_after(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+async def test_rate_limit_is_retried_after_retry_after(
+    writer: OpenAiWriter, control: aiohttp.ClientSession, clock: VirtualTime
+) -> None:
     await inject(control, status=429, retry_after=1)
-    started = time.monotonic()
     result = await writer.write(ask(""))
-    assert time.monotonic() - started >= 1.0
+    assert clock.slept == [1.0]  # the 1 s Retry-After, not the 0.05 s backoff
     assert set(result.output) == set(TEMPLATE_KEYS)
     assert len(await requests_to(control, "POST", "/v1/responses")) == 2
 
@@ -195,14 +288,14 @@ async def test_persistent_server_error_is_transient_after_max_attempts(
 
 
 async def test_retry_after_beyond_the_budget_fails_at_once_with_it(
-    writer: OpenAiWriter, control: aiohttp.ClientSession
+    writer: OpenAiWriter, control: aiohttp.ClientSession, clock: VirtualTime
 ) -> None:
     await inject(control, status=429, retry_after=30)
-    started = time.monotonic()
     with pytest.raises(TransientProviderError) as caught:
         await writer.write(ask("", timeout_s=5.0))
-    assert time.monotonic() - started < 1.0
+    assert clock.slept == []
     assert caught.value.retry_after_s == 30
+    assert len(await requests_to(control, "POST", "/v1/responses")) == 1
 
 
 async def test_unauthorized_is_permanent_and_not_retried(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
@@ -227,13 +320,17 @@ async def test_insufficient_quota_is_permanent(writer: OpenAiWriter, control: ai
     assert caught.value.code == "insufficient_quota"
 
 
-async def test_hang_is_transient_within_the_timeout(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+async def test_hang_is_transient_within_the_timeout(
+    writer: OpenAiWriter, control: aiohttp.ClientSession, clock: VirtualTime
+) -> None:
     await inject(control, mode="hang")
-    started = time.monotonic()
-    with pytest.raises(TransientProviderError) as caught:
-        await writer.write(ask("", timeout_s=0.5))
-    assert caught.value.reason == "ai_timeout"
-    assert 0.5 <= time.monotonic() - started < 1.0
+    # The HTTP client would wait 10 s and the sandbox an hour: only the request's own timeout can end it first.
+    async with asyncio.timeout(5):  # hang guard
+        with pytest.raises(TransientProviderError) as caught:
+            await writer.write(ask("", timeout_s=0.5))
+    assert (caught.value.reason, caught.value.code) == ("ai_timeout", "timeout")
+    assert clock.slept == []  # given up, not retried
+    assert len(await requests_to(control, "POST", "/v1/responses")) == 1
 
 
 async def test_dropped_connection_is_retried(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
@@ -245,22 +342,28 @@ async def test_dropped_connection_is_retried(writer: OpenAiWriter, control: aioh
 # ---- background mode ------------------------------------------------------------------------------
 
 
-async def test_background_response_completes_by_polling(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+async def test_background_response_completes_by_polling(
+    writer: OpenAiWriter, control: aiohttp.ClientSession, clock: VirtualTime
+) -> None:
     await steer(control, "/_sandbox/openai/background_latency", {"seconds": 0.5})
     thread_id = await writer.start_thread(API_KEY, {})
-    started = time.monotonic()
     result = await writer.write(ask(thread_id, background=True))
-    assert time.monotonic() - started >= 0.5
+    # Polls after 0.1, 0.3 (pending) and 0.7 s: the first one after the 0.5 s generation finds it completed.
+    assert clock.slept == [0.1, 0.2, 0.4]
     assert set(result.output) == set(TEMPLATE_KEYS) and result.total_tokens > 0
-    assert len(await requests_to(control, "GET", f"/v1/responses/{result.response_id}")) >= 2
+    assert len(await requests_to(control, "GET", f"/v1/responses/{result.response_id}")) == 3
 
 
-async def test_background_timeout_cancels_the_response(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+async def test_background_timeout_cancels_the_response(
+    writer: OpenAiWriter, control: aiohttp.ClientSession, clock: VirtualTime
+) -> None:
     await steer(control, "/_sandbox/openai/background_latency", {"seconds": 30})
-    started = time.monotonic()
-    with pytest.raises(TransientProviderError) as caught:
-        await writer.write(ask("", background=True, timeout_s=0.6))
-    assert caught.value.reason == "ai_timeout" and time.monotonic() - started < 1.5
+    clock.hold()  # the generation never ends: only the request's own timeout can end the write
+    async with asyncio.timeout(5):  # hang guard
+        with pytest.raises(TransientProviderError) as caught:
+            await writer.write(ask("", background=True, timeout_s=0.6))
+    assert caught.value.reason == "ai_timeout"
+    assert clock.slept == [0.1]  # cut short while waiting to poll
     [cancel] = await requests_to(control, "POST", "/v1/responses/")
     response_id = cancel["path"].split("/")[3]
     assert (await fetch(control, f"/v1/responses/{response_id}"))["status"] == "cancelled"
@@ -294,13 +397,25 @@ async def test_failed_background_response_is_permanent_with_its_code(
     assert (caught.value.reason, caught.value.code) == ("ai_response_failed", "invalid_prompt")
 
 
-async def test_concurrent_background_writes_interleave(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
+async def test_concurrent_background_writes_interleave(
+    writer: OpenAiWriter, control: aiohttp.ClientSession, clock: VirtualTime
+) -> None:
     await steer(control, "/_sandbox/openai/background_latency", {"seconds": 0.5})
-    started = time.monotonic()
-    results = await asyncio.gather(*(writer.write(ask("", background=True)) for _ in range(50)))
-    elapsed = time.monotonic() - started
+    clock.writers = 50  # the clock moves only while all 50 are asleep, waiting for their responses together
+
+    async def write_one() -> AiResult:
+        try:
+            return await writer.write(ask("", background=True))
+        finally:
+            clock.finished()
+
+    async with asyncio.timeout(30):  # hang guard: a write that waited for another would stop the clock for good
+        results = await asyncio.gather(*(write_one() for _ in range(50)))
     assert len({result.response_id for result in results}) == 50
-    assert 0.5 <= elapsed < 2.0  # one generation time plus polling, not 50 of them
+    # One generation time plus polling (0.1 + 0.2 + 0.4 s), not 50 of them.
+    assert clock.now == pytest.approx(0.7)
+    assert Counter(clock.slept) == {0.1: 50, 0.2: 50, 0.4: 50}
+    assert len(await requests_to(control, "GET", "/v1/responses/")) == 150
 
 
 # ---- clients --------------------------------------------------------------------------------------

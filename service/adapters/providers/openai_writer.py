@@ -77,6 +77,8 @@ class OpenAiWriter:
     `http_client` is the shared pool (size its `limits` for the worker concurrency); when None the writer
     builds and owns one, and `close()` closes only a pool it owns. `base_url` is the API root including
     `/v1` (None: the SDK's default). `max_attempts` counts attempts per API call (create, each retrieve).
+    `sleep` waits out retry delays and the pauses between background polls; `request.timeout_s` bounds
+    the whole write on the event loop's time whatever `sleep` does.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class OpenAiWriter:
         cancel_timeout_s: float = 5.0,
         max_clients: int = 1_000,
         jitter: Callable[[], float] = random.random,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
@@ -105,6 +108,7 @@ class OpenAiWriter:
         self._cancel_timeout_s = cancel_timeout_s
         self._max_clients = max_clients
         self._jitter = jitter
+        self._sleep = sleep
         self._clients: OrderedDict[str, AsyncOpenAI] = OrderedDict()
         self._cleanup_tasks: set[asyncio.Task[None]] = set()
 
@@ -174,7 +178,7 @@ class OpenAiWriter:
     async def _poll_until_terminal(self, client: AsyncOpenAI, response_id: str, deadline: float) -> Response:
         delay = self._poll.first_s
         while True:
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
             response = await self._call("responses.retrieve", lambda: client.responses.retrieve(response_id), deadline)
             if response.status in TERMINAL_STATUSES:
                 return response
@@ -221,7 +225,7 @@ class OpenAiWriter:
             log.info(
                 "ai.retrying", operation=operation, attempt=attempt, reason=failure.reason, delay_s=round(delay, 3)
             )
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
             attempt += 1
 
     def _retry_delay(self, failure: ProviderError, attempt: int, deadline: float) -> float | None:
