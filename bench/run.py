@@ -119,9 +119,7 @@ async def open_stack(options: BenchOptions, exits: AsyncExitStack) -> Stack:
         }
     )
     deps = await exits.enter_async_context(build(settings))
-    tenant = await seed_demo_tenant(
-        deps.companies, deps.api_keys, deps.aws.secrets, prefix=settings.secrets_prefix, env=settings.environment
-    )
+    tenant = await seed_demo_tenant(deps.aws, settings)
     say(f"moto {moto.url} (pid {moto.process.pid}), counting proxy {proxy.url}, sandboxes up, tenant seeded")
     return Stack(moto, proxy, sandboxes, settings, deps, tenant)
 
@@ -259,7 +257,7 @@ async def run_bench(options: BenchOptions) -> BenchRun:
     async with AsyncExitStack() as exits:
         stack = await open_stack(options, exits)
         ceilings = await measure_ceilings(stack, options)
-        tenant = (stack.deps, stack.tenant.company_id, stack.tenant.project_id)
+        tenant = (stack.settings, stack.tenant.company_id, stack.tenant.project_id)
         warm = await build_messages(*tenant, range(options.warmup))
         messages = await build_messages(*tenant, range(options.warmup, options.warmup + options.conversations))
         say(f"{len(warm)} warm-up and {len(messages)} load context messages built by the initiate path")

@@ -23,10 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from service.bootstrap import Dependencies
-from service.config import CHANNELS
+from service.bootstrap import build
+from service.config import Settings
 from service.domain.initiate import validate_initiate_body
-from service.domain.initiation import ConversationInitiator, InitiationPorts
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -80,27 +79,21 @@ def initiate_body(company_id: str, project_id: str, index: int) -> dict[str, Any
 
 
 async def build_messages(
-    deps: Dependencies, company_id: str, project_id: str, indexes: range, concurrency: int = 16
+    settings: Settings, company_id: str, project_id: str, indexes: range, concurrency: int = 16
 ) -> list[ContextMessage]:
-    """One whatsapp context message per index, through the real initiate use case."""
+    """One whatsapp context message per index, through the real initiate use case (its publisher kept aside)."""
     publisher = KeepingPublisher()
-    initiator = ConversationInitiator(
-        InitiationPorts(companies=deps.companies, opt_outs=deps.opt_outs, ledger=deps.ledger, publisher=publisher),
-        {channel: deps.settings.queue_url(channel) for channel in CHANNELS},
-        router_version=deps.settings.router_version,
-        lease_s=deps.settings.request_claim_lease_s,
-        clock=time.time,
-    )
     gate = asyncio.Semaphore(concurrency)
+    async with build(settings, publisher=publisher) as deps:
 
-    async def one(index: int) -> ContextMessage:
-        request = validate_initiate_body(initiate_body(company_id, project_id, index))
-        async with gate:
-            outcome = await initiator.initiate(request, trace_id=f"bench-{uuid.uuid4().hex}")
-        body, attributes = publisher.kept[outcome.conversation_id]
-        return ContextMessage(outcome.conversation_id, request.recipient, body, attributes)
+        async def one(index: int) -> ContextMessage:
+            request = validate_initiate_body(initiate_body(company_id, project_id, index))
+            async with gate:
+                outcome = await deps.initiator.initiate(request, trace_id=f"bench-{uuid.uuid4().hex}")
+            body, attributes = publisher.kept[outcome.conversation_id]
+            return ContextMessage(outcome.conversation_id, request.recipient, body, attributes)
 
-    return list(await asyncio.gather(*(one(i) for i in indexes)))
+        return list(await asyncio.gather(*(one(i) for i in indexes)))
 
 
 def batch_entries(messages: Sequence[ContextMessage], delay_s: int) -> list[SendMessageBatchRequestEntryTypeDef]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 import structlog
 
 from consumers.metrics import ConsumerMetrics
-from service.adapters.aws.errors import AWS_FAILURES, error_code
+from service.aws_failures import AWS_FAILURES, error_code
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient

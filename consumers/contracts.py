@@ -33,7 +33,7 @@ class Disposition(StrEnum):
 @dataclass(frozen=True, slots=True)
 class Outcome:
     disposition: Disposition
-    reason: str  # metric label: "sent", "already_sent", "ai_transient", "invalid_context", ...
+    reason: str  # metric label: "sent", "already_done", "ai_transient", "invalid_context:context_not_json", ...
     retry_delay_s: int | None = None
     detail: str | None = None  # what failed, for the record (never a metric label): "500: server_error"
 

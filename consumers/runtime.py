@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +48,7 @@ from consumers.contracts import Disposition, Lease, Outcome, Processor
 from consumers.heartbeat import InFlight, VisibilityHeartbeat
 from consumers.metrics import ConsumerMetrics
 from consumers.sqs_messages import find_dead_letter_queue, resendable_attributes, to_queue_message
-from service.adapters.aws.errors import AWS_FAILURES, error_code
+from service.aws_failures import AWS_FAILURES, error_code
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -113,7 +113,12 @@ class ConsumerCounts:
 
 
 class QueueConsumer:
-    """Receives from one queue and runs `processor` on each message, at most `config.concurrency` at once."""
+    """Receives from one queue and runs `processor` on each message, at most `config.concurrency` at once.
+
+    `clock` is the lease clock (monotonic seconds): when a message was received, how long its visibility lasts
+    and its lease cap are counted on it, here and in the heartbeat. `sleep` is the poller's rest after a failed
+    poll. Stop's bounded waits (grace, protected grace, the open receive) always run on real time.
+    """
 
     def __init__(
         self,
@@ -123,6 +128,9 @@ class QueueConsumer:
         processor: Processor,
         metrics: ConsumerMetrics,
         config: ConsumerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._sqs = sqs
         self._queue_url = queue_url
@@ -131,6 +139,8 @@ class QueueConsumer:
         self._metrics = metrics
         self._config = config = config or ConsumerConfig()
         self._dead_letter_url = config.dead_letter_queue_url
+        self._clock = clock
+        self._sleep = sleep
         self._slots = asyncio.Semaphore(config.concurrency)
         self._heartbeat = VisibilityHeartbeat(
             sqs,
@@ -140,6 +150,7 @@ class QueueConsumer:
             extension_s=config.visibility_timeout_s,
             tick_s=config.heartbeat_tick_s,
             max_lease_s=config.max_lease_s,
+            clock=clock,
         )
         self._deletes = DeleteBatcher(sqs, queue_url, queue_name, metrics, config.delete_flush_interval_s)
         self._in_flight: dict[asyncio.Task[None], InFlight] = {}
@@ -319,7 +330,7 @@ class QueueConsumer:
             if self._stopping:
                 self.release_slots(reserved)
                 return
-            received_at = time.monotonic()
+            received_at = self._clock()
             try:
                 messages = await self.receive(reserved)
             except asyncio.CancelledError:
@@ -338,7 +349,7 @@ class QueueConsumer:
                     retry_in_s=round(delay, 2),
                     exc_info=not isinstance(exc, AWS_FAILURES),
                 )
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 continue
             backoff.reset()
             if self._stopping:
@@ -537,7 +548,7 @@ class QueueConsumer:
         delay = outcome.retry_delay_s
         if delay is None:
             delay = retry_delay_s(item.message.receive_count, self._config.retry_base_s, self._config.retry_cap_s)
-        left_in_lease = int(item.received_at + self._config.max_lease_s - time.monotonic())
+        left_in_lease = int(item.received_at + self._config.max_lease_s - self._clock())
         delay = max(0, min(delay, left_in_lease, MAX_VISIBILITY_S))
         try:
             await self._sqs.change_message_visibility(
@@ -603,18 +614,3 @@ class QueueConsumer:
             lease_lost=item.lease.lost.is_set(),
             **settled,
         )
-
-
-async def run_consumers(consumers: Sequence[QueueConsumer], stop: asyncio.Event, grace_s: float) -> None:
-    """Start every consumer, wait for `stop`, then drain them all in parallel within `grace_s`.
-
-    Readiness is `all(c.running for c in consumers)`; each goes False as soon as its stop begins.
-    """
-    started: list[QueueConsumer] = []
-    try:
-        for consumer in consumers:
-            await consumer.start()
-            started.append(consumer)
-        await stop.wait()
-    finally:
-        await asyncio.gather(*(consumer.stop(grace_s) for consumer in started))

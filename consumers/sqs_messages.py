@@ -12,7 +12,7 @@ import orjson
 import structlog
 
 from consumers.contracts import QueueMessage
-from service.adapters.aws.errors import AWS_FAILURES, error_code
+from service.aws_failures import AWS_FAILURES, error_code
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient

@@ -1,7 +1,7 @@
 """A channel-queue message parsed into everything the template sender needs, or why it cannot be.
 
-Pure: `parse_template_job(body)` either returns a `TemplateJob` or raises
-`InvalidContext` naming the reason (and the conversation, when the body names one).
+Pure: `parse_template_job(body)` either returns a `TemplateJob` or raises `InvalidContext` naming the reason
+(and the conversation, when the body names one); `new_conversation(job)` is the record its first claim creates.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pydantic import ValidationError
 
 from service.domain.company import CompanyRecord
 from service.domain.context import QueueContext
+from service.domain.conversation import ConversationKey, NewConversation
 from service.domain.initiate import SUPPORTED_CHANNELS, is_valid_e164, is_valid_email
+from service.versions import PROCESSOR_VERSION
 
 DEFAULT_WHATSAPP_VARIABLES = ("1", "2")
 OUTPUT_KEYS = {"sms": ("body",), "email": ("subject", "body")}
@@ -60,6 +62,10 @@ class TemplateJob:
     def project_data(self) -> dict[str, Any]:
         data: dict[str, Any] = self.frontend_payload.get("project_data") or {}
         return data
+
+    @property
+    def key(self) -> ConversationKey:
+        return ConversationKey(self.recipient, self.conversation_id)
 
     @property
     def request_id(self) -> str:
@@ -158,42 +164,24 @@ def parse_template_job(body: str) -> TemplateJob:
     )
 
 
-_GSI_SENDER = {
-    "whatsapp": "gsi_company_whatsapp_number",
-    "sms": "gsi_company_sms_number",
-    "email": "gsi_company_email",
-}
-
-
-def initial_record(job: TemplateJob, *, processor_version: str, stamp: str) -> dict[str, Any]:
-    """The SPEC §5 initial record (keys excluded); written only where the attribute is not there yet."""
-    recipient = job.recipient_data
+def new_conversation(job: TemplateJob) -> NewConversation:
+    """The SPEC §5 initial record the template sender creates on its first claim."""
     channel_config = getattr(job.company.channel_config, job.channel)
-    record: dict[str, Any] = {
-        "request_id": job.request_id,
-        "channel_method": job.channel,
-        "company_id": job.company.company_id,
-        "project_id": job.company.project_id,
-        "company_name": job.company.company_name,
-        "project_name": job.company.project_name,
-        "company_rep": job.company.company_rep,
-        "recipient_first_name": recipient.get("recipient_first_name"),
-        "recipient_last_name": recipient.get("recipient_last_name"),
-        "recipient_tel": recipient.get("recipient_tel"),
-        "recipient_email": recipient.get("recipient_email"),
-        "comms_consent": recipient.get("comms_consent"),
-        "project_data": job.project_data,
-        "ai_config": (job.company.ai_config.get("openai_config") or {}).get(job.channel),
-        "channel_config": channel_config.model_dump(mode="json", exclude_none=True) if channel_config else None,
-        "router_version": job.router_version,
-        "processor_version": processor_version,
-        "trace_id": job.trace_id,
-        "messages": [],
-        "task_complete": 0,
-        "hand_off_to_human": False,
-        "send_state": "not_sent",
-        "created_at": stamp,
-        _GSI_SENDER[job.channel]: job.sender,
-        "gsi_recipient_email" if job.channel == "email" else "gsi_recipient_tel": job.recipient,
-    }
-    return {k: v for k, v in record.items() if v is not None}
+    return NewConversation(
+        key=job.key,
+        request_id=job.request_id,
+        channel=job.channel,
+        company_id=job.company.company_id,
+        project_id=job.company.project_id,
+        company_address=job.sender,
+        company_name=job.company.company_name,
+        project_name=job.company.project_name,
+        company_rep=job.company.company_rep,
+        recipient=job.recipient_data,
+        project_data=job.project_data,
+        ai_config=(job.company.ai_config.get("openai_config") or {}).get(job.channel),
+        channel_config=channel_config.model_dump(mode="json", exclude_none=True) if channel_config else None,
+        router_version=job.router_version,
+        processor_version=PROCESSOR_VERSION,
+        trace_id=job.trace_id,
+    )

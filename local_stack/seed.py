@@ -10,8 +10,10 @@ import orjson
 from botocore.exceptions import ClientError
 
 from service.adapters.aws.api_key_store import DynamoApiKeyStore
+from service.adapters.aws.clients import AwsClients
 from service.adapters.aws.company_directory import DynamoCompanyDirectory
 from service.adapters.aws.errors import error_code
+from service.config import Settings
 from service.domain.api_keys import issue_key
 from service.domain.company import CompanyRecord
 from service.domain.ports import ApiKeyRecord
@@ -129,14 +131,11 @@ async def put_secret(secrets: SecretsManagerClient, name: str, value: dict[str, 
         await secrets.put_secret_value(SecretId=name, SecretString=payload)
 
 
-async def seed_demo_tenant(
-    companies: DynamoCompanyDirectory,
-    api_keys: DynamoApiKeyStore,
-    secrets: SecretsManagerClient,
-    *,
-    prefix: str,
-    env: str,
-) -> DemoTenant:
+async def seed_demo_tenant(aws: AwsClients, settings: Settings) -> DemoTenant:
+    """The demo company, its secrets and an API key, written through the service's own adapters."""
+    companies = DynamoCompanyDirectory(aws.dynamodb, settings.company_table, 0)
+    api_keys = DynamoApiKeyStore(aws.dynamodb, settings.api_keys_table, 0)
+    prefix, env, secrets = settings.secrets_prefix, settings.environment, aws.secrets
     now = time.time()
     record = demo_company(prefix, env, now)
     await companies.put(record, overwrite=True)

@@ -63,13 +63,7 @@ async def local_stack(base: Settings, *, ai_latency_s: float = 0.2) -> AsyncIter
             }
         )
         async with build(settings) as deps:
-            tenant = await seed_demo_tenant(
-                deps.companies,
-                deps.api_keys,
-                deps.aws.secrets,
-                prefix=settings.secrets_prefix,
-                env=settings.environment,
-            )
+            tenant = await seed_demo_tenant(deps.aws, settings)
         yield LocalStack(settings, moto, tenant, openai, twilio, sendgrid)
     finally:
         for server in reversed(servers):

@@ -1,15 +1,18 @@
-"""The composition root: builds every real adapter once, hands them out, closes them in reverse order.
+"""The composition root: builds every adapter once, wires the use cases and consumers, closes them in reverse.
 
-`build(settings)` is an async context manager; the HTTP app and the consumers both
-take the `Dependencies` it yields, and tests swap adapters here, not by patching.
+`build(settings, **overrides)` is an async context manager (the shape of cosmicpython's bootstrap): any port
+named in `Adapters` may be given instead of the real adapter (`build(settings, ai=FakeAiWriter())`), so tests
+and the benchmark wire nothing by hand. The HTTP app, the runner and the operator commands all take the
+`Dependencies` it yields.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import aiohttp
 import httpx2
@@ -20,18 +23,19 @@ from consumers.metrics import ConsumerMetrics
 from consumers.reply_sender import ReplyPorts, ReplySender, ReplySenderConfig
 from consumers.runtime import ConsumerConfig, QueueConsumer
 from consumers.sqs_messages import read_redrive_policy
-from consumers.template_sender import TemplateSender, TemplateSenderConfig
+from consumers.template_sender import TemplatePorts, TemplateSender, TemplateSenderConfig
 from service.adapters.aws.api_key_store import DynamoApiKeyStore
 from service.adapters.aws.clients import AwsClients, open_aws_clients
 from service.adapters.aws.company_directory import DynamoCompanyDirectory
-from service.adapters.aws.conversation_store import DynamoConversationStore
+from service.adapters.aws.conversation_claims import DynamoConversationClaims
+from service.adapters.aws.conversation_lookup import DynamoConversationLookup
 from service.adapters.aws.errors import AWS_FAILURES, error_code
 from service.adapters.aws.opt_out_registry import DynamoOptOutRegistry
 from service.adapters.aws.queue_publisher import SqsPublisher
-from service.adapters.aws.reply_store import DynamoReplyStore
+from service.adapters.aws.reply_claims import DynamoReplyClaims
 from service.adapters.aws.request_ledger import DynamoRequestLedger
 from service.adapters.aws.secrets_store import SecretsManagerStore
-from service.adapters.aws.stage_store import DynamoStageStore
+from service.adapters.aws.stage_store import DynamoReplyStage
 from service.adapters.providers.openai_writer import OpenAiWriter
 from service.adapters.providers.sendgrid_sender import SendGridSender
 from service.adapters.providers.twilio_client import build_async_http_client
@@ -40,21 +44,53 @@ from service.adapters.providers.twilio_signature import TwilioSignatureVerifier
 from service.config import CHANNELS, ConfigurationError, Settings
 from service.domain.inbound_intake import InboundIntake, IntakeConfig, IntakePorts
 from service.domain.initiation import ConversationInitiator, InitiationPorts
-from service.domain.provider_ports import MessageSender
+from service.domain.ports import (
+    AiWriter,
+    ApiKeyStore,
+    CompanyDirectory,
+    ConversationClaims,
+    ConversationLookup,
+    MessagePublisher,
+    MessageSender,
+    OptOutRegistry,
+    ReplyClaims,
+    ReplyStage,
+    RequestLedger,
+    SecretStore,
+    SignatureVerifier,
+)
 from service.domain.rate_limit import RateLimit, RateLimiter
 from service.metrics import ApiMetrics
 from service.readiness import Readiness
+
+
+@dataclass(frozen=True, slots=True)
+class Adapters:
+    """One implementation of every port, shared by the API side and the consumers of a process."""
+
+    companies: CompanyDirectory
+    api_keys: ApiKeyStore
+    opt_outs: OptOutRegistry
+    ledger: RequestLedger
+    publisher: MessagePublisher
+    secrets: SecretStore
+    conversation_claims: ConversationClaims
+    reply_claims: ReplyClaims
+    conversations: ConversationLookup
+    stage: ReplyStage
+    signatures: SignatureVerifier
+    ai: AiWriter | None = None  # built with the consumers (their connection pools are sized for them)
+    senders: Mapping[str, MessageSender] | None = None
+
+
+ADAPTER_NAMES = frozenset(f.name for f in fields(Adapters))
 
 
 @dataclass(slots=True)
 class Dependencies:
     settings: Settings
     aws: AwsClients
-    companies: DynamoCompanyDirectory
-    api_keys: DynamoApiKeyStore
-    opt_outs: DynamoOptOutRegistry
-    ledger: DynamoRequestLedger
-    publisher: SqsPublisher
+    adapters: Adapters
     initiator: ConversationInitiator
     intake: InboundIntake
     rate_limiter: RateLimiter
@@ -62,8 +98,15 @@ class Dependencies:
     registry: CollectorRegistry
     api_metrics: ApiMetrics
     readiness: Readiness
-    stack: AsyncExitStack
     consumers: list[QueueConsumer]
+
+    @property
+    def companies(self) -> CompanyDirectory:
+        return self.adapters.companies
+
+    @property
+    def api_keys(self) -> ApiKeyStore:
+        return self.adapters.api_keys
 
     async def probe_aws(self) -> list[str]:
         """Problems reaching DynamoDB and SQS, empty when both answer."""
@@ -81,82 +124,109 @@ class Dependencies:
         return problems
 
 
-@dataclass(frozen=True, slots=True)
-class Shared:
-    """Adapters the API side and the consumers both use (one instance per process)."""
-
-    aws: AwsClients
-    opt_outs: DynamoOptOutRegistry
-    publisher: SqsPublisher
-    secrets: SecretsManagerStore
-    stage: DynamoStageStore
-    replies: DynamoReplyStore
+def aws_adapters(settings: Settings, aws: AwsClients, clock: Callable[[], float] = time.time) -> Adapters:
+    """The real adapter of every AWS-backed port (the provider clients come with the consumers)."""
+    dynamodb = aws.dynamodb
+    return Adapters(
+        companies=DynamoCompanyDirectory(dynamodb, settings.company_table, settings.company_cache_ttl_s),
+        api_keys=DynamoApiKeyStore(dynamodb, settings.api_keys_table, settings.api_key_cache_ttl_s),
+        opt_outs=DynamoOptOutRegistry(dynamodb, settings.opt_out_table),
+        ledger=DynamoRequestLedger(dynamodb, settings.idempotency_table, settings.request_idempotency_ttl_s),
+        publisher=SqsPublisher(aws.sqs),
+        secrets=SecretsManagerStore(aws.secrets, settings.secrets_cache_ttl_s),
+        conversation_claims=DynamoConversationClaims(dynamodb, settings.conversations_table, clock),
+        reply_claims=DynamoReplyClaims(dynamodb, settings.conversations_table, clock),
+        conversations=DynamoConversationLookup(dynamodb, settings.conversations_table, clock=clock),
+        stage=DynamoReplyStage(dynamodb, settings.stage_table, settings.lock_table),
+        signatures=TwilioSignatureVerifier(),
+    )
 
 
 @asynccontextmanager
-async def build(settings: Settings, *, expects_consumers: bool = False) -> AsyncIterator[Dependencies]:
+async def build(
+    settings: Settings, *, expects_consumers: bool = False, **overrides: Any
+) -> AsyncIterator[Dependencies]:
+    """Every adapter and use case of one process; `overrides` replace adapters by their `Adapters` name."""
+    unknown = set(overrides) - ADAPTER_NAMES
+    if unknown:
+        raise TypeError(f"build() got adapters it does not know: {', '.join(sorted(unknown))}")
     async with AsyncExitStack() as stack:
         aws = await open_aws_clients(settings, stack)
-        shared = Shared(
-            aws=aws,
-            opt_outs=DynamoOptOutRegistry(aws.dynamodb, settings.opt_out_table),
-            publisher=SqsPublisher(aws.sqs),
-            secrets=SecretsManagerStore(aws.secrets, settings.secrets_cache_ttl_s),
-            stage=DynamoStageStore(aws.dynamodb, settings.stage_table, settings.lock_table),
-            replies=DynamoReplyStore(aws.dynamodb, settings.conversations_table),
-        )
-        companies = DynamoCompanyDirectory(aws.dynamodb, settings.company_table, settings.company_cache_ttl_s)
-        ledger = DynamoRequestLedger(aws.dynamodb, settings.idempotency_table, settings.request_idempotency_ttl_s)
-        initiator = ConversationInitiator(
-            InitiationPorts(companies=companies, opt_outs=shared.opt_outs, ledger=ledger, publisher=shared.publisher),
-            {channel: settings.queue_url(channel) for channel in CHANNELS},
-            router_version=settings.router_version,
-            lease_s=settings.request_claim_lease_s,
-            clock=time.time,
-            duplicate_wait_s=settings.duplicate_wait_s,
-        )
-        intake = InboundIntake(
-            IntakePorts(
-                conversations=shared.replies,
-                companies=companies,
-                secrets=shared.secrets,
-                suppressions=shared.opt_outs,
-                stage=shared.stage,
-                publisher=shared.publisher,
-                signatures=TwilioSignatureVerifier(),
-            ),
-            IntakeConfig(settings.replies_queue_url, settings.handoff_queue_url, settings.batching_window_s),
-        )
+        adapters = replace(aws_adapters(settings, aws), **overrides)
         registry = CollectorRegistry()
-        consumers = await build_consumers(settings, shared, registry, stack) if expects_consumers else []
+        consumers: list[QueueConsumer] = []
+        if expects_consumers:
+            adapters = await _with_providers(settings, adapters, stack)
+            consumers = await build_consumers(settings, aws, adapters, registry)
         yield Dependencies(
             settings=settings,
             aws=aws,
-            companies=companies,
-            api_keys=DynamoApiKeyStore(aws.dynamodb, settings.api_keys_table, settings.api_key_cache_ttl_s),
-            opt_outs=shared.opt_outs,
-            ledger=ledger,
-            publisher=shared.publisher,
-            initiator=initiator,
-            intake=intake,
+            adapters=adapters,
+            initiator=ConversationInitiator(
+                InitiationPorts(adapters.companies, adapters.opt_outs, adapters.ledger, adapters.publisher),
+                {channel: settings.queue_url(channel) for channel in CHANNELS},
+                lease_s=settings.request_claim_lease_s,
+                clock=time.time,
+                duplicate_wait_s=settings.duplicate_wait_s,
+            ),
+            intake=InboundIntake(
+                IntakePorts(
+                    conversations=adapters.conversations,
+                    companies=adapters.companies,
+                    secrets=adapters.secrets,
+                    opt_outs=adapters.opt_outs,
+                    stage=adapters.stage,
+                    publisher=adapters.publisher,
+                    signatures=adapters.signatures,
+                ),
+                IntakeConfig(settings.replies_queue_url, settings.handoff_queue_url, settings.batching_window_s),
+            ),
             rate_limiter=RateLimiter(),
             default_rate_limit=RateLimit(settings.rate_limit_per_second, settings.rate_limit_burst),
             registry=registry,
             api_metrics=ApiMetrics(registry),
             readiness=Readiness(expects_consumers=expects_consumers),
-            stack=stack,
             consumers=consumers,
         )
 
 
-async def build_consumers(
-    settings: Settings, shared: Shared, registry: CollectorRegistry, stack: AsyncExitStack
-) -> list[QueueConsumer]:
-    """One `QueueConsumer` per consumed queue (channel queues and replies), sharing one pool per provider.
+async def _with_providers(settings: Settings, adapters: Adapters, stack: AsyncExitStack) -> Adapters:
+    """The OpenAI writer and the message senders, unless given: one pool per provider, sized for the consumers.
 
-    Closing order (the stack unwinds in reverse): consumers stop first (the runner drains them),
-    then the OpenAI writer, then the provider HTTP pools, then the AWS clients.
+    Closing order (the stack unwinds in reverse): the runner stops the consumers first, then the OpenAI
+    writer and the provider HTTP pools close, then the AWS clients.
     """
+    pool = settings.consumer_concurrency * max(1, len(settings.consumed_queues))
+    ai = adapters.ai
+    if ai is None:
+        openai_http = httpx2.AsyncClient(
+            limits=httpx2.Limits(max_connections=pool, max_keepalive_connections=pool),
+            timeout=httpx2.Timeout(settings.ai_timeout_s, connect=5.0),
+        )
+        stack.push_async_callback(openai_http.aclose)
+        writer = OpenAiWriter(openai_http, settings.openai_base_url, settings.ai_max_attempts)
+        stack.push_async_callback(writer.close)
+        ai = writer
+    senders = adapters.senders
+    if senders is None:
+        twilio = TwilioSender(
+            build_async_http_client(settings.provider_timeout_s, pool),
+            settings.twilio_base_url,
+            settings.provider_timeout_s,
+            owns_http_client=True,
+        )
+        stack.push_async_callback(twilio.close)
+        email_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.consumer_concurrency))
+        stack.push_async_callback(email_session.close)
+        email = SendGridSender(email_session, settings.sendgrid_base_url, settings.provider_timeout_s)
+        senders = {"whatsapp": twilio, "sms": twilio, "email": email}
+    return replace(adapters, ai=ai, senders=senders)
+
+
+async def build_consumers(
+    settings: Settings, aws: AwsClients, adapters: Adapters, registry: CollectorRegistry
+) -> list[QueueConsumer]:
+    """One `QueueConsumer` per consumed queue (channel queues and replies), each told its queue's redrive policy."""
     queues = settings.consumed_queues
     missing = [q for q in queues if not settings.queue_url(q)]
     if missing:
@@ -164,28 +234,7 @@ async def build_consumers(
             f"consumers need queue URLs for {', '.join(missing)}: set "
             + ", ".join(f"COMMS_{q.upper()}_QUEUE_URL" for q in missing)
         )
-    pool = settings.consumer_concurrency * max(1, len(queues))
-    openai_http = httpx2.AsyncClient(
-        limits=httpx2.Limits(max_connections=pool, max_keepalive_connections=pool),
-        timeout=httpx2.Timeout(settings.ai_timeout_s, connect=5.0),
-    )
-    stack.push_async_callback(openai_http.aclose)
-    writer = OpenAiWriter(openai_http, settings.openai_base_url, settings.ai_max_attempts)
-    stack.push_async_callback(writer.close)
-    twilio = TwilioSender(
-        build_async_http_client(settings.provider_timeout_s, pool),
-        settings.twilio_base_url,
-        settings.provider_timeout_s,
-        owns_http_client=True,
-    )
-    stack.push_async_callback(twilio.close)
-    email_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.consumer_concurrency))
-    stack.push_async_callback(email_session.close)
-    senders: dict[str, MessageSender] = {
-        "whatsapp": twilio,
-        "sms": twilio,
-        "email": SendGridSender(email_session, settings.sendgrid_base_url, settings.provider_timeout_s),
-    }
+    assert adapters.ai is not None and adapters.senders is not None  # `_with_providers` ran
     metrics = ConsumerMetrics(registry)
     callback = f"{settings.public_base_url.rstrip('/')}/webhooks/twilio/status" if settings.public_base_url else None
     consumer_config = ConsumerConfig(
@@ -193,12 +242,11 @@ async def build_consumers(
         visibility_timeout_s=settings.visibility_timeout_s,
         wait_time_s=settings.poll_wait_s,
     )
-    store = DynamoConversationStore(shared.aws.dynamodb, settings.conversations_table)
     consumers: list[QueueConsumer] = []
     for queue in queues:
         queue_url = settings.queue_url(queue)
         assert queue_url is not None  # checked above
-        redrive = await read_redrive_policy(shared.aws.sqs, queue_url, queue)
+        redrive = await read_redrive_policy(aws.sqs, queue_url, queue)
         processor: Processor
         if queue == "replies":
             processor = ReplySender(
@@ -211,13 +259,13 @@ async def build_consumers(
                     redrive=redrive,
                 ),
                 ReplyPorts(
-                    conversations=shared.replies,
-                    stage=shared.stage,
-                    secrets=shared.secrets,
-                    ai=writer,
-                    senders=senders,
-                    suppressions=shared.opt_outs,
-                    publisher=shared.publisher,
+                    claims=adapters.reply_claims,
+                    stage=adapters.stage,
+                    secrets=adapters.secrets,
+                    ai=adapters.ai,
+                    senders=adapters.senders,
+                    opt_outs=adapters.opt_outs,
+                    publisher=adapters.publisher,
                 ),
                 metrics,
             )
@@ -225,18 +273,19 @@ async def build_consumers(
             processor = TemplateSender(
                 TemplateSenderConfig(
                     queue=queue,
-                    processor_version=settings.processor_version,
                     claim_lease_s=settings.claim_lease_s,
                     ai_timeout_s=settings.ai_timeout_s,
                     status_callback_url=callback,
                     redrive=redrive,
                 ),
-                store,
-                shared.secrets,
-                writer,
-                senders,
+                TemplatePorts(
+                    claims=adapters.conversation_claims,
+                    secrets=adapters.secrets,
+                    ai=adapters.ai,
+                    senders=adapters.senders,
+                ),
                 metrics,
             )
         queue_config = consumer_config.model_copy(update={"dead_letter_queue_url": redrive.dead_letter_url})
-        consumers.append(QueueConsumer(shared.aws.sqs, queue_url, queue, processor, metrics, queue_config))
+        consumers.append(QueueConsumer(aws.sqs, queue_url, queue, processor, metrics, queue_config))
     return consumers

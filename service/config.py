@@ -86,14 +86,11 @@ class Settings(BaseSettings):
     ai_timeout_s: float = Field(90.0, gt=0, description="Whole AI call, retries and background polling included")
     ai_max_attempts: int = Field(4, ge=1, le=10)
     provider_timeout_s: float = Field(15.0, gt=0, description="One Twilio/SendGrid call")
-    processor_version: str = "comms-template-sender-0.1.0"
 
     # Providers (empty means the real public endpoints)
     openai_base_url: str | None = None
     twilio_base_url: str | None = None
     sendgrid_base_url: str = "https://api.sendgrid.com"
-
-    router_version: str = "comms-router-0.1.0"
 
     @field_validator("cors_allow_origin")
     @classmethod

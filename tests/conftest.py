@@ -43,9 +43,7 @@ async def deps(settings: Settings) -> AsyncIterator[Dependencies]:
 
 @pytest.fixture(scope="session")
 async def tenant(deps: Dependencies) -> DemoTenant:
-    return await seed_demo_tenant(
-        deps.companies, deps.api_keys, deps.aws.secrets, prefix=deps.settings.secrets_prefix, env="dev"
-    )
+    return await seed_demo_tenant(deps.aws, deps.settings)
 
 
 @pytest.fixture(scope="session")

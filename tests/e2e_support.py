@@ -33,13 +33,14 @@ from local_stack.seed import DEMO_OPENAI_KEY, DEMO_SENDGRID_KEY, DEMO_TWILIO_ACC
 from local_stack.sendgrid_sandbox import create_sendgrid_sandbox
 from local_stack.twilio_sandbox import create_twilio_sandbox
 from service.adapters.aws.clients import AwsClients
-from service.adapters.aws.conversation_store import DynamoConversationStore
+from service.adapters.aws.conversation_codec import item_key
+from service.adapters.aws.dynamo_codec import from_item
 from service.adapters.aws.provisioning import ensure_queue
+from service.adapters.aws.resources import queue_specs
 from service.api.app import create_app
 from service.bootstrap import Dependencies, build
 from service.config import CHANNELS, Settings
 from service.domain.conversation import ConversationKey
-from service.resources import queue_specs
 from tests.conftest import initiate_body
 from tests.support import add_tenant
 
@@ -213,8 +214,12 @@ class E2EEnv:
     aws: AwsClients  # straight to moto (never through a gate), for reading what happened
 
     async def record(self, primary_channel: str, conversation_id: str) -> dict[str, Any] | None:
-        store = DynamoConversationStore(self.aws.dynamodb, self.settings.conversations_table)
-        return await store.get(ConversationKey(primary_channel, conversation_id))
+        """The stored item as it is (a consistent read), or None."""
+        key = item_key(ConversationKey(primary_channel, conversation_id))
+        answer = await self.aws.dynamodb.get_item(
+            TableName=self.settings.conversations_table, Key=key, ConsistentRead=True
+        )
+        return from_item(answer["Item"]) if "Item" in answer else None
 
     async def record_with_status(
         self, primary_channel: str, conversation_id: str, status: str, timeout_s: float

@@ -19,9 +19,9 @@ import pytest
 
 from service.adapters.aws.clients import AwsClients, open_aws_clients
 from service.adapters.aws.provisioning import provision_resources
+from service.adapters.aws.resources import QUEUE_KINDS
 from service.cli import main
 from service.config import Settings
-from service.resources import QUEUE_KINDS
 
 T = TypeVar("T")
 

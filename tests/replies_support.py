@@ -4,7 +4,7 @@ only looks at its own conversation).
 A world is: the session moto server (shared), its own replies/hand-off queues (and channel queues when asked),
 fresh OpenAI and Twilio sandboxes, a fresh tenant, the service's composition root built on settings naming all
 of that, and the HTTP app listening on the port `public_base_url` names (so the URL Twilio signs is the URL the
-app hears). Conversations are seeded in the shape the template sender writes (`initial_record`), for a fresh
+app hears). Conversations are seeded in the shape the template sender writes (`new_conversation_fields`), for a fresh
 recipient number per test: the moto server is session-shared and webhooks find conversations by company number
 + sender.
 """
@@ -24,23 +24,23 @@ import orjson
 from aiohttp.test_utils import TestClient, TestServer
 from twilio.request_validator import RequestValidator
 
-from consumers.template_job import initial_record, parse_template_job
+from consumers.template_job import new_conversation, parse_template_job
 from local_stack.moto_server import free_port
 from local_stack.openai_sandbox import create_openai_sandbox
 from local_stack.sandbox_http import RunningServer, serve
 from local_stack.seed import DEMO_OPENAI_KEY, DEMO_TWILIO_ACCOUNT_SID, DEMO_TWILIO_AUTH_TOKEN
 from local_stack.twilio_sandbox import create_twilio_sandbox
-from service.adapters.aws.conversation_store import item_key
+from service.adapters.aws.conversation_codec import item_key, new_conversation_fields
 from service.adapters.aws.dynamo_codec import from_item, to_attribute, to_item
 from service.adapters.aws.opt_out_registry import suppression_key
 from service.adapters.aws.provisioning import ensure_queue
+from service.adapters.aws.resources import QueueSpec
 from service.api.app import create_app
 from service.bootstrap import Dependencies, build
 from service.config import Settings
 from service.domain.conversation import ConversationKey
 from service.domain.conversation import conversation_id as make_conversation_id
 from service.domain.timefmt import utc_iso
-from service.resources import QueueSpec
 from tests.conftest import initiate_body
 from tests.support import add_tenant
 
@@ -305,7 +305,8 @@ class RepliesWorld:
             "metadata": {"router_version": "test", "trace_id": uuid.uuid4().hex},
         }
         stamp = utc_iso(time.time())
-        record = initial_record(parse_template_job(orjson.dumps(context).decode()), processor_version="t", stamp=stamp)
+        new = new_conversation(parse_template_job(orjson.dumps(context).decode()))
+        record = new_conversation_fields(new, stamp)
         first = {"message_id": new_sid(), "timestamp": stamp, "role": "assistant", "content": "Hi Lee, first."}
         record.update(
             {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -58,9 +58,12 @@ async def queued_messages(deps: Dependencies, queue_url: str, conversation_id: s
 
 
 @asynccontextmanager
-async def api_client(settings: Settings, **changes: Any) -> AsyncIterator[tuple[TestClient[Any, Any], Dependencies]]:
-    """A separate app over settings with `changes` (e.g. a dead endpoint), with its own clients."""
-    async with build(settings.model_copy(update=changes)) as deps:
+async def api_client(
+    settings: Settings, adapters: Mapping[str, Any] | None = None, **changes: Any
+) -> AsyncIterator[tuple[TestClient[Any, Any], Dependencies]]:
+    """A separate app over settings with `changes` (e.g. a dead endpoint), with its own clients; `adapters`
+    replace ports by name (`build`'s overrides)."""
+    async with build(settings.model_copy(update=changes), **(adapters or {})) as deps:
         client: TestClient[Any, Any] = TestClient(TestServer(create_app(deps)))
         await client.start_server()
         try:

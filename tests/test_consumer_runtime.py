@@ -24,7 +24,7 @@ from consumers.backoff import retry_delay_s
 from consumers.contracts import Lease, Outcome, QueueMessage
 from consumers.heartbeat import InFlight, VisibilityHeartbeat, next_visibility_s
 from consumers.metrics import ConsumerMetrics
-from consumers.runtime import ConsumerConfig, QueueConsumer, run_consumers
+from consumers.runtime import ConsumerConfig, QueueConsumer
 from service.runner import stop_consumers
 
 # -- queues, clients and metrics -------------------------------------------------------------------------
@@ -125,9 +125,9 @@ def config(**changes: Any) -> ConsumerConfig:
 
 @asynccontextmanager
 async def consuming(
-    sqs, queue: QueueUnderTest, processor, metrics, cfg: ConsumerConfig
+    sqs, queue: QueueUnderTest, processor, metrics, cfg: ConsumerConfig, **options: Any
 ) -> AsyncIterator[QueueConsumer]:
-    consumer = QueueConsumer(sqs, queue.url, queue.name, processor, metrics, cfg)
+    consumer = QueueConsumer(sqs, queue.url, queue.name, processor, metrics, cfg, **options)
     await consumer.start()
     try:
         yield consumer
@@ -158,6 +158,29 @@ class RecordingSqs:
     async def delete_message(self, **request: Any) -> Any:
         self.single_deletes += 1
         return await self._inner.delete_message(**request)
+
+
+class RecordingExtensions(RecordingSqs):
+    """Also writes down the timeouts each ChangeMessageVisibilityBatch asked for, and hands them to `extended`."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.extended: asyncio.Queue[list[int]] = asyncio.Queue()
+
+    async def change_message_visibility_batch(self, **request: Any) -> Any:
+        answer = await self._inner.change_message_visibility_batch(**request)
+        self.extended.put_nowait([entry["VisibilityTimeout"] for entry in request["Entries"]])
+        return answer
+
+
+class SteppedClock:
+    """A lease clock that stands still until the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class ReceiveIgnoringCancellation(RecordingSqs):
@@ -212,6 +235,14 @@ def after(seconds: float, outcome: Outcome) -> Callable[[QueueMessage, Lease], A
     return rule
 
 
+def after_event(event: asyncio.Event, outcome: Outcome) -> Callable[[QueueMessage, Lease], Awaitable[Outcome]]:
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        await event.wait()
+        return outcome
+
+    return rule
+
+
 # -- polling and deleting ----------------------------------------------------------------------------------
 
 
@@ -234,10 +265,12 @@ async def test_every_message_is_processed_once_and_deleted(sqs, queue, metrics, 
 async def test_polls_only_for_free_slots_and_leaves_the_rest_on_the_queue(sqs, queue, metrics):
     await send(sqs, queue, [f"m{i}" for i in range(6)])
     recording = RecordingSqs(sqs)
-    recorder = Recorder(after(0.8, Outcome.done("sent")))
+    gate = asyncio.Event()
+    recorder = Recorder(after_event(gate, Outcome.done("sent")))
     async with consuming(recording, queue, recorder, metrics, config(concurrency=2)) as consumer:
         await eventually(lambda: recorder.running == 2, what="two messages started")
         assert await message_counts(sqs, queue.url) == (4, 2)
+        gate.set()
         await eventually(lambda: consumer.counts.complete == 6, what="all six finished")
     assert recorder.most_at_once == 2
     assert recording.receive_sizes
@@ -264,7 +297,19 @@ async def test_finished_deletes_go_out_in_batches_of_at_most_ten(sqs, queue, met
 async def test_heartbeat_keeps_a_message_invisible_past_its_visibility_timeout(sqs, metrics, registry):
     queue = await create_queue(sqs, visibility_s=2)
     await send(sqs, queue, ["long"])
-    recorder = Recorder(after(7, Outcome.done("sent")))
+    extended = {"queue": queue.name, "result": "ok"}
+
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        # An extension is due only below 1 s of the 2 s visibility left, and gives 2 s from its request: the
+        # fourth comes more than 4 s after the receive, twice the visibility the message was received with.
+        await eventually(
+            lambda: sample(registry, "comms_visibility_extensions_total", **extended) >= 4,
+            timeout_s=15,
+            what="four extensions",
+        )
+        return Outcome.done("sent")
+
+    recorder = Recorder(rule)
     async with consuming(sqs, queue, recorder, metrics, config(visibility_timeout_s=2)) as consumer:
         await eventually(lambda: recorder.running == 1, what="processing started")
         while recorder.running:
@@ -289,14 +334,17 @@ async def test_lost_lease_cancels_unprotected_work(sqs, queue, metrics, registry
 
     await send(sqs, queue, ["doomed"])
     recorder = Recorder(rule)
-    started = time.monotonic()
-    async with consuming(sqs, queue, recorder, metrics, config(visibility_timeout_s=2)) as consumer:
-        await eventually(lambda: recorder.cancelled == ["doomed"], timeout_s=5, what="work cancelled")
-        await eventually(lambda: consumer.counts.retried == 1, what="finish recorded")
-    assert time.monotonic() - started < 5
+    with capture_logs() as logs:
+        async with consuming(sqs, queue, recorder, metrics, config(visibility_timeout_s=2)) as consumer:
+            await eventually(lambda: recorder.cancelled == ["doomed"], timeout_s=5, what="work cancelled")
+            await eventually(lambda: consumer.counts.retried == 1, what="finish recorded")
     assert len(recorder.seen) == 1
     assert consumer.counts.leases_lost == 1
+    # Lost at the first extension, which SQS refused for the stale receipt: not retried, not left to lapse.
+    assert sample(registry, "comms_visibility_extensions_total", queue=queue.name, result="ok") == 0
     assert sample(registry, "comms_visibility_extensions_total", queue=queue.name, result="failed") == 1
+    [lost] = [e for e in logs if e["event"] == "lease_lost"]
+    assert lost["reason"] == "ReceiptHandleIsInvalid" and not lost["protected"]
     reason = {"queue": queue.name, "disposition": "retry", "reason": "lease_lost"}
     assert sample(registry, "comms_messages_finished_total", **reason) == 1
 
@@ -307,7 +355,8 @@ async def test_lost_lease_does_not_cancel_protected_work(sqs, queue, metrics, re
     async def rule(message: QueueMessage, lease: Lease) -> Outcome:
         with lease.protected():
             await delete_own_message(sqs, queue, message)
-            await asyncio.sleep(2.5)
+            await lease.lost.wait()
+            await asyncio.sleep(1.0)  # two more heartbeat ticks, each of which cancels lost unprotected work
             lost_while_protected.append(lease.lost.is_set())
         return Outcome.done("sent")
 
@@ -336,14 +385,36 @@ async def test_work_that_leaves_protection_after_a_lost_lease_is_cancelled(sqs, 
 
 
 async def test_visibility_is_never_extended_past_the_lease_cap(sqs, queue, metrics, registry):
-    recorder = Recorder(after(30, Outcome.done("sent")))
+    leases: list[Lease] = []
+    started = asyncio.Event()
+
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        leases.append(lease)
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("never finishes")
+
+    recorder = Recorder(rule)
     await send(sqs, queue, ["endless"])
-    started = time.monotonic()
-    async with consuming(sqs, queue, recorder, metrics, config(visibility_timeout_s=2, max_lease_s=4)) as consumer:
-        await eventually(lambda: recorder.cancelled == ["endless"], timeout_s=8, what="cancelled at the cap")
-        cancelled_after = time.monotonic() - started
-    assert 2.5 < cancelled_after < 5.5
+    clock = SteppedClock()  # the lease clock: received at 0.0, visible until 2.0, capped at 4.0
+    client = RecordingExtensions(sqs)
+    cfg = config(visibility_timeout_s=2, max_lease_s=4)  # a 0.5 s tick; an extension is due below 1 s left
+    with capture_logs() as logs:
+        async with consuming(client, queue, recorder, metrics, cfg, clock=clock) as consumer:
+            async with asyncio.timeout(10):  # hang guard
+                await started.wait()
+                clock.now = 1.5  # 0.5 s left, 2.5 s below the cap: the full extension, to 3.5
+                assert await client.extended.get() == [2]
+                clock.now = 3.0  # 0.5 s left, 1 s below the cap: only up to the cap, to 4.0
+                assert await client.extended.get() == [1]
+                assert recorder.cancelled == [] and not leases[0].lost.is_set()
+                clock.now = 3.9  # 0.1 s left and nothing to extend to: the lease ends at the cap
+                await leases[0].lost.wait()
+            await eventually(lambda: recorder.cancelled == ["endless"], timeout_s=5, what="cancelled at the cap")
+            assert client.extended.empty()
     assert consumer.counts.leases_lost == 1
+    assert [e["reason"] for e in logs if e["event"] == "lease_lost"] == ["max_lease"]
+    assert sample(registry, "comms_visibility_extensions_total", queue=queue.name, result="ok") == 2
     assert sample(registry, "comms_visibility_extensions_total", queue=queue.name, result="failed") == 0
 
 
@@ -502,9 +573,16 @@ async def test_processor_exception_is_treated_as_retry(sqs, queue, metrics, regi
 
 async def test_stop_lets_work_finish_within_grace_and_returns_the_rest_at_once(sqs, metrics, registry):
     queue = await create_queue(sqs, visibility_s=30)
+    release_fast = asyncio.Event()
+    order: list[str] = []
 
     async def rule(message: QueueMessage, lease: Lease) -> Outcome:
-        await asyncio.sleep(0.5 if message.body == "fast" else 30)
+        try:
+            await (release_fast.wait() if message.body == "fast" else asyncio.Event().wait())
+        except asyncio.CancelledError:
+            order.append(f"cancelled {message.body}")
+            raise
+        order.append(f"finished {message.body}")
         return Outcome.done("sent")
 
     await send(sqs, queue, ["fast", "slow"])
@@ -514,12 +592,13 @@ async def test_stop_lets_work_finish_within_grace_and_returns_the_rest_at_once(s
     )
     await consumer.start()
     await eventually(lambda: recorder.running == 2, what="both started")
-    started = time.monotonic()
     stopping = asyncio.create_task(consumer.stop(grace_s=1.5))
     await asyncio.sleep(0)
     assert not consumer.running
-    await stopping
-    assert 1.4 < time.monotonic() - started < 3.0
+    release_fast.set()  # "fast" ends while stop is draining: within the grace
+    async with asyncio.timeout(10):  # hang guard: "slow" would run forever if stop did not cancel it
+        await stopping
+    assert order == ["finished fast", "cancelled slow"]
     assert recorder.finished == ["fast"]
     assert recorder.cancelled == ["slow"]
     returned = await raw_receive(sqs, queue.url)
@@ -538,9 +617,9 @@ async def test_messages_received_after_stop_began_go_back_at_once(sqs, metrics):
     consumer = QueueConsumer(client, queue.url, queue.name, recorder, metrics, config(wait_time_s=3))
     await consumer.start()
     await eventually(lambda: len(client.receive_sizes) == 1, what="long poll in progress")
-    await asyncio.sleep(0.2)
     stopping = asyncio.create_task(consumer.stop(grace_s=1))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0)  # stop has begun: the open poll is left to end
+    assert not consumer.running and not stopping.done()
     await send(sqs, queue, ["late"])
     await stopping
     assert recorder.seen == []
@@ -548,30 +627,38 @@ async def test_messages_received_after_stop_began_go_back_at_once(sqs, metrics):
     assert [m["Body"] for m in await raw_receive(sqs, queue.url)] == ["late"]
 
 
-async def test_run_consumers_starts_all_and_drains_all_when_stop_is_set(sqs, metrics):
+async def test_the_runner_drains_every_consumer_in_parallel(sqs, metrics):
     queues = [await create_queue(sqs), await create_queue(sqs)]
     recorder = Recorder(after(0, Outcome.done("sent")))
     consumers = [QueueConsumer(sqs, q.url, q.name, recorder, metrics, config()) for q in queues]
-    stop = asyncio.Event()
-    running = asyncio.create_task(run_consumers(consumers, stop, grace_s=1))
-    await eventually(lambda: all(c.running for c in consumers), what="both running")
+    for consumer in consumers:
+        await consumer.start()
+    assert all(c.running for c in consumers)
     for q in queues:
         await send(sqs, q, [q.name])
     await eventually(lambda: len(recorder.finished) == 2, what="one message from each queue")
-    stop.set()
-    await asyncio.wait_for(running, timeout=5)
+    await asyncio.wait_for(stop_consumers(consumers, 1, asyncio.Event()), timeout=5)  # a hang guard
     assert not any(c.running for c in consumers)
     assert sorted(recorder.finished) == sorted(q.name for q in queues)
 
 
 async def test_stop_waits_a_bounded_while_for_protected_work_and_cancels_the_rest(sqs, metrics):
     queue = await create_queue(sqs, visibility_s=30)
+    plain_cancelled, release_sending = asyncio.Event(), asyncio.Event()
+    order: list[str] = []
 
     async def rule(message: QueueMessage, lease: Lease) -> Outcome:
-        if message.body == "plain":
-            await asyncio.sleep(30)
-        with lease.protected():
-            await asyncio.sleep(0.8 if message.body == "sending" else 30)
+        try:
+            if message.body == "plain":
+                await asyncio.Event().wait()
+            with lease.protected():
+                await (release_sending.wait() if message.body == "sending" else asyncio.Event().wait())
+        except asyncio.CancelledError:
+            order.append(f"cancelled {message.body}")
+            if message.body == "plain":
+                plain_cancelled.set()
+            raise
+        order.append(f"finished {message.body}")
         return Outcome.done("sent")
 
     await send(sqs, queue, ["plain", "sending", "stuck"])
@@ -580,9 +667,15 @@ async def test_stop_waits_a_bounded_while_for_protected_work_and_cancels_the_res
     consumer = QueueConsumer(sqs, queue.url, queue.name, recorder, metrics, cfg)
     await consumer.start()
     await eventually(lambda: recorder.running == 3, what="all three started")
-    started = time.monotonic()
-    await consumer.stop(grace_s=0.2)
-    assert 1.6 < time.monotonic() - started < 3.0
+    with capture_logs() as logs:
+        async with asyncio.timeout(10):  # hang guard: "stuck" would run forever if stop did not cancel it
+            stopping = asyncio.create_task(consumer.stop(grace_s=0.2))
+            await plain_cancelled.wait()  # the grace is over: unprotected work goes at once
+            assert not stopping.done()  # protected work gets its while
+            release_sending.set()  # "sending" ends within that while
+            await stopping
+    assert order == ["cancelled plain", "finished sending", "cancelled stuck"]
+    assert [e["count"] for e in logs if e["event"] == "cancelling_protected_work"] == [1]
     assert recorder.finished == ["sending"]
     assert sorted(recorder.cancelled) == ["plain", "stuck"]
     assert consumer.counts.returned == 2
@@ -774,13 +867,38 @@ class ReceiveFails(RecordingSqs):
         raise EndpointConnectionError(endpoint_url="http://sqs.invalid")
 
 
+class Rests:
+    """The poller's rests after failed polls: the lengths asked for, and how many stop cut short.
+
+    A rest ends only when cancelled, so a stop that waited for one would never end.
+    """
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+        self.cut_short = 0
+        self.resting = asyncio.Event()
+
+    async def sleep(self, delay_s: float) -> None:
+        self.asked.append(delay_s)
+        self.resting.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cut_short += 1
+            raise
+
+
 async def test_a_failing_receive_does_not_hold_up_stop(sqs, queue, metrics):
     client = ReceiveFails(sqs)
     recorder = Recorder(after(0, Outcome.done("sent")))
+    rests = Rests()
     cfg = config(poll_backoff_base_s=30, poll_backoff_cap_s=30)
-    consumer = QueueConsumer(client, queue.url, queue.name, recorder, metrics, cfg)
+    consumer = QueueConsumer(client, queue.url, queue.name, recorder, metrics, cfg, sleep=rests.sleep)
     await consumer.start()
-    await eventually(lambda: len(client.receive_sizes) == 1, what="first receive failed")
-    await asyncio.wait_for(consumer.stop(grace_s=5), timeout=5)
+    async with asyncio.timeout(10):  # hang guard
+        await rests.resting.wait()
+        await consumer.stop(grace_s=5)
     assert len(client.receive_sizes) == 1
+    assert len(rests.asked) == 1 and 15 <= rests.asked[0] <= 30  # the backoff: half to all of the 30 s cap
+    assert rests.cut_short == 1
     assert not consumer.running

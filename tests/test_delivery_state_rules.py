@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from service.domain.conversation import (
+    ConversationKey,
+    ConversationRecord,
+    ConversationStatus,
+    ReplyAttempt,
+    SendLedger,
+    SendState,
+    TokenUsage,
+)
 from service.domain.delivery_state import DeliveryStatus, conversations_to_hold, is_forward, parse_delivery_status
 
 S = DeliveryStatus
@@ -39,19 +48,46 @@ def test_twilio_intermediate_statuses_count_as_queued_and_unknown_ones_are_ignor
     assert parse_delivery_status("receiving") is None
 
 
-def test_a_callback_before_its_message_is_kept_on_the_conversations_awaiting_a_final_update() -> None:
-    older_sending = {"conversation_id": "a", "created_at": "2026-01-01T10:00:00.000Z", "send_state": "attempting"}
-    replying = {"conversation_id": "b", "created_at": "2026-01-01T09:00:00.000Z", "reply_attempt": {"batch": "k"}}
-    newest_done = {"conversation_id": "c", "created_at": "2026-01-01T11:00:00.000Z", "send_state": "sent"}
+def conversation(
+    conversation_id: str, created_at: str, send_state: SendState = SendState.SENT, *, replying: bool = False
+) -> ConversationRecord:
+    attempt = ReplyAttempt(("SMa",), "hi", created_at, "hello", TokenUsage(), "thread", 0.0) if replying else None
+    return ConversationRecord(
+        key=ConversationKey("+447700900123", conversation_id),
+        status=ConversationStatus.INITIAL_MESSAGE_SENT,
+        channel="sms",
+        company_id="c",
+        project_id="p",
+        created_at=created_at,
+        ledger=SendLedger(state=send_state),
+        reply_attempt=attempt,
+    )
 
-    held_on = conversations_to_hold([replying, newest_done, older_sending])
 
-    assert [c["conversation_id"] for c in held_on] == ["a", "b"]
+def ids(conversations: list[ConversationRecord]) -> list[str]:
+    return [c.key.conversation_id for c in conversations]
+
+
+def test_a_callback_before_its_message_is_kept_on_the_conversations_awaiting_a_final_update_newest_first() -> None:
+    sending = conversation("a", "2026-01-01T10:00:00.000Z", SendState.ATTEMPTING)
+    replying = conversation("b", "2026-01-01T09:00:00.000Z", replying=True)
+    newest_done = conversation("c", "2026-01-01T11:00:00.000Z")
+
+    assert ids(conversations_to_hold([replying, newest_done, sending])) == ["a", "b"]
+
+
+def test_a_callback_is_kept_on_at_most_three_awaiting_conversations() -> None:
+    awaiting = [conversation(str(n), f"2026-01-01T1{n}:00:00.000Z", SendState.ATTEMPTING) for n in range(5)]
+
+    assert ids(conversations_to_hold(awaiting)) == ["4", "3", "2"]
 
 
 def test_with_no_conversation_awaiting_a_final_update_the_newest_keeps_it() -> None:
-    older = {"conversation_id": "a", "created_at": "2026-01-01T10:00:00.000Z", "send_state": "sent"}
-    newest = {"conversation_id": "c", "created_at": "2026-01-01T11:00:00.000Z", "send_state": "sent"}
+    older = conversation("a", "2026-01-01T10:00:00.000Z")
+    newest = conversation("c", "2026-01-01T11:00:00.000Z")
 
-    assert [c["conversation_id"] for c in conversations_to_hold([newest, older])] == ["c"]
+    assert ids(conversations_to_hold([older, newest])) == ["c"]
+
+
+def test_with_no_conversation_a_callback_is_kept_nowhere() -> None:
     assert conversations_to_hold([]) == []

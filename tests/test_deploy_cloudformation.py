@@ -1,7 +1,7 @@
 """The AWS resources as code: cfn-lint clean, and the very tables, queues and permissions the service uses.
 
 Table names, keys, indexes and TTL attributes and the queue/dead-letter pairs are checked against
-`service.resources` (what `comms bootstrap` creates). The service role's actions are checked against the
+`service.adapters.aws.resources` (what `comms bootstrap` creates). The service role's actions are checked against the
 AWS operations the code reachable from `comms serve` calls, found by reading that code (not a list).
 """
 
@@ -22,8 +22,7 @@ from botocore import xform_name
 from botocore.session import get_session
 from botocore.validate import ParamValidator
 
-from service.config import Settings
-from service.resources import (
+from service.adapters.aws.resources import (
     DLQ_MAX_RECEIVE_COUNT,
     DLQ_RETENTION_S,
     QUEUE_RETENTION_S,
@@ -31,6 +30,7 @@ from service.resources import (
     queue_specs,
     table_specs,
 )
+from service.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 CORE_TEMPLATE = REPO / "deploy" / "cloudformation" / "comms-engine.yaml"

@@ -21,6 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service import __version__
 from service.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -431,3 +432,8 @@ def test_prometheus_rule_alerts_on_dead_letter_queue_depth(render: Render) -> No
 def test_monitoring_objects_are_opt_in(render: Render) -> None:
     manifests = render("default-values.yaml")
     assert of_kind(manifests, "ServiceMonitor") == of_kind(manifests, "PrometheusRule") == []
+
+
+def test_the_chart_deploys_the_version_the_service_reports():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == __version__

@@ -10,7 +10,6 @@ from service.domain.company import CompanyRecord, RateLimits
 from service.domain.conversation import conversation_id
 from service.domain.initiate import is_iso8601_with_zone, is_valid_e164, is_valid_email
 from service.domain.rate_limit import RateLimit, RateLimiter
-from service.domain.request_claim import ClaimVerdict, RequestRecord, RequestState, verdict_for_existing
 from service.domain.timefmt import utc_iso
 
 LIMIT = RateLimit(per_second=2.0, burst=3)
@@ -53,26 +52,6 @@ def test_project_limit_per_minute_becomes_per_second():
 
 def test_project_without_limits_gets_the_default():
     assert rate_limit_for(CompanyRecord(company_id="c", project_id="p"), RateLimit(10, 20)) == RateLimit(10, 20)
-
-
-def _record(state: RequestState, lease: float) -> RequestRecord:
-    return RequestRecord("k", state, "conv", lease, "2025-01-01T00:00:00.000Z")
-
-
-def test_completed_request_is_already_queued():
-    assert verdict_for_existing(_record(RequestState.COMPLETED, 0), now=50) is ClaimVerdict.ALREADY_QUEUED
-
-
-def test_live_claim_is_in_progress_elsewhere():
-    assert verdict_for_existing(_record(RequestState.IN_PROGRESS, 100), now=50) is ClaimVerdict.IN_PROGRESS_ELSEWHERE
-
-
-def test_expired_claim_may_be_taken():
-    assert verdict_for_existing(_record(RequestState.IN_PROGRESS, 40), now=50) is ClaimVerdict.CLAIMED
-
-
-def test_vanished_record_is_treated_as_in_progress():
-    assert verdict_for_existing(None, now=50) is ClaimVerdict.IN_PROGRESS_ELSEWHERE
 
 
 def test_issued_key_verifies_against_its_hash_only():

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from service.adapters.aws.conversation_store import DynamoConversationStore
+from service.adapters.aws.conversation_claims import DynamoConversationClaims
+from service.adapters.aws.conversation_lookup import DynamoConversationLookup
 from service.adapters.aws.early_delivery import PENDING_ATTRIBUTE, PENDING_CAP
-from service.adapters.aws.reply_store import DynamoReplyStore
-from service.domain.conversation import ConversationKey
-from service.domain.delivery_state import DeliveryStatus, may_follow
+from service.adapters.aws.reply_claims import DynamoReplyClaims
+from service.domain.conversation import ConversationKey, ConversationRecord, Message
+from service.domain.delivery_state import DeliveryStatus
 from service.domain.timefmt import utc_iso
 from tests.replies_support import RepliesWorld, new_sid, replies_world, unique_tel
 
@@ -33,16 +34,20 @@ async def world(settings, deps, tenant) -> AsyncIterator[RepliesWorld]:
         yield built
 
 
-def template_store(world: RepliesWorld) -> DynamoConversationStore:
-    return DynamoConversationStore(world.deps.aws.dynamodb, world.settings.conversations_table)
+def template_claims(world: RepliesWorld) -> DynamoConversationClaims:
+    return DynamoConversationClaims(world.deps.aws.dynamodb, world.settings.conversations_table)
 
 
-def reply_store(world: RepliesWorld) -> DynamoReplyStore:
-    return DynamoReplyStore(world.deps.aws.dynamodb, world.settings.conversations_table)
+def reply_claims(world: RepliesWorld) -> DynamoReplyClaims:
+    return DynamoReplyClaims(world.deps.aws.dynamodb, world.settings.conversations_table)
 
 
-def assistant(sid: str, **extra: Any) -> dict[str, Any]:
-    return {"message_id": sid, "timestamp": utc_iso(time.time()), "role": "assistant", "content": "Hi", **extra}
+def lookup(world: RepliesWorld) -> DynamoConversationLookup:
+    return DynamoConversationLookup(world.deps.aws.dynamodb, world.settings.conversations_table)
+
+
+def assistant(sid: str, delivery_status: str | None = None) -> Message:
+    return Message(sid, "assistant", "Hi", utc_iso(time.time()), delivery_status=delivery_status)
 
 
 async def sending_template(world: RepliesWorld, **attributes: Any) -> tuple[str, ConversationKey]:
@@ -61,15 +66,8 @@ async def sending_template(world: RepliesWorld, **attributes: Any) -> tuple[str,
     return tel, key
 
 
-async def finalise_template(world: RepliesWorld, key: ConversationKey, message: dict[str, Any]) -> bool:
-    return await template_store(world).finalise(
-        key,
-        message=message,
-        provider_message_id=str(message["message_id"]),
-        thread_id="conv_test",
-        processing_time_ms=5,
-        stamp=utc_iso(time.time()),
-    )
+async def finalise_template(world: RepliesWorld, key: ConversationKey, message: Message) -> bool:
+    return await template_claims(world).finalise(key, message, "conv_test", 5)
 
 
 async def sending_reply(world: RepliesWorld) -> tuple[str, ConversationKey]:
@@ -87,12 +85,10 @@ async def sending_reply(world: RepliesWorld) -> tuple[str, ConversationKey]:
     return tel, key
 
 
-async def finalise_reply(world: RepliesWorld, key: ConversationKey, reply: dict[str, Any]) -> dict[str, Any] | None:
+async def finalise_reply(world: RepliesWorld, key: ConversationKey, reply: Message) -> ConversationRecord | None:
     user_sid = new_sid()
-    user = {"message_id": user_sid, "timestamp": utc_iso(time.time()), "role": "user", "content": "Hello?"}
-    return await reply_store(world).finalise(
-        key, OWNER, messages=[user, reply], answered_sids=[user_sid], processing_time_ms=5, stamp=utc_iso(time.time())
-    )
+    user = Message(user_sid, "user", "Hello?", utc_iso(time.time()))
+    return await reply_claims(world).finalise(key, OWNER, [user, reply], [user_sid], 5)
 
 
 async def message_named(world: RepliesWorld, key: ConversationKey, sid: str) -> dict[str, Any]:
@@ -187,9 +183,7 @@ async def test_callback_whose_lookup_missed_a_final_update_that_landed_meanwhile
     sid = new_sid()
     assert await finalise_template(world, key, assistant(sid))
 
-    held = await reply_store(world).hold_delivery_status(
-        key, sid, DeliveryStatus.DELIVERED, may_follow(DeliveryStatus.DELIVERED), utc_iso(time.time())
-    )
+    held = await lookup(world).hold_delivery_status(key, sid, DeliveryStatus.DELIVERED)
 
     assert held
     assert (await message_named(world, key, sid))["delivery_status"] == "delivered"
@@ -239,7 +233,7 @@ async def test_callback_for_a_pair_with_no_conversation_is_answered_200_and_stor
 
     assert await world.status_callback(tel, new_sid(), "delivered") == 200
 
-    assert await reply_store(world).conversations_between("whatsapp", "+447700900001", tel) == []
+    assert await lookup(world).conversations_between("whatsapp", "+447700900001", tel) == []
 
 
 async def test_failed_early_callback_is_applied_and_nothing_moves_it(world):

@@ -509,7 +509,7 @@ async def test_any_body_over_http_answers_a_spec_error_or_200_with_a_clean_recip
 
 @pytest.mark.parametrize("variant", [OPTED_OUT_TEL + "\n", " " + OPTED_OUT_TEL, OPTED_OUT_TEL + "\r"], ids=repr)
 async def test_opted_out_number_with_unclean_ends_is_refused_and_not_queued(api, deps, edge_key, variant):
-    await deps.opt_outs.opt_out(EDGE_COMPANY, EDGE_PROJECT, "whatsapp", OPTED_OUT_TEL, utc_iso(0))
+    await deps.adapters.opt_outs.opt_out(EDGE_COMPANY, EDGE_PROJECT, "whatsapp", OPTED_OUT_TEL, utc_iso(0))
     body = _edge_body(variant)
     response = await api.post("/initiate-conversation", json=body, headers={"x-api-key": edge_key})
     assert (response.status, (await response.json())["error_code"]) == (400, "INVALID_RECIPIENT_TEL")
@@ -518,7 +518,7 @@ async def test_opted_out_number_with_unclean_ends_is_refused_and_not_queued(api,
 
 
 async def test_opted_out_number_as_stored_is_refused_as_opted_out(api, deps, edge_key):
-    await deps.opt_outs.opt_out(EDGE_COMPANY, EDGE_PROJECT, "whatsapp", OPTED_OUT_TEL, utc_iso(0))
+    await deps.adapters.opt_outs.opt_out(EDGE_COMPANY, EDGE_PROJECT, "whatsapp", OPTED_OUT_TEL, utc_iso(0))
     response = await api.post("/initiate-conversation", json=_edge_body(OPTED_OUT_TEL), headers={"x-api-key": edge_key})
     assert (response.status, (await response.json())["error_code"]) == (422, "RECIPIENT_OPTED_OUT")
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from service.domain.company import CompanyRecord
+from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus
 from service.domain.inbound import (
     Fragment,
     InvalidInbound,
@@ -54,22 +58,56 @@ def test_form_becomes_an_inbound_message_with_bare_addresses() -> None:
     assert (message.sender, message.company_address, message.body) == ("+447700900123", "+447700900001", "Hi")
 
 
+SENDER = "+447700900123"
+
+
+def conversation(
+    status: ConversationStatus = ConversationStatus.INITIAL_MESSAGE_SENT, *, flagged: bool = False
+) -> ConversationRecord:
+    return ConversationRecord(
+        key=ConversationKey(SENDER, "c#p#r#447700900001"),
+        status=status,
+        channel="whatsapp",
+        company_id="c",
+        project_id="p",
+        hand_off_to_human=flagged,
+    )
+
+
+def company(**rules: Any) -> CompanyRecord:
+    return CompanyRecord.model_validate({"company_id": "c", "project_id": "p", **rules})
+
+
+def test_a_reply_to_a_handed_off_conversation_goes_to_a_human_too() -> None:
+    assert hand_off_reason(conversation(ConversationStatus.HANDED_OFF), company(), SENDER) == "conversation_handed_off"
+
+
 def test_conversation_flag_hands_off() -> None:
-    assert hand_off_reason({"hand_off_to_human": True}, {}, "+447700900123") == "conversation_flagged"
+    assert hand_off_reason(conversation(flagged=True), company(), SENDER) == "conversation_flagged"
 
 
 def test_project_auto_queue_hands_off_every_reply() -> None:
-    assert hand_off_reason({}, {"auto_queue_reply_message": True}, "+447700900123") == "project_auto_queue"
+    assert hand_off_reason(conversation(), company(auto_queue_reply_message=True), SENDER) == "project_auto_queue"
 
 
 def test_listed_sender_hands_off() -> None:
-    company = {"auto_queue_reply_message_from_number": ["+447700900123"]}
-    assert hand_off_reason({}, company, "+447700900123") == "sender_auto_queue"
+    listed = company(auto_queue_reply_message_from_number=["+447700900999", SENDER])
+    assert hand_off_reason(conversation(), listed, SENDER) == "sender_auto_queue"
+
+
+def test_listed_email_sender_hands_off_whatever_the_case_and_spacing() -> None:
+    listed = company(auto_queue_reply_message_from_email=[" Ann@Example.com "])
+    assert hand_off_reason(conversation(), listed, "ann@example.com") == "sender_auto_queue"
 
 
 def test_unlisted_sender_of_an_unflagged_conversation_is_answered_by_the_ai() -> None:
-    company = {"auto_queue_reply_message": False, "auto_queue_reply_message_from_number": ["+447700900999"]}
-    assert hand_off_reason({"hand_off_to_human": False}, company, "+447700900123") is None
+    unlisted = company(auto_queue_reply_message=False, auto_queue_reply_message_from_number=["+447700900999"])
+    assert hand_off_reason(conversation(), unlisted, SENDER) is None
+
+
+@pytest.mark.parametrize("odd", [{"auto_queue_reply_message": "yes"}, {"auto_queue_reply_message_from_number": SENDER}])
+def test_a_malformed_hand_off_rule_is_no_rule(odd: dict[str, Any]) -> None:
+    assert hand_off_reason(conversation(), company(**odd), SENDER) is None
 
 
 def test_batch_orders_fragments_by_received_time_then_sid() -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from local_stack.moto_server import free_port
-from service.domain.initiation import ConversationInitiator, InitiationPorts
 from tests.conftest import initiate_body
 from tests.support import api_client, queued_messages
 
@@ -44,14 +42,7 @@ class _ExplodingPublisher:
 
 
 async def test_unexpected_failure_is_500_internal_error_without_a_stack_trace(settings, tenant):
-    async with api_client(settings) as (client, wired):
-        wired.initiator = ConversationInitiator(
-            InitiationPorts(wired.companies, wired.opt_outs, wired.ledger, _ExplodingPublisher()),
-            {"whatsapp": settings.whatsapp_queue_url},
-            router_version="test",
-            lease_s=30,
-            clock=time.time,
-        )
+    async with api_client(settings, {"publisher": _ExplodingPublisher()}) as (client, _):
         response = await client.post(
             "/initiate-conversation", json=initiate_body(), headers={"x-api-key": tenant.api_key}
         )

@@ -6,8 +6,10 @@ import time
 
 import pytest
 
-from service.domain.request_claim import RequestRecord, RequestState, request_key
+from service.domain.claims import RequestRecord, RequestState, request_key
+from service.domain.conversation import Lease
 from service.domain.timefmt import utc_iso
+from service.versions import ROUTER_VERSION
 from tests.conftest import initiate_body
 from tests.support import add_tenant, api_client, queued_messages
 
@@ -38,7 +40,7 @@ async def test_valid_request_queues_one_context_message_on_its_channel_queue(api
     assert context["frontend_payload"] == body
     assert context["conversation_data"] == {"conversation_id": expected_id, "conversation_status": "initiated"}
     assert context["company_data_payload"]["company_id"] == "ci-demo-001"
-    assert context["metadata"]["router_version"] == deps.settings.router_version
+    assert context["metadata"]["router_version"] == ROUTER_VERSION
     assert context["metadata"]["trace_id"]
     assert attributes["channelMethod"] == channel
     assert attributes["conversationId"] == expected_id
@@ -80,7 +82,9 @@ async def test_request_id_being_queued_elsewhere_answers_409_with_a_short_retry_
     key = request_key("ci-demo-001", "pi-demo-001", body["request_data"]["request_id"])
     async with api_client(settings, duplicate_wait_s=0) as (client, wired):
         now = time.time()
-        await wired.ledger.claim(RequestRecord(key, RequestState.IN_PROGRESS, "other", now + 30), now)
+        await wired.adapters.ledger.claim(
+            RequestRecord(key, RequestState.IN_PROGRESS, "other", Lease(expires_at=now + 30)), now
+        )
         response = await client.post("/initiate-conversation", json=body, headers={"x-api-key": tenant.api_key})
         assert response.status == 409
         assert (await response.json())["error_code"] == "REQUEST_IN_PROGRESS"
@@ -91,21 +95,23 @@ async def test_expired_claim_of_a_crashed_attempt_is_taken_over(api, deps, tenan
     body = initiate_body()
     key = request_key("ci-demo-001", "pi-demo-001", body["request_data"]["request_id"])
     now = time.time()
-    await deps.ledger.claim(RequestRecord(key, RequestState.IN_PROGRESS, "crashed", now - 60), now - 90)
+    await deps.adapters.ledger.claim(
+        RequestRecord(key, RequestState.IN_PROGRESS, "crashed", Lease(expires_at=now - 60)), now - 90
+    )
     status, answer = await _post(api, tenant.api_key, body)
     assert status == 200
     assert len(await queued_messages(deps, deps.settings.whatsapp_queue_url, answer["conversation_id"])) == 1
 
 
 async def test_opted_out_recipient_is_refused_with_422(api, deps, tenant):
-    await deps.opt_outs.opt_out("ci-demo-001", "pi-demo-001", "sms", "+447700900555", utc_iso(0))
+    await deps.adapters.opt_outs.opt_out("ci-demo-001", "pi-demo-001", "sms", "+447700900555", utc_iso(0))
     body = initiate_body("sms", recipient_data={"recipient_tel": "+447700900555"})
     status, answer = await _post(api, tenant.api_key, body)
     assert (status, answer["error_code"]) == (422, "RECIPIENT_OPTED_OUT")
 
 
 async def test_opt_out_applies_only_to_its_channel(api, deps, tenant):
-    await deps.opt_outs.opt_out("ci-demo-001", "pi-demo-001", "sms", "+447700900556", utc_iso(0))
+    await deps.adapters.opt_outs.opt_out("ci-demo-001", "pi-demo-001", "sms", "+447700900556", utc_iso(0))
     body = initiate_body("whatsapp", recipient_data={"recipient_tel": "+447700900556"})
     status, _ = await _post(api, tenant.api_key, body)
     assert status == 200

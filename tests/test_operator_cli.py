@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from botocore.exceptions import ClientError
 
 from local_stack.moto_server import free_port
+from service.adapters.aws.errors import unavailable
 from service.config import Settings
+from service.operator.output import EXIT_REFUSED, classify_failure
 from tests.operator_support import Cli, unique
 
 COMMANDS = [
@@ -77,3 +80,14 @@ def test_a_table_that_was_never_bootstrapped_is_a_configuration_error(cli, monke
 
     assert result.code == 2
     assert "ResourceNotFoundException" in result.err and "comms bootstrap" in result.err
+
+
+def test_an_adapter_failure_is_classified_by_the_aws_error_it_wraps():
+    cause = ClientError({"Error": {"Code": "ValidationException"}}, "Scan")
+    wrapped = unavailable("dynamodb", "Scan", cause)
+    wrapped.__cause__ = cause
+
+    failure = classify_failure(wrapped)
+
+    assert failure.exit_code == EXIT_REFUSED
+    assert failure.message == "Scan: AWS refused the request (ValidationException)"

@@ -25,8 +25,9 @@ from rich.progress import Progress
 from consumers.sqs_messages import resendable_attributes
 from consumers.template_job import parse_template_job
 from service.adapters.aws.clients import open_aws_clients
-from service.adapters.aws.conversation_store import DynamoConversationStore, item_key
-from service.adapters.aws.dynamo_codec import to_attribute
+from service.adapters.aws.conversation_claims import DynamoConversationClaims
+from service.adapters.aws.conversation_codec import item_key
+from service.adapters.aws.dynamo_codec import from_item, to_attribute
 from service.adapters.aws.provisioning import provision_resources
 from service.config import Settings
 from service.domain.conversation import ConversationKey
@@ -522,6 +523,14 @@ class SourceRefusingSqs:
         }
 
 
+async def _stored(ctx: Context, key: ConversationKey) -> dict[str, Any] | None:
+    """The conversation item as stored (a consistent read), or None."""
+    answer = await ctx.aws.dynamodb.get_item(
+        TableName=ctx.settings.conversations_table, Key=item_key(key), ConsistentRead=True
+    )
+    return from_item(answer["Item"]) if "Item" in answer else None
+
+
 async def _exhausted_in_dlq(ctx: Context, pair: QueuePair) -> ConversationKey:
     """A channel message in the DLQ whose conversation failed because retries ran out."""
     body = orjson.dumps(context_for("whatsapp")).decode()
@@ -548,14 +557,13 @@ async def test_a_refused_copy_leaves_its_conversation_failed_as_exhausted_and_a_
     async with AsyncExitStack() as stack:
         ctx, pair = await _own_pair(settings, stack, "whatsapp")
         key = await _exhausted_in_dlq(ctx, pair)
-        store = DynamoConversationStore(ctx.aws.dynamodb, ctx.settings.conversations_table)
         refusing = Context(
             ctx.settings, SimpleNamespace(sqs=SourceRefusingSqs(ctx.aws.sqs), dynamodb=ctx.aws.dynamodb), Output()
         )
 
         result = await redrive(refusing, pair, None)
 
-        record = await store.get(key)
+        record = await _stored(ctx, key)
         assert record is not None
         assert record["conversation_status"] == "failed_to_process_ai"
         assert record["failure_kind"] == "retries_exhausted" and record["failure_reason"] == EXHAUSTED_REASON
@@ -568,7 +576,7 @@ async def test_a_refused_copy_leaves_its_conversation_failed_as_exhausted_and_a_
 
         assert (again.moved, again.not_sent, again.reopened) == (1, {}, 1)
         assert await _depth(ctx.aws.sqs, pair.dlq_url) == 0 and await _depth(ctx.aws.sqs, pair.source_url) == 1
-        reopened = await store.get(key)
+        reopened = await _stored(ctx, key)
         assert reopened is not None and reopened["conversation_status"] == "processing"
         assert "failure_kind" not in reopened and reopened["last_failure_reason"] == EXHAUSTED_REASON
 
@@ -584,7 +592,7 @@ async def test_an_aws_error_sending_the_copy_leaves_its_conversation_failed_as_e
             await redrive(own, pair, None)
 
         assert await _depth(ctx.aws.sqs, pair.dlq_url) == 1 and await _depth(ctx.aws.sqs, pair.source_url) == 0
-        record = await DynamoConversationStore(ctx.aws.dynamodb, ctx.settings.conversations_table).get(key)
+        record = await _stored(ctx, key)
         assert record is not None and record["conversation_status"] == "failed_to_process_ai"
         assert record["failure_kind"] == "retries_exhausted" and record["failure_reason"] == EXHAUSTED_REASON
 
@@ -593,9 +601,11 @@ async def test_a_reopen_is_not_undone_once_the_record_changed_after_it(settings)
     async with AsyncExitStack() as stack:
         ctx, pair = await _own_pair(settings, stack, "whatsapp")
         key = await _exhausted_in_dlq(ctx, pair)
-        store = DynamoConversationStore(ctx.aws.dynamodb, ctx.settings.conversations_table)
-        before = await store.get(key)
-        assert before is not None and await store.reopen_exhausted(key, "2025-01-02T00:00:00.000Z")
+        claims = DynamoConversationClaims(ctx.aws.dynamodb, ctx.settings.conversations_table)
+        before = await claims.get(key)
+        assert before is not None
+        reopened_at = await claims.reopen_exhausted(key)
+        assert reopened_at is not None
         await ctx.aws.dynamodb.update_item(  # a worker took the claim meanwhile
             TableName=ctx.settings.conversations_table,
             Key=item_key(key),
@@ -603,8 +613,8 @@ async def test_a_reopen_is_not_undone_once_the_record_changed_after_it(settings)
             ExpressionAttributeValues={":owner": to_attribute("worker-2"), ":lease": to_attribute(time.time() + 60)},
         )
 
-        assert not await store.close_reopened(key, before, "2025-01-02T00:00:00.000Z", "2025-01-02T00:00:01.000Z")
+        assert not await claims.close_reopened(key, before, reopened_at)
 
-        record = await store.get(key)
+        record = await _stored(ctx, key)
         assert record is not None and record["conversation_status"] == "processing"
         assert record["claim_owner"] == "worker-2" and "failure_kind" not in record

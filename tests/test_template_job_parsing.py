@@ -8,11 +8,13 @@ from typing import Any
 import orjson
 import pytest
 
-from consumers.template_job import InvalidContext, initial_record, parse_template_job
+from consumers.template_job import InvalidContext, new_conversation, parse_template_job
 from local_stack.seed import demo_company
 from service.domain.company import CompanyRecord
 from service.domain.context import build_context
+from service.domain.conversation import ConversationKey
 from service.domain.initiate import validate_initiate_body
+from service.versions import PROCESSOR_VERSION
 from tests.conftest import initiate_body
 
 
@@ -40,11 +42,14 @@ def test_a_routed_context_parses_for_every_channel(channel):
     assert job.ai.output_keys == {"whatsapp": ("1", "2"), "sms": ("body",), "email": ("subject", "body")}[channel]
 
 
-def test_initial_record_carries_the_gsi_attributes_of_its_channel():
-    record = initial_record(parse(context_for("sms")), processor_version="p", stamp="s")
-    assert record["gsi_company_sms_number"] == "+447700900002"
-    assert record["gsi_recipient_tel"] == "+447700900123"
-    assert (record["task_complete"], record["hand_off_to_human"], record["messages"]) == (0, False, [])
+def test_the_new_conversation_carries_the_company_address_of_its_channel_and_the_versions():
+    job = parse(context_for("sms"))
+    new = new_conversation(job)
+    assert new.key == ConversationKey("+447700900123", job.conversation_id)
+    assert (new.channel, new.company_address) == ("sms", "+447700900002")
+    assert new.recipient["recipient_tel"] == "+447700900123"
+    assert (new.router_version, new.processor_version, new.trace_id) == ("r", PROCESSOR_VERSION, "t")
+    assert new.ai_config is not None and new.channel_config is not None
 
 
 def test_body_that_is_not_json_is_invalid():

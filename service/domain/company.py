@@ -1,17 +1,25 @@
 """The company-data record (SPEC §3) as a typed model, and the view of it that may leave the service.
 
-Unknown attributes are kept (`extra="allow"`) so operators can add `auto_queue_*`
-rules and project settings without a code change.
+Unknown attributes are kept (`extra="allow"`) so operators can add project settings without a code change.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 # Attributes never copied into a queue message or a log line.
 _PRIVATE_ATTRIBUTES = frozenset({"api_key_hashes", "api_keys"})
+_AUTO_QUEUE_ATTRIBUTES = frozenset(
+    {"auto_queue_reply_message", "auto_queue_reply_message_from_number", "auto_queue_reply_message_from_email"}
+)
+
+# Operators write the hand-off rules by hand: an odd value means "no rule", never an unreadable company.
+_OnlyTrue = Annotated[bool, BeforeValidator(lambda value: value is True)]
+_Addresses = Annotated[
+    list[str], BeforeValidator(lambda value: [str(v) for v in value] if isinstance(value, list | tuple | set) else [])
+]
 
 
 class RateLimits(BaseModel):
@@ -73,6 +81,10 @@ class CompanyRecord(BaseModel):
     ai_config: dict[str, Any] = Field(default_factory=dict)
     created_at: str | None = None
     updated_at: str | None = None
+    # SPEC §7 step 5: every reply, or the replies of these senders, go to a human instead of the AI.
+    auto_queue_reply_message: _OnlyTrue = False
+    auto_queue_reply_message_from_number: _Addresses = Field(default_factory=list)
+    auto_queue_reply_message_from_email: _Addresses = Field(default_factory=list)
 
     @property
     def is_active(self) -> bool:
@@ -94,5 +106,8 @@ class CompanyRecord(BaseModel):
 
     def public_view(self) -> dict[str, Any]:
         """The record as it may travel in a queue message: no key hashes, no secrets."""
-        data = self.model_dump(mode="json", exclude_none=True)
+        # Hand-off rules the stored record lacks stay absent, as they were before they were declared.
+        data = self.model_dump(
+            mode="json", exclude_none=True, exclude=set(_AUTO_QUEUE_ATTRIBUTES - self.model_fields_set)
+        )
         return {k: v for k, v in data.items() if k not in _PRIVATE_ATTRIBUTES}

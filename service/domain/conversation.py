@@ -1,13 +1,21 @@
-"""Conversation identity and the statuses a conversation moves through (SPEC §5)."""
+"""The conversation (SPEC §5) as the domain sees it: identity, statuses and the typed record.
+
+Only the DynamoDB adapter (`service.adapters.aws.conversation_codec` and the stores built on it) knows how a
+record is stored: attribute names, index names, status strings, lease fields. Everything else reads and writes
+these types (tests/test_architecture.py holds every other module to that).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class ConversationStatus(StrEnum):
-    """Every value `conversation_status` may hold; nothing else writes a status string."""
+    """Every value a conversation's status may hold; nothing else writes a status string."""
 
     INITIATED = "initiated"  # only in the queue message: accepted, not yet claimed
     PROCESSING = "processing"
@@ -21,6 +29,14 @@ class ConversationStatus(StrEnum):
     FAILED_TO_SEND_MESSAGE = "failed_to_send_message"
     FAILED_INVALID_CONTEXT = "failed_invalid_context"
     FAILED_UNKNOWN = "failed_unknown"
+
+
+class SendState(StrEnum):
+    """The template send ledger: written before the provider is called and after it answered."""
+
+    NOT_SENT = "not_sent"
+    ATTEMPTING = "attempting"
+    SENT = "sent"
 
 
 def conversation_component(channel: str, sender_address: str) -> str:
@@ -39,3 +55,158 @@ class ConversationKey:
 
     primary_channel: str
     conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Who holds a record and until when (epoch seconds): the one lease shape of every claim (request,
+    conversation, reply, trigger lock). A lease whose `expires_at` has passed may be taken over."""
+
+    owner: str | None = None
+    expires_at: float = 0.0
+
+    def is_live(self, now: float) -> bool:
+        return self.expires_at > now
+
+    def wait_s(self, now: float) -> int:
+        """Whole seconds until it lapses, at least 1 (a retry delay)."""
+        return max(1, math.ceil(self.expires_at - now))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One element of the conversation's messages (SPEC §5)."""
+
+    message_id: str
+    role: str  # "assistant" | "user"
+    content: str
+    timestamp: str
+    usage: TokenUsage | None = None
+    delivery_status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendLedger:
+    """The one template send: what was generated (so a redelivery sends the same text, no second AI call),
+    whether the provider was called, and what it answered."""
+
+    state: SendState = SendState.NOT_SENT
+    generated: Mapping[str, str] | None = None
+    usage: TokenUsage = field(default_factory=TokenUsage)
+    provider_message_id: str | None = None
+    attempted_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateDraft:
+    """The template's ledger entry: the content generated, written (ATTEMPTING) before the provider is called."""
+
+    thread_id: str
+    content: Mapping[str, str]  # the template variables, or the SMS body, or the email subject and body
+    usage: TokenUsage
+    attempted_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyAttempt:
+    """The reply ledger entry: what was about to be sent, for which fragments, written before sending."""
+
+    message_sids: tuple[str, ...]
+    text: str
+    first_received_at: str
+    content: str
+    usage: TokenUsage
+    thread_id: str
+    attempted_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a conversation failed: its failed_* status, the reason recorded, and whether retries ran out on a
+    transient failure (then `comms dlq redrive` may reopen it)."""
+
+    status: ConversationStatus
+    reason: str
+    exhausted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AiProfile:
+    """The channel's AI settings a reply needs (the project's ai_config, copied into the record)."""
+
+    api_key_reference: str | None = None
+    model: str = "gpt-4.1-mini"
+    reply_instructions: str = ""
+    background: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRecord:
+    """One conversation as stored, typed. `shared_fields` is the stored record without configuration and
+    bookkeeping: what a hand-off carries to a human and what operators are shown."""
+
+    key: ConversationKey
+    status: ConversationStatus
+    channel: str
+    company_id: str
+    project_id: str
+    created_at: str = ""
+    company_address: str | None = None  # our number or email on the channel
+    credentials_id: str | None = None  # the channel's provider secret
+    ai: AiProfile = field(default_factory=AiProfile)
+    thread_id: str | None = None
+    is_open: bool = True  # task_complete = 0
+    hand_off_to_human: bool = False
+    messages: tuple[Message, ...] = ()
+    claim: Lease = field(default_factory=Lease)  # the template sender's
+    ledger: SendLedger = field(default_factory=SendLedger)
+    reply_claim: Lease = field(default_factory=Lease)
+    reply_attempt: ReplyAttempt | None = None
+    replied_sids: frozenset[str] = frozenset()
+    failure: Failure | None = None
+    early_delivery_sids: frozenset[str] = frozenset()  # status callbacks kept until their message is recorded
+    shared_fields: Mapping[str, Any] = field(default_factory=dict)
+    updated_at: str = ""
+    # `comms dlq redrive` bookkeeping: the reason a reopen cleared, and how often it was reopened (0: never)
+    last_failure_reason: str | None = None
+    reopen_count: int = 0
+
+    @property
+    def awaits_final_update(self) -> bool:
+        """A send may have gone out that the record does not show yet."""
+        return self.ledger.state is SendState.ATTEMPTING or self.reply_attempt is not None
+
+    def message_index(self, message_id: str) -> int | None:
+        for index, message in enumerate(self.messages):
+            if message.message_id == message_id:
+                return index
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class NewConversation:
+    """The initial record the template sender creates on its first claim (SPEC §5)."""
+
+    key: ConversationKey
+    request_id: str
+    channel: str
+    company_id: str
+    project_id: str
+    company_address: str  # our number or email: with the recipient, the replies look-up key
+    company_name: str = ""
+    project_name: str = ""
+    company_rep: Mapping[str, Any] = field(default_factory=dict)
+    recipient: Mapping[str, Any] = field(default_factory=dict)  # recipient_data as the caller sent it
+    project_data: Mapping[str, Any] = field(default_factory=dict)
+    ai_config: Mapping[str, Any] | None = None  # the channel's openai_config
+    channel_config: Mapping[str, Any] | None = None  # the channel's channel_config
+    router_version: str = ""
+    processor_version: str = ""
+    trace_id: str = ""

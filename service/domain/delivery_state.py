@@ -8,16 +8,16 @@ states returned by `may_follow`, so an old callback never moves a message backwa
 
 A callback can also arrive before the final update that records its message (Twilio reports at once and
 never retries; a crash-recovered send is recorded only after a redelivery reconciles it). Such a callback is
-kept on the conversation(s) `awaiting_final_update` and applied by that update (`early_delivery`).
+kept on the conversation(s) awaiting that update (`ConversationRecord.awaits_final_update`) and applied by it
+(`early_delivery`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from enum import StrEnum
-from typing import Any
 
-from service.domain.conversation_claim import SendState
+from service.domain.conversation import ConversationRecord
 
 
 class DeliveryStatus(StrEnum):
@@ -59,15 +59,9 @@ def is_forward(current: DeliveryStatus | None, new: DeliveryStatus) -> bool:
 HELD_ON_AT_MOST = 3  # conversations a kept callback is written to (each keeps a bounded map)
 
 
-def awaits_final_update(record: Mapping[str, Any]) -> bool:
-    """A send may have gone out that the record does not show yet: the template's ledger says `attempting`,
-    or a reply ledger entry (`reply_attempt`) is still there."""
-    return record.get("send_state") == SendState.ATTEMPTING.value or bool(record.get("reply_attempt"))
-
-
-def conversations_to_hold(conversations: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def conversations_to_hold(conversations: Sequence[ConversationRecord]) -> list[ConversationRecord]:
     """Where a callback for a SID no record shows yet is kept: the conversations between the pair that await a
     final update (newest first), else the newest one; none when there is no conversation at all."""
-    newest_first = sorted(conversations, key=lambda c: str(c.get("created_at", "")), reverse=True)
-    awaiting = [c for c in newest_first if awaits_final_update(c)]
+    newest_first = sorted(conversations, key=lambda c: c.created_at, reverse=True)
+    awaiting = [c for c in newest_first if c.awaits_final_update]
     return (awaiting or newest_first[:1])[:HELD_ON_AT_MOST]

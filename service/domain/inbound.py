@@ -10,18 +10,15 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.domain.conversation import ConversationStatus
+from service.domain.company import CompanyRecord
+from service.domain.conversation import ConversationRecord, ConversationStatus
 
 OPT_OUT_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
 OPT_IN_WORDS = frozenset({"START", "UNSTOP"})
 OPT_IN_IF_SUPPRESSED = frozenset({"YES"})  # an ordinary answer unless the sender is suppressed
-
-# A conversation in one of these states takes no AI reply (hand-off and opt-out end the AI's part).
-NOT_ANSWERED_BY_AI = frozenset({ConversationStatus.HANDED_OFF.value, ConversationStatus.OPTED_OUT.value})
 
 
 class Keyword(StrEnum):
@@ -77,23 +74,19 @@ def keyword_of(body: str, *, suppressed: bool) -> Keyword | None:
     return None
 
 
-def hand_off_reason(conversation: Mapping[str, Any], company: Mapping[str, Any], sender: str) -> str | None:
-    """Why this reply goes to a human instead of the AI (SPEC §7 step 5), or None."""
-    if conversation.get("hand_off_to_human") is True:
+def hand_off_reason(conversation: ConversationRecord, company: CompanyRecord, sender: str) -> str | None:
+    """Why this reply goes to a human instead of the AI (SPEC §7 step 5), or None. Once handed off, a
+    conversation's later replies follow."""
+    if conversation.status is ConversationStatus.HANDED_OFF:
+        return "conversation_handed_off"
+    if conversation.hand_off_to_human:
         return "conversation_flagged"
-    if company.get("auto_queue_reply_message") is True:
+    if company.auto_queue_reply_message:
         return "project_auto_queue"
-    listed = [
-        *_as_list(company.get("auto_queue_reply_message_from_number")),
-        *_as_list(company.get("auto_queue_reply_message_from_email")),
-    ]
-    if sender.lower() in {str(item).strip().lower() for item in listed}:
+    listed = [*company.auto_queue_reply_message_from_number, *company.auto_queue_reply_message_from_email]
+    if sender.lower() in {item.strip().lower() for item in listed}:
         return "sender_auto_queue"
     return None
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, list | tuple | set) else []
 
 
 # ---- batching --------------------------------------------------------------------------------

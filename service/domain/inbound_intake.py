@@ -22,39 +22,33 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
 
 import orjson
 import structlog
 
 from service.domain.company import CompanyRecord
-from service.domain.conversation import ConversationKey
-from service.domain.delivery_state import (
-    DeliveryStatus,
-    conversations_to_hold,
-    is_forward,
-    may_follow,
-    parse_delivery_status,
-)
+from service.domain.conversation import ConversationKey, ConversationRecord
+from service.domain.delivery_state import DeliveryStatus, conversations_to_hold, is_forward, parse_delivery_status
 from service.domain.errors import DependencyUnavailable
-from service.domain.inbound import (
-    Fragment,
-    InboundMessage,
-    Keyword,
-    bare_address,
-    hand_off_reason,
-    keyword_of,
+from service.domain.inbound import Fragment, InboundMessage, Keyword, bare_address, hand_off_reason, keyword_of
+from service.domain.ports import (
+    CompanyDirectory,
+    ConversationLookup,
+    MessagePublisher,
+    OptOutRegistry,
+    ReplyStage,
+    SecretStore,
+    SignatureVerifier,
 )
-from service.domain.ports import CompanyDirectory, MessagePublisher
-from service.domain.provider_ports import PermanentProviderError, ProviderError, SecretStore
+from service.domain.provider_ports import PermanentProviderError, ProviderError
+from service.domain.reply_trigger import lock_expiry, queue_reply_trigger
 from service.domain.timefmt import utc_iso
 
 log = structlog.get_logger(__name__)
 
-LOCK_MARGIN_S = 60  # SPEC §7: stage and lock expire W + 60 s after the fragment
 HANDOFF_MESSAGES_KEPT = 20  # the newest messages sent with a hand-off (SQS bodies are capped at 256 KiB)
 
 
@@ -74,68 +68,13 @@ class IntakeResult(StrEnum):
     STATUS_UNKNOWN = "status_unknown"  # no such message, or a status value we do not track
 
 
-class SignatureVerifier(Protocol):
-    def valid(self, auth_token: str, url: str, params: Mapping[str, str], signature: str) -> bool: ...
-
-
-class ReplyLookup(Protocol):
-    async def tenant_credentials(self, channel: str, company_address: str) -> tuple[str, ...]: ...
-
-    async def find_open(self, channel: str, company_address: str, sender: str) -> dict[str, Any] | None: ...
-
-    async def conversations_between(self, channel: str, company_address: str, sender: str) -> list[dict[str, Any]]: ...
-
-    async def mark_opted_out(self, key: ConversationKey, stamp: str) -> None: ...
-
-    async def mark_opted_in(self, key: ConversationKey, stamp: str) -> None: ...
-
-    async def mark_handed_off(self, key: ConversationKey, reason: str, stamp: str) -> None: ...
-
-    async def set_delivery_status(
-        self,
-        key: ConversationKey,
-        index: int,
-        message_sid: str,
-        new: DeliveryStatus,
-        may_replace: frozenset[DeliveryStatus],
-        stamp: str,
-    ) -> bool: ...
-
-    async def hold_delivery_status(
-        self,
-        key: ConversationKey,
-        message_sid: str,
-        new: DeliveryStatus,
-        may_replace: frozenset[DeliveryStatus],
-        stamp: str,
-    ) -> bool: ...
-
-
-class StageStore(Protocol):
-    async def stage(self, conversation_id: str, primary_channel: str, fragment: Fragment, expires_at: int) -> bool: ...
-
-    async def take_lock(self, conversation_id: str, holder: str, now: float, expires_at: int) -> bool: ...
-
-    async def mark_queued(self, conversation_id: str, holder: str) -> None: ...
-
-    async def release_lock(self, conversation_id: str, holder: str | None = None) -> None: ...
-
-
-class Suppressions(Protocol):
-    async def is_opted_out(self, company_id: str, project_id: str, channel: str, recipient: str) -> bool: ...
-
-    async def opt_out(self, company_id: str, project_id: str, channel: str, recipient: str, at: str) -> None: ...
-
-    async def opt_in(self, company_id: str, project_id: str, channel: str, recipient: str) -> None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class IntakePorts:
-    conversations: ReplyLookup
+    conversations: ConversationLookup
     companies: CompanyDirectory
     secrets: SecretStore
-    suppressions: Suppressions
-    stage: StageStore
+    opt_outs: OptOutRegistry
+    stage: ReplyStage
     publisher: MessagePublisher
     signatures: SignatureVerifier
 
@@ -154,10 +93,6 @@ class SignedRequest:
     signature: str  # X-Twilio-Signature ('' when absent)
 
 
-def conversation_key(record: Mapping[str, Any]) -> ConversationKey:
-    return ConversationKey(str(record["primary_channel"]), str(record["conversation_id"]))
-
-
 class InboundIntake:
     def __init__(self, ports: IntakePorts, config: IntakeConfig, clock: Callable[[], float] = time.time) -> None:
         self._ports = ports
@@ -167,101 +102,83 @@ class InboundIntake:
     # ---- inbound messages ----------------------------------------------------------------------
 
     async def receive(self, message: InboundMessage, request: SignedRequest) -> IntakeResult:
-        ports = self._ports
         verified = await self._verified_for_number(message.channel, message.company_address, request)
         if verified is None:
             return IntakeResult.FORBIDDEN
-        conversation = await ports.conversations.find_open(message.channel, message.company_address, message.sender)
+        conversations = self._ports.conversations
+        conversation = await conversations.find_open(message.channel, message.company_address, message.sender)
         if conversation is None:
             log.info("inbound_unknown_conversation", channel=message.channel, message_sid=message.message_sid)
             return IntakeResult.UNKNOWN_CONVERSATION
-        if not await self._belongs(conversation, message.channel, request, verified):
+        if not await self._belongs(conversation, request, verified):
             return IntakeResult.UNKNOWN_CONVERSATION
         # Verified and found: from here on every step changes state; a deadline must not cut it half-way.
         return await asyncio.shield(self._act(conversation, message))
 
-    async def _act(self, conversation: dict[str, Any], message: InboundMessage) -> IntakeResult:
+    async def _act(self, conversation: ConversationRecord, message: InboundMessage) -> IntakeResult:
         ports = self._ports
-        key = conversation_key(conversation)
-        company = await ports.companies.get(str(conversation["company_id"]), str(conversation["project_id"]))
+        key = conversation.key
+        company = await ports.companies.get(conversation.company_id, conversation.project_id)
         if company is None or not company.is_active or not company.allows(message.channel):
             log.info("inbound_refused_by_rules", conversation_id=key.conversation_id)
             return IntakeResult.REFUSED_BY_RULES
         ids = (company.company_id, company.project_id, message.channel, message.sender)
-        suppressed = await ports.suppressions.is_opted_out(*ids)
+        suppressed = await ports.opt_outs.is_opted_out(*ids)
         keyword = keyword_of(message.body, suppressed=suppressed)
         stamp = utc_iso(self._clock())
         if keyword is Keyword.OPT_OUT:
-            await ports.suppressions.opt_out(*ids, stamp)
-            await ports.conversations.mark_opted_out(key, stamp)
+            await ports.opt_outs.opt_out(*ids, stamp)
+            await ports.conversations.mark_opted_out(key)
             log.info("inbound_opted_out", conversation_id=key.conversation_id)
             return IntakeResult.OPTED_OUT
         if keyword is Keyword.OPT_IN:
-            await ports.suppressions.opt_in(*ids)
-            await ports.conversations.mark_opted_in(key, stamp)
+            await ports.opt_outs.opt_in(*ids)
+            await ports.conversations.mark_opted_in(key)
             log.info("inbound_opted_in", conversation_id=key.conversation_id)
             return IntakeResult.OPTED_IN
         if suppressed:
             log.info("inbound_from_suppressed_sender", conversation_id=key.conversation_id)
             return IntakeResult.SUPPRESSED
-        reason = self._hand_off_reason(conversation, company, message.sender)
+        reason = hand_off_reason(conversation, company, message.sender)
         if reason:
             await self._hand_off(conversation, company, message, reason, stamp)
             return IntakeResult.HANDED_OFF
         return await self._stage(key, message)
 
-    def _hand_off_reason(self, conversation: Mapping[str, Any], company: CompanyRecord, sender: str) -> str | None:
-        if conversation.get("conversation_status") == "handed_off":
-            return "conversation_handed_off"
-        return hand_off_reason(conversation, company.model_dump(mode="json"), sender)
-
     async def _hand_off(
-        self,
-        conversation: Mapping[str, Any],
-        company: CompanyRecord,
-        message: InboundMessage,
-        reason: str,
-        stamp: str,
+        self, conversation: ConversationRecord, company: CompanyRecord, message: InboundMessage, reason: str, stamp: str
     ) -> None:
         queue_url = self._required(self._config.handoff_queue_url, "COMMS_HANDOFF_QUEUE_URL")
+        shared = conversation.shared_fields  # the stored form: what a human is shown
         context = {
-            "conversation": {
-                **{k: v for k, v in conversation.items() if k not in ("ai_config", "channel_config", "early_delivery")},
-                "messages": list(conversation.get("messages") or [])[-HANDOFF_MESSAGES_KEPT:],
-            },
+            "conversation": {**shared, "messages": list(shared.get("messages") or [])[-HANDOFF_MESSAGES_KEPT:]},
             "inbound": message.model_dump(mode="json"),
             "company": {"company_id": company.company_id, "project_id": company.project_id},
             "hand_off_reason": reason,
             "received_at": stamp,
         }
-        attributes = {"conversationId": str(conversation["conversation_id"]), "handOffReason": reason}
+        key = conversation.key
+        attributes = {"conversationId": key.conversation_id, "handOffReason": reason}
         await self._ports.publisher.publish(queue_url, orjson.dumps(context).decode(), attributes)
-        await self._ports.conversations.mark_handed_off(conversation_key(conversation), reason, stamp)
-        log.info("inbound_handed_off", conversation_id=conversation["conversation_id"], reason=reason)
+        await self._ports.conversations.mark_handed_off(key, reason)
+        log.info("inbound_handed_off", conversation_id=key.conversation_id, reason=reason)
 
     async def _stage(self, key: ConversationKey, message: InboundMessage) -> IntakeResult:
         queue_url = self._required(self._config.replies_queue_url, "COMMS_REPLIES_QUEUE_URL")
-        now = self._clock()
-        window = self._config.batching_window_s
-        expires_at = int(now + window + LOCK_MARGIN_S)
+        now, window = self._clock(), self._config.batching_window_s
         fragment = Fragment(message.message_sid, message.body, utc_iso(now))
-        stored = await self._ports.stage.stage(key.conversation_id, key.primary_channel, fragment, expires_at)
+        stored = await self._ports.stage.stage(key, fragment, lock_expiry(now, window))
         # Even a duplicate tries the lock: the first delivery may have failed (or been cut) before it queued the
         # trigger; it holds the lock then, and as its holder this retry may re-take it (`take_lock`).
-        if await self._ports.stage.take_lock(key.conversation_id, message.message_sid, now, expires_at):
-            trigger = orjson.dumps({"conversation_id": key.conversation_id, "primary_channel": key.primary_channel})
-            try:
-                await self._ports.publisher.publish(
-                    queue_url, trigger.decode(), {"conversationId": key.conversation_id}, delay_s=window
-                )
-            except DependencyUnavailable:
-                await self._ports.stage.release_lock(key.conversation_id, message.message_sid)
-                raise
-            log.info("reply_trigger_queued", conversation_id=key.conversation_id, delay_s=window)
-            try:  # unmarked, a retry of this MessageSid re-takes the lock and queues a (harmless) second trigger
-                await self._ports.stage.mark_queued(key.conversation_id, message.message_sid)
-            except DependencyUnavailable as exc:
-                log.warning("reply_trigger_not_marked_queued", conversation_id=key.conversation_id, detail=str(exc))
+        await queue_reply_trigger(
+            self._ports.stage,
+            self._ports.publisher,
+            queue_url,
+            key,
+            holder=message.message_sid,
+            now=now,
+            window_s=window,
+        )
         return IntakeResult.STAGED if stored else IntakeResult.DUPLICATE
 
     # ---- status callbacks ----------------------------------------------------------------------
@@ -283,22 +200,18 @@ class InboundIntake:
         )
         found = self._message_named(conversations, sid)
         if found is None:
-            return await self._hold(conversations, channel, sid, status, request, verified)
+            return await self._hold(conversations, sid, status, request, verified)
         conversation, index = found
-        if not await self._belongs(conversation, channel, request, verified):
+        if not await self._belongs(conversation, request, verified):
             return IntakeResult.STATUS_UNKNOWN
-        current = parse_delivery_status(str(conversation["messages"][index].get("delivery_status") or ""))
-        if not is_forward(current, status):
+        if not is_forward(parse_delivery_status(conversation.messages[index].delivery_status or ""), status):
             return IntakeResult.STATUS_STALE
-        applied = await self._ports.conversations.set_delivery_status(
-            conversation_key(conversation), index, sid, status, may_follow(status), utc_iso(self._clock())
-        )
+        applied = await self._ports.conversations.set_delivery_status(conversation.key, index, sid, status)
         return IntakeResult.STATUS_APPLIED if applied else IntakeResult.STATUS_STALE
 
     async def _hold(
         self,
-        conversations: list[dict[str, Any]],
-        channel: str,
+        conversations: Sequence[ConversationRecord],
         sid: str,
         status: DeliveryStatus,
         request: SignedRequest,
@@ -310,25 +223,18 @@ class InboundIntake:
             log.info("status_for_unknown_message", message_sid=sid)
             return IntakeResult.STATUS_UNKNOWN
         held = False
-        stamp = utc_iso(self._clock())
         for conversation in targets:
-            if not await self._belongs(conversation, channel, request, verified):
-                continue
-            held = (
-                await self._ports.conversations.hold_delivery_status(
-                    conversation_key(conversation), sid, status, may_follow(status), stamp
-                )
-                or held
-            )
+            if await self._belongs(conversation, request, verified):
+                held = await self._ports.conversations.hold_delivery_status(conversation.key, sid, status) or held
         log.info("status_before_its_message", message_sid=sid, status=status.value, held=held)
         return IntakeResult.STATUS_HELD if held else IntakeResult.STATUS_STALE
 
     @staticmethod
-    def _message_named(conversations: list[dict[str, Any]], sid: str) -> tuple[dict[str, Any], int] | None:
-        for conversation in sorted(conversations, key=lambda c: str(c.get("created_at", "")), reverse=True):
-            for index, element in enumerate(conversation.get("messages") or []):
-                if isinstance(element, dict) and element.get("message_id") == sid:
-                    return conversation, index
+    def _message_named(conversations: Sequence[ConversationRecord], sid: str) -> tuple[ConversationRecord, int] | None:
+        for conversation in sorted(conversations, key=lambda c: c.created_at, reverse=True):
+            index = conversation.message_index(sid)
+            if index is not None:
+                return conversation, index
         return None
 
     # ---- authentication ------------------------------------------------------------------------
@@ -352,20 +258,18 @@ class InboundIntake:
                 return credentials_id
         return None
 
-    async def _belongs(
-        self, conversation: Mapping[str, Any], channel: str, request: SignedRequest, verified: str
-    ) -> bool:
+    async def _belongs(self, conversation: ConversationRecord, request: SignedRequest, verified: str) -> bool:
         """The conversation's own tenant verifies the request too (a number wrongly shared by two tenants must
         not let one of them write into the other's conversations). Usually the same credentials: no new check."""
-        credentials_id = (conversation.get("channel_config") or {}).get(f"{channel}_credentials_id")
+        credentials_id = conversation.credentials_id
         if credentials_id == verified:
             return True
         if not credentials_id:
-            log.error("webhook_tenant_has_no_credentials", conversation_id=conversation.get("conversation_id"))
+            log.error("webhook_tenant_has_no_credentials", conversation_id=conversation.key.conversation_id)
             return False
-        if await self._valid_with(str(credentials_id), request):
+        if await self._valid_with(credentials_id, request):
             return True
-        log.warning("webhook_conversation_of_another_tenant", conversation_id=conversation.get("conversation_id"))
+        log.warning("webhook_conversation_of_another_tenant", conversation_id=conversation.key.conversation_id)
         return False
 
     async def _valid_with(self, credentials_id: str, request: SignedRequest) -> bool:

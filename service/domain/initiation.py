@@ -6,7 +6,7 @@ one cancelled during the claim write releases the claim it may have written.
 
 A repeat of a request_id that is still being queued waits for it (bounded by
 `duplicate_wait_s`, polling the ledger) and answers as it does; a repeat whose body
-differs from the first is refused (the state table is in `service.domain.request_claim`).
+differs from the first is refused (the state table is in `service.domain.claims`).
 """
 
 from __future__ import annotations
@@ -18,21 +18,16 @@ from dataclasses import dataclass
 import orjson
 import structlog
 
+from service.domain.claims import Claim, RequestRecord, RequestState, body_fingerprint, decide_request, request_key
 from service.domain.company import CompanyRecord
 from service.domain.context import build_context, message_attributes
+from service.domain.conversation import Lease
 from service.domain.conversation import conversation_id as make_conversation_id
 from service.domain.errors import ApiError, DependencyUnavailable, ErrorCode
 from service.domain.initiate import InitiateRequest
 from service.domain.ports import CompanyDirectory, MessagePublisher, OptOutRegistry, RequestLedger
-from service.domain.request_claim import (
-    ClaimVerdict,
-    RequestRecord,
-    RequestState,
-    body_fingerprint,
-    decide,
-    request_key,
-)
 from service.domain.timefmt import utc_iso
+from service.versions import ROUTER_VERSION
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +68,6 @@ class ConversationInitiator:
         ports: InitiationPorts,
         queue_urls: Mapping[str, str | None],
         *,
-        router_version: str,
         lease_s: int,
         clock: Callable[[], float],
         duplicate_wait_s: float = 2.0,
@@ -81,7 +75,6 @@ class ConversationInitiator:
     ) -> None:
         self._ports = ports
         self._queue_urls = queue_urls
-        self._router_version = router_version
         self._lease_s = lease_s
         self._clock = clock
         self._duplicate_wait_s = duplicate_wait_s
@@ -137,24 +130,23 @@ class ConversationInitiator:
         deadline = now + self._duplicate_wait_s
         delays = poll_delays()
         record: RequestRecord | None = None
-        verdict = ClaimVerdict.CLAIMED
+        verdict = Claim.TAKE
         while True:
-            if verdict is ClaimVerdict.CLAIMED:
-                claim = RequestRecord(
-                    key, RequestState.IN_PROGRESS, conversation_id, now + self._lease_s, body_hash=body_hash
-                )
+            if verdict is Claim.TAKE:
+                lease = Lease(expires_at=now + self._lease_s)
+                claim = RequestRecord(key, RequestState.IN_PROGRESS, conversation_id, lease, body_hash=body_hash)
                 record = await self._claim(claim, now)
                 if record is None:
                     return None
-                # Refused: follow the record that refused. Even one `decide` calls claimable (a lease
+                # Refused: follow the record that refused. Even one `decide_request` calls claimable (a lease
                 # lapsing this very second) is polled before the next claim: no loop of writes.
-                verdict = decide(record, now=now, body_hash=body_hash)
-            if verdict is ClaimVerdict.KEY_REUSED:
+                verdict = decide_request(record, now=now, body_hash=body_hash)
+            if verdict is Claim.REFUSED:
                 raise ApiError(
                     ErrorCode.IDEMPOTENCY_KEY_REUSED, "this request_id was already used with a different request body"
                 )
-            if verdict is ClaimVerdict.ALREADY_QUEUED:
-                assert record is not None  # decide() answers ALREADY_QUEUED only for a record
+            if verdict is Claim.DONE:
+                assert record is not None  # decide_request answers DONE only for a record
                 return InitiateOutcome(record.conversation_id, record.queue_timestamp or "", enqueued=False)
             if now >= deadline:
                 raise ApiError(
@@ -165,7 +157,7 @@ class ConversationInitiator:
             await self._sleep(min(next(delays), deadline - now))
             now = self._clock()
             record = await self._ports.ledger.read(key)
-            verdict = decide(record, now=now, body_hash=body_hash)
+            verdict = decide_request(record, now=now, body_hash=body_hash)
 
     async def _claim(self, claim: RequestRecord, now: float) -> RequestRecord | None:
         """The ledger claim; cancelled (the request deadline) while the write may have been applied, the claim is
@@ -188,7 +180,7 @@ class ConversationInitiator:
             and record.state is RequestState.IN_PROGRESS
             and record.conversation_id == claim.conversation_id
             and record.body_hash == claim.body_hash
-            and int(record.lease_expires_at) == int(claim.lease_expires_at)  # the ledger stores whole seconds
+            and int(record.lease.expires_at) == int(claim.lease.expires_at)  # the ledger stores whole seconds
         )
         if ours:
             await self._release_quietly(claim.key)
@@ -207,7 +199,7 @@ class ConversationInitiator:
             request,
             company,
             conversation_id,
-            router_version=self._router_version,
+            router_version=ROUTER_VERSION,
             trace_id=trace_id,
             queue_timestamp=queue_timestamp,
         )

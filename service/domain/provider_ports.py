@@ -1,13 +1,13 @@
-"""Ports to the outside services a conversation needs: secrets, the AI writer, the message senders.
-
-Adapters raise only the exceptions defined here, so processors decide retry versus
-fail from the exception type, never from message text.
+"""What crosses the provider ports (`service.domain.ports`: secrets, the AI writer, the message senders):
+the values, and the only exceptions their adapters raise, so processors decide retry versus fail from the
+exception type, never from message text.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+
+from service.domain.conversation import TokenUsage
 
 
 class ProviderError(Exception):
@@ -36,13 +36,6 @@ class SendOutcomeUnknown(TransientProviderError):
 # ---- secrets ---------------------------------------------------------------------------------
 
 
-class SecretStore(Protocol):
-    async def get_json(self, secret_id: str) -> dict[str, str]:
-        """The secret's JSON object (cached with a TTL). PermanentProviderError if it does not exist or
-        is not a JSON object of strings; TransientProviderError when Secrets Manager is unavailable."""
-        ...
-
-
 # ---- AI ----------------------------------------------------------------------------------------
 
 
@@ -67,19 +60,9 @@ class AiResult:
     completion_tokens: int
     total_tokens: int
 
-
-class AiWriter(Protocol):
-    async def start_thread(self, api_key: str, metadata: dict[str, str]) -> str:
-        """Create an OpenAI conversation and return its id (stored as the conversation's `thread_id`)."""
-        ...
-
-    async def write(self, request: AiRequest) -> AiResult:
-        """Generate a JSON object with exactly `output_keys` (string values) in `thread_id`.
-
-        Retries transient errors with backoff honouring Retry-After within `timeout_s`; then raises
-        TransientProviderError. Raises PermanentProviderError for 4xx other than 408/409/429 and for
-        an answer that is not a JSON object with the requested keys."""
-        ...
+    @property
+    def usage(self) -> TokenUsage:
+        return TokenUsage(self.prompt_tokens, self.completion_tokens, self.total_tokens)
 
 
 # ---- sending -----------------------------------------------------------------------------------
@@ -104,16 +87,3 @@ class OutboundMessage:
 class SentMessage:
     provider_message_id: str
     status: str | None = None
-
-
-class MessageSender(Protocol):
-    async def send(self, message: OutboundMessage) -> SentMessage:
-        """Send once (never retried inside: a retry could send twice). Raises PermanentProviderError,
-        TransientProviderError (certainly not sent) or SendOutcomeUnknown (may have been sent)."""
-        ...
-
-    async def find_sent(self, message: OutboundMessage, since_epoch_s: float) -> SentMessage | None:
-        """Reconciliation after a crash: the provider's record of this message sent since `since_epoch_s`,
-        or None when the provider has none. Raises TransientProviderError when it cannot tell, and
-        PermanentProviderError when the provider offers no way to look (then the caller marks for review)."""
-        ...

@@ -3,7 +3,8 @@
 `register(subparsers)` adds the commands to the `comms` parser; `run(args, settings)` runs one and
 returns its exit code: 0 done, 1 not found or refused, 2 usage or configuration error, 3 AWS
 unreachable. Errors go to stderr; results to stdout (JSON with `--json`). Every AWS call goes
-through `open_aws_clients`, so the same commands work against the embedded stack and real AWS.
+through `open_aws_clients`, so the same commands work against the embedded stack and real AWS; the
+tables only through the adapters `Context` hands out (uncached), never by attribute name here.
 """
 
 from __future__ import annotations

@@ -14,8 +14,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service.adapters.aws.company_directory import DynamoCompanyDirectory
-from service.adapters.aws.dynamo_codec import from_item, to_attribute
 from service.config import CHANNELS
 from service.domain.company import CompanyRecord
 from service.domain.initiate import is_valid_e164, is_valid_email
@@ -72,21 +70,6 @@ def _identity_arguments(parser: argparse.ArgumentParser, *, required: bool) -> N
     suffix = "" if required else " (default: the file's)"
     parser.add_argument("--company-id", required=required, help=f"company id{suffix}")
     parser.add_argument("--project-id", required=required, help=f"project id{suffix}")
-
-
-def _directory(ctx: Context) -> DynamoCompanyDirectory:
-    return DynamoCompanyDirectory(ctx.aws.dynamodb, ctx.settings.company_table, cache_ttl_s=0)
-
-
-async def read_company(ctx: Context, company_id: str, project_id: str) -> dict[str, Any] | None:
-    """The stored record as plain data, valid or not (so an operator can see and repair a broken one)."""
-    answer = await ctx.aws.dynamodb.get_item(
-        TableName=ctx.settings.company_table,
-        Key={"company_id": to_attribute(company_id), "project_id": to_attribute(project_id)},
-        ConsistentRead=True,
-    )
-    item = answer.get("Item")
-    return from_item(item) if item else None
 
 
 def validate_company(data: dict[str, Any]) -> tuple[CompanyRecord, list[str]]:
@@ -158,9 +141,9 @@ async def create_company(args: argparse.Namespace, ctx: Context) -> int:
     stamp = utc_iso(time.time())
     data = {**data, "created_at": stamp, "updated_at": stamp}
     record, warnings = validate_company(data)
-    directory = _directory(ctx)
+    directory = ctx.companies
     if args.force:
-        existing = await read_company(ctx, record.company_id, record.project_id)
+        existing = await ctx.companies.read(record.company_id, record.project_id)
         if existing and existing.get("created_at"):
             record = record.model_copy(update={"created_at": existing["created_at"]})
         await directory.put(record, overwrite=True)
@@ -181,7 +164,7 @@ async def create_company(args: argparse.Namespace, ctx: Context) -> int:
 
 
 async def show_company(args: argparse.Namespace, ctx: Context) -> int:
-    stored = await read_company(ctx, args.company_id, args.project_id)
+    stored = await ctx.companies.read(args.company_id, args.project_id)
     if stored is None:
         raise NotFound(f"company {args.company_id}/{args.project_id} not found in {ctx.settings.company_table}")
     try:
@@ -203,14 +186,14 @@ async def update_company(args: argparse.Namespace, ctx: Context) -> int:
     for name, value in (("company_id", company_id), ("project_id", project_id)):
         if name in patch and patch[name] != value:
             raise Refused(f"company update: {name} cannot be changed (create a new record instead)")
-    stored = await read_company(ctx, company_id, project_id)
+    stored = await ctx.companies.read(company_id, project_id)
     if stored is None:
         raise NotFound(f"company {company_id}/{project_id} not found (create it with `comms company create`)")
     merged = merge_patch(stored, {k: v for k, v in patch.items() if k not in ("created_at", "updated_at")})
     merged["updated_at"] = utc_iso(time.time())
     merged.setdefault("created_at", merged["updated_at"])
     record, warnings = validate_company(merged)
-    await _directory(ctx).put(record, overwrite=True)
+    await ctx.companies.put(record, overwrite=True)
     for warning in warnings:
         ctx.out.warn(warning)
     if args.json:

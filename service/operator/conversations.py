@@ -1,63 +1,20 @@
-"""`comms conversation show|list`: conversation records (SPEC §5), read through the table's indexes.
+"""`comms conversation show|list`: conversation records (SPEC §5), read through `ConversationAdmin`.
 
-The table's partition key `primary_channel` is the recipient's number (or email), which a
-conversation id does not contain. So `show` reads the record directly when `--recipient` is given,
-and otherwise finds it through `company-id-project-id-index` (company and project are the first two
-parts of the id), then reads it with a consistent GetItem. `list` queries the same index.
+`show` reads the record directly when `--recipient` (its partition key) is given, and otherwise finds it
+through the company/project index (company and project are the first two parts of the id). `list` queries
+the same index.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from service.adapters.aws.dynamo_codec import from_item, to_attribute
+from service.adapters.aws.conversation_admin import summary
 from service.config import CHANNELS
-from service.domain.conversation import ConversationStatus
+from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus, Message
 from service.operator.output import Context, NotFound, UsageError
-from service.resources import CONVERSATION_INDEXES
 
-PROJECT_INDEX = next(index for index in CONVERSATION_INDEXES if index.partition_key == "company_id")
 STATUSES = [status.value for status in ConversationStatus]
-# What `list` reads and prints: a projection, not whole records (messages and context can be large).
-_LIST_FIELDS = (
-    "conversation_id",
-    "primary_channel",
-    "channel_method",
-    "conversation_status",
-    "recipient_first_name",
-    "recipient_last_name",
-    "created_at",
-    "updated_at",
-    "task_complete",
-    "hand_off_to_human",
-    "failure_reason",
-)
-_SUMMARY_FIELDS = (
-    "conversation_id",
-    "primary_channel",
-    "channel_method",
-    "conversation_status",
-    "failure_reason",
-    "company_id",
-    "project_id",
-    "company_name",
-    "project_name",
-    "request_id",
-    "recipient_first_name",
-    "recipient_last_name",
-    "recipient_tel",
-    "recipient_email",
-    "comms_consent",
-    "thread_id",
-    "send_state",
-    "provider_message_id",
-    "task_complete",
-    "hand_off_to_human",
-    "processing_time_ms",
-    "created_at",
-    "updated_at",
-)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -79,7 +36,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     show.add_argument("conversation_id", help="company_id#project_id#request_id#component")
     show.add_argument("--recipient", "--primary-channel", dest="recipient", help="the recipient's number or email")
     show.add_argument("--channel", choices=CHANNELS, help="only a conversation on this channel")
-    show.add_argument("--json", action="store_true", help="print the whole record as JSON")
+    show.add_argument("--json", action="store_true", help="print the stored record as JSON")
     show.set_defaults(handler=show_conversation)
 
     listing = actions.add_parser(
@@ -96,79 +53,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     listing.set_defaults(handler=list_conversations)
 
 
-async def _query_project(
-    ctx: Context,
-    company_id: str,
-    project_id: str,
-    filters: dict[str, str],
-    projection: tuple[str, ...] | None,
-    first_only: bool = False,
-) -> list[dict[str, Any]]:
-    """Every item of one project's index partition matching `filters` (attribute = value), all pages."""
-    names = {"#company": PROJECT_INDEX.partition_key, "#project": str(PROJECT_INDEX.sort_key)}
-    values = {":company": to_attribute(company_id), ":project": to_attribute(project_id)}
-    conditions = []
-    for index, (attribute, value) in enumerate(filters.items()):
-        names[f"#f{index}"] = attribute
-        values[f":f{index}"] = to_attribute(value)
-        conditions.append(f"#f{index} = :f{index}")
-    request: dict[str, Any] = {
-        "TableName": ctx.settings.conversations_table,
-        "IndexName": PROJECT_INDEX.name,
-        "KeyConditionExpression": "#company = :company AND #project = :project",
-        "ExpressionAttributeNames": names,
-        "ExpressionAttributeValues": values,
-    }
-    if conditions:
-        request["FilterExpression"] = " AND ".join(conditions)
-    if projection:
-        for index, attribute in enumerate(projection):
-            names[f"#p{index}"] = attribute
-        request["ProjectionExpression"] = ", ".join(f"#p{i}" for i in range(len(projection)))
-    items: list[dict[str, Any]] = []
-    while True:
-        answer = await ctx.aws.dynamodb.query(**request)
-        items += [from_item(item) for item in answer.get("Items", [])]
-        last = answer.get("LastEvaluatedKey")
-        if not last or (first_only and items):
-            return items
-        request["ExclusiveStartKey"] = last
-
-
-async def _get(ctx: Context, primary_channel: str, conversation_id: str) -> dict[str, Any] | None:
-    answer = await ctx.aws.dynamodb.get_item(
-        TableName=ctx.settings.conversations_table,
-        Key={"primary_channel": to_attribute(primary_channel), "conversation_id": to_attribute(conversation_id)},
-        ConsistentRead=True,
-    )
-    item = answer.get("Item")
-    return from_item(item) if item else None
-
-
 async def find_conversation(
     ctx: Context, conversation_id: str, recipient: str | None, channel: str | None
-) -> dict[str, Any] | None:
+) -> ConversationRecord | None:
     if recipient:
-        record = await _get(ctx, recipient, conversation_id)
+        record = await ctx.conversations.get(ConversationKey(recipient, conversation_id))
     else:
         parts = conversation_id.split("#")
         if len(parts) < 4 or not all(parts):
             raise UsageError(f"{conversation_id!r} is not a conversation id (company_id#project_id#request_id#…)")
-        found = await _query_project(
-            ctx, parts[0], parts[1], {"conversation_id": conversation_id}, ("primary_channel",), first_only=True
-        )
-        # The index is eventually consistent; the table read is not.
-        record = await _get(ctx, found[0]["primary_channel"], conversation_id) if found else None
-    if record is not None and channel and record.get("channel_method") != channel:
+        record = await ctx.conversations.find(parts[0], parts[1], conversation_id)
+    if record is not None and channel and record.channel != channel:
         return None
     return record
 
 
-def _token_text(message: dict[str, Any]) -> str:
-    total = message.get("total_tokens")
-    if total is None:
-        return "-"
-    return f"{total} ({message.get('prompt_tokens', '?')}+{message.get('completion_tokens', '?')})"
+def _token_text(message: Message) -> str:
+    usage = message.usage
+    return "-" if usage is None else f"{usage.total_tokens} ({usage.prompt_tokens}+{usage.completion_tokens})"
 
 
 async def show_conversation(args: argparse.Namespace, ctx: Context) -> int:
@@ -178,29 +80,16 @@ async def show_conversation(args: argparse.Namespace, ctx: Context) -> int:
         on = f" on {args.channel}" if args.channel else ""
         raise NotFound(f"conversation {args.conversation_id}{where}{on} not found")
     if args.json:
-        ctx.out.json(record)
+        ctx.out.json(record.shared_fields)
         return 0
-    summary = {name: record[name] for name in _SUMMARY_FIELDS if name in record}
-    ctx.out.fields("Conversation", summary)
-    messages = record.get("messages") or []
-    if not messages:
+    ctx.out.fields("Conversation", summary(record))
+    if not record.messages:
         ctx.out.line("no messages yet")
         return 0
     ctx.out.table(
-        f"Messages ({len(messages)})",
+        f"Messages ({len(record.messages)})",
         ["time", "role", "message id", "delivery", "tokens", "content"],
-        (
-            [
-                m.get("timestamp"),
-                m.get("role"),
-                m.get("message_id"),
-                m.get("delivery_status") or m.get("status"),
-                _token_text(m),
-                m.get("content"),
-            ]
-            for m in messages
-            if isinstance(m, dict)
-        ),
+        ([m.timestamp, m.role, m.message_id, m.delivery_status, _token_text(m), m.content] for m in record.messages),
         no_wrap=False,
     )
     return 0
@@ -209,22 +98,17 @@ async def show_conversation(args: argparse.Namespace, ctx: Context) -> int:
 async def list_conversations(args: argparse.Namespace, ctx: Context) -> int:
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    filters: dict[str, str] = {}
-    if args.status:
-        filters["conversation_status"] = args.status
-    if args.channel:
-        filters["channel_method"] = args.channel
-    items = await _query_project(ctx, args.company_id, args.project_id, filters, _LIST_FIELDS)
-    items.sort(key=lambda item: (str(item.get("created_at", "")), str(item.get("conversation_id"))), reverse=True)
-    shown = items[: args.limit]
+    status = ConversationStatus(args.status) if args.status else None
+    records = await ctx.conversations.list_project(args.company_id, args.project_id, status, args.channel)
+    shown = records[: args.limit]
     if args.json:
         ctx.out.json(
             {
                 "company_id": args.company_id,
                 "project_id": args.project_id,
-                "matched": len(items),
+                "matched": len(records),
                 "count": len(shown),
-                "conversations": shown,
+                "conversations": [record.shared_fields for record in shown],
             }
         )
         return 0
@@ -233,18 +117,11 @@ async def list_conversations(args: argparse.Namespace, ctx: Context) -> int:
         return 0
     ctx.out.table(
         f"Conversations of {args.company_id}/{args.project_id}{_filter_text(args)} "
-        f"({len(shown)} of {len(items)}, newest first)",
+        f"({len(shown)} of {len(records)}, newest first)",
         ["conversation id", "channel", "recipient", "status", "created at", "updated at"],
         (
-            [
-                item.get("conversation_id"),
-                item.get("channel_method"),
-                item.get("primary_channel"),
-                item.get("conversation_status"),
-                item.get("created_at"),
-                item.get("updated_at"),
-            ]
-            for item in shown
+            [r.key.conversation_id, r.channel, r.key.primary_channel, r.status.value, r.created_at, r.updated_at]
+            for r in shown
         ),
     )
     return 0

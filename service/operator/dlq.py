@@ -16,11 +16,10 @@ SIGINT/SIGTERM: the batch in hand is finished (copied and deleted), then the run
 outright (kill -9) between a copy and its delete leaves that message in both queues: harmless, the
 conversation claim acknowledges and drops a repeat (a reply trigger answers only unanswered fragments).
 
-Before a channel message goes back, its conversation, if it failed because retries ran out (`failure_kind`
-= retries_exhausted), is reopened (`DynamoConversationStore.reopen_exhausted`) so the redelivery can claim it.
-If the source queue then refuses that copy, the reopen is undone (`close_reopened`: failed and retries_exhausted
-again, only while the record is exactly as the reopen left it), so the conversation matches the message left in
-the DLQ and a later redrive reopens it.
+Before a channel message goes back, its conversation, if it failed because retries ran out, is reopened
+(`DynamoConversationClaims.reopen_exhausted`) so the redelivery can claim it. If the source queue then refuses
+that copy, the reopen is undone (`close_reopened`: failed as exhausted again, only while the record is exactly as
+the reopen left it), so the conversation matches the message left in the DLQ and a later redrive reopens it.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import signal
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,15 +39,14 @@ import orjson
 from botocore.exceptions import ClientError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from consumers.sqs_messages import find_redrive_policy, resendable_attributes
 from consumers.template_job import InvalidContext, parse_template_job
-from service.adapters.aws.conversation_store import DynamoConversationStore
 from service.adapters.aws.errors import error_code
+from service.adapters.aws.resources import QUEUE_KINDS
 from service.config import CHANNELS
-from service.domain.conversation import ConversationKey
+from service.domain.conversation import ConversationKey, ConversationRecord
 from service.domain.errors import DependencyUnavailable
-from service.domain.timefmt import utc_iso
 from service.operator.output import Context, Refused, UsageError, cell_text
-from service.resources import QUEUE_KINDS
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -157,12 +154,9 @@ def _kinds(args: argparse.Namespace) -> list[str]:
     return [args.queue] if args.queue else list(QUEUE_KINDS)
 
 
-async def _queue_url(sqs: SQSClient, name: str, owner: str | None = None) -> str | None:
+async def _queue_url(sqs: SQSClient, name: str) -> str | None:
     try:
-        if owner:
-            answer = await sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=owner)
-        else:
-            answer = await sqs.get_queue_url(QueueName=name)
+        answer = await sqs.get_queue_url(QueueName=name)
     except ClientError as exc:
         if error_code(exc) in _MISSING_QUEUE_CODES:
             return None
@@ -181,21 +175,15 @@ async def resolve_queue(ctx: Context, kind: str) -> QueuePair:
             f"{ctx.settings.secrets_prefix}-{kind} exists (run `comms bootstrap`)"
         )
     try:
-        attributes = (await sqs.get_queue_attributes(QueueUrl=source_url, AttributeNames=["RedrivePolicy"])).get(
-            "Attributes", {}
-        )
+        dlq_url = (await find_redrive_policy(sqs, source_url)).dead_letter_url
     except ClientError as exc:
-        if error_code(exc) in _MISSING_QUEUE_CODES:
+        if error_code(exc) not in _MISSING_QUEUE_CODES:
+            raise
+        if exc.operation_name != "GetQueueUrl":  # the source queue is missing, not the DLQ its policy names
             raise UsageError(
                 f"{kind} queue {source_url} does not exist (check COMMS_{kind.upper()}_QUEUE_URL)"
             ) from None
-        raise
-    dlq_url: str | None = None
-    if "RedrivePolicy" in attributes:
-        target = str(orjson.loads(attributes["RedrivePolicy"]).get("deadLetterTargetArn", ""))
-        parts = target.split(":")  # arn:aws:sqs:<region>:<account>:<name>
-        if len(parts) == 6:
-            dlq_url = await _queue_url(sqs, parts[5], parts[4] or None)
+        dlq_url = None
     if dlq_url is None:
         dlq_url = await _queue_url(sqs, source_url.rstrip("/").rsplit("/", 1)[-1] + "-dlq")
     if dlq_url is None:
@@ -373,14 +361,7 @@ async def show_messages(args: argparse.Namespace, ctx: Context) -> int:
 def _copy_entry(index: int, message: MessageTypeDef, run_id: str) -> SendMessageBatchRequestEntryTypeDef:
     """The copy SendMessageBatch takes: body, message attributes, trace header, and this run's tag."""
     entry: SendMessageBatchRequestEntryTypeDef = {"Id": str(index), "MessageBody": message["Body"]}
-    attributes: dict[str, Any] = {}
-    for name, attribute in message.get("MessageAttributes", {}).items():
-        value: dict[str, Any] = {"DataType": attribute["DataType"]}
-        if "StringValue" in attribute:
-            value["StringValue"] = attribute["StringValue"]
-        if "BinaryValue" in attribute:
-            value["BinaryValue"] = attribute["BinaryValue"]
-        attributes[name] = value
+    attributes = resendable_attributes(message)
     if RUN_ATTRIBUTE in attributes or len(attributes) < MAX_MESSAGE_ATTRIBUTES:
         attributes[RUN_ATTRIBUTE] = {"DataType": "String", "StringValue": run_id}
     entry["MessageAttributes"] = attributes
@@ -466,8 +447,8 @@ class _Reopened:
     """A conversation this batch reopened: enough to undo the reopen if its copy is refused."""
 
     key: ConversationKey
-    before: dict[str, Any]  # the record read just before the reopen
-    stamp: str  # the updated_at the reopen wrote
+    before: ConversationRecord  # the record read just before the reopen
+    stamp: str  # what the reopen returned
 
 
 async def _reopen(
@@ -480,14 +461,14 @@ async def _reopen(
     keys = [(m, key) for m in messages if (key := _conversation_key(m.get("Body", ""))) is not None]
     if not keys:
         return [], {}
-    store = DynamoConversationStore(ctx.aws.dynamodb, ctx.settings.conversations_table)
+    store = ctx.conversation_claims
     failed: list[MessageTypeDef] = []
     reopened: dict[str, _Reopened] = {}
     for message, key in keys:
-        stamp = utc_iso(time.time())
         try:
             before = await store.get(key)
-            if await store.reopen_exhausted(key, stamp):
+            stamp = await store.reopen_exhausted(key)
+            if stamp is not None:
                 run.result.reopened += 1
                 if before is not None:
                     reopened[message["MessageId"]] = _Reopened(key, before, stamp)
@@ -506,10 +487,10 @@ async def _close_reopened(
     undo = [r for m in unsent if (r := reopened.get(m["MessageId"])) is not None and r.key not in going]
     if not undo:
         return
-    store = DynamoConversationStore(ctx.aws.dynamodb, ctx.settings.conversations_table)
+    store = ctx.conversation_claims
     for reopen in undo:
         try:
-            closed = await store.close_reopened(reopen.key, reopen.before, reopen.stamp, utc_iso(time.time()))
+            closed = await store.close_reopened(reopen.key, reopen.before, reopen.stamp)
         except DependencyUnavailable:
             closed = False
         if closed:

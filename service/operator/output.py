@@ -17,14 +17,17 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 from rich.console import Console
 from rich.table import Table
 
-from service.adapters.aws.errors import error_code
+from service.adapters.aws.api_key_admin import DynamoApiKeyAdmin
+from service.adapters.aws.company_directory import DynamoCompanyDirectory
+from service.adapters.aws.conversation_admin import ConversationAdmin
+from service.adapters.aws.conversation_claims import DynamoConversationClaims
+from service.adapters.aws.errors import AWS_FAILURES, error_code
 from service.config import Settings
 from service.domain.errors import DependencyUnavailable
 
 if TYPE_CHECKING:
     from service.adapters.aws.clients import AwsClients
 
-EXIT_OK = 0
 EXIT_REFUSED = 1  # not found, already exists, invalid input: the operator must change something
 EXIT_USAGE = 2  # bad arguments or configuration (argparse also exits 2)
 EXIT_UNREACHABLE = 3  # AWS could not be reached or kept failing after retries
@@ -111,6 +114,8 @@ def classify_failure(exc: BaseException) -> OperatorError:
     if isinstance(exc, BotoCoreError):
         return Unreachable(f"AWS unreachable: {exc}")
     if isinstance(exc, DependencyUnavailable):
+        if isinstance(exc.__cause__, AWS_FAILURES):  # an adapter's wrapping: the AWS error says more
+            return classify_failure(exc.__cause__)
         what = f"{exc.service}.{exc.operation}"
         if exc.detail in _CONFIGURATION_CODES or exc.detail in _TRANSIENT_CODES:
             return _classify_code(exc.detail, what)
@@ -211,8 +216,25 @@ def read_json_object(path: str | None, what: str, *, stdin_allowed: bool = True)
 
 @dataclass(frozen=True, slots=True)
 class Context:
-    """What a command handler gets: settings, the AWS clients and where to print."""
+    """What a command handler gets: settings, the AWS clients, where to print, and the adapters it reads and
+    writes through (uncached: an operator sees the tables as they are now)."""
 
     settings: Settings
     aws: AwsClients
     out: Output
+
+    @property
+    def companies(self) -> DynamoCompanyDirectory:
+        return DynamoCompanyDirectory(self.aws.dynamodb, self.settings.company_table, cache_ttl_s=0)
+
+    @property
+    def api_keys(self) -> DynamoApiKeyAdmin:
+        return DynamoApiKeyAdmin(self.aws.dynamodb, self.settings.api_keys_table, cache_ttl_s=0)
+
+    @property
+    def conversations(self) -> ConversationAdmin:
+        return ConversationAdmin(self.aws.dynamodb, self.settings.conversations_table)
+
+    @property
+    def conversation_claims(self) -> DynamoConversationClaims:
+        return DynamoConversationClaims(self.aws.dynamodb, self.settings.conversations_table)

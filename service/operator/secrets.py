@@ -22,7 +22,6 @@ from service.adapters.aws.errors import error_code
 from service.config import CHANNELS
 from service.domain.initiate import is_valid_email
 from service.domain.secret_names import credentials_secret_name, openai_secret_name
-from service.operator.companies import read_company
 from service.operator.output import Context, Refused, UsageError, read_json_object
 
 PROVIDERS = ("twilio", "sendgrid")
@@ -196,7 +195,7 @@ async def create_openai(args: argparse.Namespace, ctx: Context) -> int:
 async def _check_company_points_at(ctx: Context, company_id: str, project_id: str, channel: str, name: str) -> None:
     """Warn when the company record does not (yet) name this secret, so the operator knows what to set."""
     field = f"channel_config.{channel}.{channel}_credentials_id"
-    record = await read_company(ctx, company_id, project_id)
+    record = await ctx.companies.read(company_id, project_id)
     if record is None:
         ctx.out.warn(f"company {company_id}/{project_id} does not exist yet: set {field} to {name} when creating it")
         return

@@ -1,11 +1,14 @@
-"""API key records (hash only) in the api-keys table, keyed by key id, behind a TTL cache.
+"""API key records (hash only) in the api-keys table, keyed by key id.
 
-A revoked key stops working within `api_key_cache_ttl_s` on every replica.
+The service reads them through `find`, behind a TTL cache: a revoked key stops working within
+`api_key_cache_ttl_s` on every replica; `put` issues one. What only `comms apikey` does (read uncached, list,
+revoke) is `service.adapters.aws.api_key_admin`, so the service's own role needs no Scan.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from service.adapters.aws.dynamo_codec import from_item, to_attribute, to_item
 from service.adapters.aws.errors import AWS_FAILURES, unavailable
@@ -14,6 +17,8 @@ from service.domain.ports import ApiKeyRecord
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
+
+ACTIVE = "active"
 
 
 class DynamoApiKeyStore:
@@ -25,32 +30,30 @@ class DynamoApiKeyStore:
     async def find(self, key_id: str) -> ApiKeyRecord | None:
         return await self._cache.get(key_id, lambda: self._read(key_id))
 
-    async def _read(self, key_id: str) -> ApiKeyRecord | None:
+    async def _get_item(self, key_id: str, *, consistent: bool) -> dict[str, Any] | None:
         try:
-            answer = await self._dynamodb.get_item(TableName=self._table, Key={"key_id": to_attribute(key_id)})
+            answer = await self._dynamodb.get_item(
+                TableName=self._table, Key={"key_id": to_attribute(key_id)}, ConsistentRead=consistent
+            )
         except AWS_FAILURES as exc:
             raise unavailable("dynamodb", "GetItem", exc) from exc
         item = answer.get("Item")
-        if item is None:
+        return from_item(item) if item is not None else None
+
+    async def _read(self, key_id: str) -> ApiKeyRecord | None:
+        data = await self._get_item(key_id, consistent=False)
+        if data is None:
             return None
-        data = from_item(item)
         return ApiKeyRecord(
             key_id=data["key_id"],
             secret_hash=data["secret_hash"],
             company_id=data["company_id"],
             project_id=data["project_id"],
-            status=data.get("status", "active"),
+            status=data.get("status", ACTIVE),
         )
 
     async def put(self, record: ApiKeyRecord, created_at: str) -> None:
-        item = {
-            "key_id": record.key_id,
-            "secret_hash": record.secret_hash,
-            "company_id": record.company_id,
-            "project_id": record.project_id,
-            "status": record.status,
-            "created_at": created_at,
-        }
+        item = {**asdict(record), "created_at": created_at}
         try:
             await self._dynamodb.put_item(TableName=self._table, Item=to_item(item))
         except AWS_FAILURES as exc:

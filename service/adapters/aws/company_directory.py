@@ -1,8 +1,9 @@
-"""Company/project records from the company-data table, behind a short TTL cache."""
+"""Company/project records from the company-data table: the service reads them behind a short TTL cache,
+`comms company` reads them as stored (`read`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -23,21 +24,28 @@ class DynamoCompanyDirectory:
         self._cache: TtlCache[tuple[str, str], CompanyRecord | None] = TtlCache(cache_ttl_s)
 
     async def get(self, company_id: str, project_id: str) -> CompanyRecord | None:
-        return await self._cache.get((company_id, project_id), lambda: self._read(company_id, project_id))
+        return await self._cache.get((company_id, project_id), lambda: self._load(company_id, project_id))
 
-    async def _read(self, company_id: str, project_id: str) -> CompanyRecord | None:
+    async def read(self, company_id: str, project_id: str, *, consistent: bool = True) -> dict[str, Any] | None:
+        """The stored record as plain data, valid or not (so an operator can see and repair a broken one);
+        uncached, strongly consistent unless told otherwise."""
         try:
             answer = await self._dynamodb.get_item(
                 TableName=self._table,
                 Key={"company_id": to_attribute(company_id), "project_id": to_attribute(project_id)},
+                ConsistentRead=consistent,
             )
         except AWS_FAILURES as exc:
             raise unavailable("dynamodb", "GetItem", exc) from exc
         item = answer.get("Item")
-        if item is None:
+        return from_item(item) if item is not None else None
+
+    async def _load(self, company_id: str, project_id: str) -> CompanyRecord | None:
+        data = await self.read(company_id, project_id, consistent=False)
+        if data is None:
             return None
         try:
-            return CompanyRecord.model_validate(from_item(item))
+            return CompanyRecord.model_validate(data)
         except ValidationError as exc:
             raise InvalidStoredRecord(
                 f"company-data {company_id}/{project_id}: {exc.error_count()} invalid fields"

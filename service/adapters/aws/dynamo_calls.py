@@ -1,5 +1,6 @@
-"""DynamoDB calls the repositories make the same way: a conditional update that says whether it applied,
-and a query read to its last page. AWS failures become `DependencyUnavailable` (503 / retry later)."""
+"""DynamoDB calls the repositories make the same way: a conditional update that says whether it applied (or
+returns the new item), the item that refused a conditional write, and a query read to its last page. AWS
+failures become `DependencyUnavailable` (503 / retry later)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,24 @@ async def update_if(dynamodb: DynamoDBClient, operation: str, **params: Any) -> 
             return False
         raise unavailable("dynamodb", operation, exc) from exc
     return True
+
+
+async def update_returning(dynamodb: DynamoDBClient, operation: str, **params: Any) -> dict[str, Any] | None:
+    """UpdateItem with a ConditionExpression and ReturnValues=ALL_NEW: the item as written, decoded, or None
+    when the condition refused it."""
+    try:
+        answer = await dynamodb.update_item(**params, ReturnValues="ALL_NEW")
+    except AWS_FAILURES as exc:
+        if is_conditional_check_failure(exc):
+            return None
+        raise unavailable("dynamodb", operation, exc) from exc
+    return from_item(answer["Attributes"])
+
+
+def refusing_item(exc: BaseException) -> dict[str, Any]:
+    """The item that refused a conditional write sent with ReturnValuesOnConditionCheckFailure=ALL_OLD,
+    decoded; {} when there was none."""
+    return from_item(getattr(exc, "response", {}).get("Item") or {})
 
 
 async def query_items(

@@ -22,7 +22,7 @@ def to_attribute(value: Any) -> AttributeValue:
         return {"N": str(value)}
     if isinstance(value, str):
         return {"S": value}
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # the domain's records hold read-only mappings too
         return {"M": {str(k): to_attribute(v) for k, v in value.items()}}
     if isinstance(value, list | tuple):
         return {"L": [to_attribute(v) for v in value]}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from service.adapters.aws.conversation_codec import EARLY_DELIVERY, MESSAGES
 from service.adapters.aws.dynamo_calls import update_if
 from service.adapters.aws.dynamo_codec import attribute_values, from_item
 from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
@@ -32,13 +33,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-PENDING_ATTRIBUTE = "early_delivery"
+PENDING_ATTRIBUTE = EARLY_DELIVERY
 PENDING_CAP = 20  # kept callbacks per conversation; a SID that is never recorded must not grow the item for ever
 
 
 def message_index(record: Mapping[str, Any], sid: str) -> int | None:
     """Where the message with this provider SID sits in `messages`, or None."""
-    for index, element in enumerate(record.get("messages") or []):
+    for index, element in enumerate(record.get(MESSAGES) or []):
         if isinstance(element, dict) and element.get("message_id") == sid:
             return index
     return None
@@ -73,7 +74,7 @@ async def set_message_status(
         Key=dict(key),
         UpdateExpression=f"SET {element}.delivery_status = :new, {element}.delivery_updated_at = :stamp",
         ConditionExpression=condition,
-        ExpressionAttributeNames={"#messages": "messages"},
+        ExpressionAttributeNames={"#messages": MESSAGES},
         ExpressionAttributeValues=attribute_values(
             {":sid": message_sid, ":new": new.value, ":stamp": stamp, **allowed}
         ),

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from botocore.exceptions import BotoCoreError, ClientError
-
+from service.aws_failures import AWS_FAILURES, error_code
 from service.domain.errors import DependencyUnavailable
 
-AWS_FAILURES: tuple[type[Exception], ...] = (ClientError, BotoCoreError)
-
-
-def error_code(exc: BaseException) -> str | None:
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code")
-        return str(code) if code else None
-    return None
+__all__ = ["AWS_FAILURES", "error_code", "is_conditional_check_failure", "unavailable"]
 
 
 def is_conditional_check_failure(exc: BaseException) -> bool:

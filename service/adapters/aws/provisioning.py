@@ -1,4 +1,4 @@
-"""Idempotent creation of the tables and queues of `service.resources` (bootstrap, local stack).
+"""Idempotent creation of the tables and queues of `service.adapters.aws.resources` (bootstrap, local stack).
 
 Existing resources are left as they are; the result maps each queue kind to its URL.
 """
@@ -14,8 +14,7 @@ from botocore.exceptions import ClientError
 
 from service.adapters.aws.clients import open_aws_clients
 from service.adapters.aws.errors import error_code
-from service.config import Settings
-from service.resources import (
+from service.adapters.aws.resources import (
     DLQ_MAX_RECEIVE_COUNT,
     DLQ_RETENTION_S,
     QUEUE_RETENTION_S,
@@ -24,6 +23,7 @@ from service.resources import (
     queue_specs,
     table_specs,
 )
+from service.config import Settings
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient

@@ -1,7 +1,7 @@
-"""The request-idempotency records of `service.domain.request_claim`, in the idempotency table.
+"""The request-idempotency records (`ports.RequestLedger`), in the idempotency table.
 
-The claim is one conditional PutItem that also returns the refusing record
-(ReturnValuesOnConditionCheckFailure), so a repeat costs one request.
+The claim is one conditional PutItem mirroring the TAKE rows of `claims.decide_request` that also returns the
+refusing record (ReturnValuesOnConditionCheckFailure), so a repeat costs one request.
 """
 
 from __future__ import annotations
@@ -10,18 +10,19 @@ from typing import TYPE_CHECKING, Any
 
 from service.adapters.aws.dynamo_codec import from_item, to_attribute, to_item
 from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
-from service.domain.request_claim import RequestRecord, RequestState
+from service.domain.claims import RequestRecord, RequestState
+from service.domain.conversation import Lease
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
 
 
 # Absent, or an IN_PROGRESS claim whose lease has run out (its holder crashed).
-CLAIMABLE = "attribute_not_exists(idempotency_key) OR (request_state = :in_progress AND lease_expires_at < :now)"
+CLAIMABLE = "attribute_not_exists(idempotency_key) OR (request_state = :in_progress AND lease_expires_at <= :now)"
 # ...and, for a claim that carries a body hash, only a lapsed claim for the same body (or one
 # written before hashes were stored): another body is refused, and the domain answers 422.
 CLAIMABLE_FOR_BODY = (
-    "attribute_not_exists(idempotency_key) OR (request_state = :in_progress AND lease_expires_at < :now"
+    "attribute_not_exists(idempotency_key) OR (request_state = :in_progress AND lease_expires_at <= :now"
     " AND (attribute_not_exists(body_hash) OR body_hash = :body_hash))"
 )
 
@@ -31,7 +32,7 @@ def _record(data: dict[str, Any]) -> RequestRecord:
         key=data["idempotency_key"],
         state=RequestState(data["request_state"]),
         conversation_id=data["conversation_id"],
-        lease_expires_at=float(data.get("lease_expires_at", 0)),
+        lease=Lease(expires_at=float(data.get("lease_expires_at", 0))),
         queue_timestamp=data.get("queue_timestamp"),
         body_hash=data.get("body_hash"),
     )
@@ -48,7 +49,7 @@ class DynamoRequestLedger:
             "idempotency_key": record.key,
             "request_state": record.state.value,
             "conversation_id": record.conversation_id,
-            "lease_expires_at": int(record.lease_expires_at),
+            "lease_expires_at": int(record.lease.expires_at),
             "expires_at": int(now) + self._ttl_s,
         }
         values = {

@@ -1,8 +1,9 @@
-"""Staged reply fragments (stage table) and the per-conversation trigger lock (lock table).
+"""Staged reply fragments (stage table) and the per-conversation trigger lock (lock table): `ports.ReplyStage`.
 
 Stage: PK `conversation_id`, SK `message_sid`; a repeated MessageSid is stored once.
-Lock: PK `conversation_id`, taken when absent **or expired** (TTL deletes lazily, so an
-expired lock may still be there). Both carry `expires_at` (epoch seconds) for TTL.
+Lock: PK `conversation_id`; `take_lock` is one conditional PutItem mirroring the TAKE rows of
+`claims.decide_trigger_lock` (absent **or expired**: TTL deletes lazily, so an expired lock may still be
+there; or the holder's own whose trigger is not marked queued). Both carry `expires_at` (epoch seconds) for TTL.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from service.adapters.aws.dynamo_calls import query_items
 from service.adapters.aws.dynamo_codec import to_attribute, to_item
 from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
+from service.domain.conversation import ConversationKey
 from service.domain.errors import DependencyUnavailable
 from service.domain.inbound import Fragment
 
@@ -24,7 +26,7 @@ BATCH_WRITE_LIMIT = 25
 UNPROCESSED_RETRIES = 5
 
 
-class DynamoStageStore:
+class DynamoReplyStage:
     def __init__(self, dynamodb: DynamoDBClient, stage_table: str, lock_table: str) -> None:
         self._dynamodb = dynamodb
         self._stage_table = stage_table
@@ -32,13 +34,13 @@ class DynamoStageStore:
 
     # ---- fragments -----------------------------------------------------------------------------
 
-    async def stage(self, conversation_id: str, primary_channel: str, fragment: Fragment, expires_at: int) -> bool:
+    async def stage(self, key: ConversationKey, fragment: Fragment, expires_at: int) -> bool:
         """Store the fragment; False when this MessageSid was already staged (a webhook retry)."""
         item = to_item(
             {
-                "conversation_id": conversation_id,
+                "conversation_id": key.conversation_id,
                 "message_sid": fragment.message_sid,
-                "primary_channel": primary_channel,
+                "primary_channel": key.primary_channel,
                 "body": fragment.body,
                 "received_at": fragment.received_at,
                 "expires_at": expires_at,
@@ -110,7 +112,7 @@ class DynamoStageStore:
                 TableName=self._lock_table,
                 Item=item,
                 ConditionExpression=(
-                    "attribute_not_exists(conversation_id) OR expires_at < :now"
+                    "attribute_not_exists(conversation_id) OR expires_at <= :now"
                     " OR (holder = :holder AND attribute_not_exists(trigger_queued))"
                 ),
                 ExpressionAttributeValues={":now": to_attribute(int(now)), ":holder": to_attribute(holder)},

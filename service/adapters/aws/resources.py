@@ -1,7 +1,8 @@
 """The AWS resources the service uses: table keys, indexes, TTL attributes and queues.
 
-One definition, read by `comms bootstrap`, by the embedded local stack and by the
-test that cross-checks `deploy/` against the code.
+One definition, read by `comms bootstrap`, by the embedded local stack, by the DynamoDB adapters (index names)
+and by the test that cross-checks `deploy/` against the code. Attribute and index names stay inside
+`service.adapters.aws` (tests/test_architecture.py).
 """
 
 from __future__ import annotations
