@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install local test lint bench
+.PHONY: install local test test-fast lint bench
 
 $(BIN)/comms: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: install
 ## Lint, type-check and run every test (what CI runs).
 test: lint
 	$(BIN)/python -m pytest -q
+
+## Fast tests: pure rules and use cases on in-memory fakes (no moto, no subprocesses)
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:schemathesis --confcutdir=tests/unit tests/unit
 
 ## Benchmark one worker process on the embedded stack (SPEC §8 figures); options: make bench ARGS="--concurrency 50"
 bench: install

@@ -1,0 +1,472 @@
+"""The conversations table's stored form (`conversation_codec`): items read back as the typed record for every
+status and ledger state, the initial record exactly as the template sender has always written it, and the
+conditional writes exactly as the adapters have always sent them. No AWS: pure functions."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import pytest
+
+from consumers.template_job import new_conversation, parse_template_job
+from local_stack.seed import demo_company
+from service.adapters.aws import conversation_codec as codec
+from service.adapters.aws.dynamo_codec import from_item, to_item
+from service.domain.claims import RETRIES_EXHAUSTED, may_reopen
+from service.domain.context import build_context
+from service.domain.conversation import (
+    AiProfile,
+    ConversationKey,
+    ConversationStatus,
+    Failure,
+    Lease,
+    Message,
+    NewConversation,
+    ReplyAttempt,
+    SendState,
+    TemplateDraft,
+    TokenUsage,
+)
+from service.domain.initiate import validate_initiate_body
+
+REQUEST_ID = "5d0f6a52-2b1c-4d7e-9a43-0c8e1f2b3a4d"
+KEY = ConversationKey("+447700900123", f"ci-demo-001#pi-demo-001#{REQUEST_ID}#447700900002")
+SMS_CREDENTIALS = "comms/sms-credentials/ci-demo-001/pi-demo-001/twilio-dev"
+AI_INSTRUCTIONS = (
+    "You write the first message of a conversation for Demo Homes. Fill the template variables: "
+    "'1' is the recipient's first name, '2' is one friendly sentence about their enquiry."
+)
+REPLY_INSTRUCTIONS = "You answer the recipient's replies for Demo Homes, briefly and helpfully."
+
+
+def demo_job_body(channel: str) -> str:
+    """A channel-queue message for the demo tenant, as the router builds it."""
+    request = validate_initiate_body(
+        {
+            "company_data": {"company_id": "ci-demo-001", "project_id": "pi-demo-001"},
+            "recipient_data": {
+                "recipient_first_name": "Lee",
+                "recipient_last_name": "Hayton",
+                "recipient_tel": "+447700900123",
+                "recipient_email": "lee@example.com",
+                "comms_consent": True,
+            },
+            "project_data": {"property": "12 Acacia Avenue", "viewing": "Saturday 10am"},
+            "request_data": {
+                "request_id": REQUEST_ID,
+                "channel_method": channel,
+                "initial_request_timestamp": "2025-04-27T05:45:56Z",
+            },
+        }
+    )
+    company = demo_company("comms", "dev", time.time())
+    sender = company.sender_address(channel) or ""
+    component = sender if channel == "email" else sender.lstrip("+")
+    conversation_id = f"ci-demo-001#pi-demo-001#{REQUEST_ID}#{component}"
+    context = build_context(request, company, conversation_id, router_version="r", trace_id="t", queue_timestamp="q")
+    return orjson.dumps(context.model_dump(mode="json")).decode()
+
+
+def stored(item: dict[str, Any]) -> dict[str, Any]:
+    """What a read gives back after a write: through DynamoDB's attribute encoding and back."""
+    return from_item(to_item(item))
+
+
+def new_sms() -> NewConversation:
+    return NewConversation(
+        key=KEY,
+        request_id=REQUEST_ID,
+        channel="sms",
+        company_id="ci-demo-001",
+        project_id="pi-demo-001",
+        company_address="+447700900002",
+        recipient={"recipient_tel": "+447700900123"},
+        ai_config={
+            "api_key_reference": "ref",
+            "model": "gpt-x",
+            "mode": "background",
+            "replies": {"instructions": "r"},
+        },
+        channel_config={"sms_credentials_id": SMS_CREDENTIALS},
+        processor_version="p",
+    )
+
+
+# ---- the initial record --------------------------------------------------------------------------------------
+
+
+def test_the_initial_record_of_a_parsed_demo_job_is_exactly_what_the_template_sender_has_always_written():
+    new = new_conversation(parse_template_job(demo_job_body("sms")))
+
+    fields = codec.new_conversation_fields(new, "2026-01-01T00:00:00.000Z")
+
+    assert fields == {
+        "request_id": REQUEST_ID,
+        "channel_method": "sms",
+        "company_id": "ci-demo-001",
+        "project_id": "pi-demo-001",
+        "company_name": "Demo Homes Ltd",
+        "project_name": "Spring viewings",
+        "company_rep": {"company_rep_1": "Alex Example"},
+        "recipient_first_name": "Lee",
+        "recipient_last_name": "Hayton",
+        "recipient_tel": "+447700900123",
+        "recipient_email": "lee@example.com",
+        "comms_consent": True,
+        "project_data": {"property": "12 Acacia Avenue", "viewing": "Saturday 10am"},
+        "ai_config": {
+            "api_key_reference": "comms/openai-api-key/sms-dev",
+            "model": "gpt-4.1-mini",
+            "mode": "foreground",
+            "template_sender": {"instructions": AI_INSTRUCTIONS, "variables": ["1", "2"]},
+            "replies": {"instructions": REPLY_INSTRUCTIONS},
+        },
+        "channel_config": {"company_sms_number": "+447700900002", "sms_credentials_id": SMS_CREDENTIALS},
+        "router_version": "r",
+        "processor_version": new.processor_version,
+        "trace_id": "t",
+        "messages": [],
+        "task_complete": 0,
+        "hand_off_to_human": False,
+        "send_state": "not_sent",
+        "created_at": "2026-01-01T00:00:00.000Z",
+        "gsi_company_sms_number": "+447700900002",
+        "gsi_recipient_tel": "+447700900123",
+    }
+
+
+@pytest.mark.parametrize(
+    ("channel", "sender_attribute", "sender", "recipient_attribute", "recipient"),
+    [
+        ("whatsapp", "gsi_company_whatsapp_number", "+447700900001", "gsi_recipient_tel", "+447700900123"),
+        ("sms", "gsi_company_sms_number", "+447700900002", "gsi_recipient_tel", "+447700900123"),
+        ("email", "gsi_company_email", "hello@demo-homes.example", "gsi_recipient_email", "lee@example.com"),
+    ],
+)
+def test_the_initial_record_carries_the_index_attributes_of_its_channel_only(
+    channel, sender_attribute, sender, recipient_attribute, recipient
+):
+    fields = codec.new_conversation_fields(new_conversation(parse_template_job(demo_job_body(channel))), "s")
+
+    assert {name: value for name, value in fields.items() if name.startswith("gsi_")} == {
+        sender_attribute: sender,
+        recipient_attribute: recipient,
+    }
+
+
+def test_the_initial_record_leaves_out_what_has_no_value():
+    new = NewConversation(
+        key=KEY, request_id="r", channel="sms", company_id="c", project_id="p", company_address="+447700900002"
+    )
+
+    fields = codec.new_conversation_fields(new, "s")
+
+    assert not {"ai_config", "channel_config", "recipient_first_name", "recipient_email", "comms_consent"} & set(fields)
+    assert fields["company_rep"] == {} and fields["project_data"] == {} and fields["router_version"] == ""
+
+
+def test_a_created_record_reads_back_processing_claimed_and_open():
+    item = stored(codec.created_item(new_sms(), "worker-1", 1234.5, "2026-01-01T00:00:00.000Z"))
+
+    record = codec.record_from_item(item)
+
+    assert record.key == KEY
+    assert (record.status, record.channel, record.company_id, record.project_id) == (
+        ConversationStatus.PROCESSING,
+        "sms",
+        "ci-demo-001",
+        "pi-demo-001",
+    )
+    assert record.claim == Lease("worker-1", 1234.5)
+    assert item["claim_count"] == 1 and item["updated_at"] == item["created_at"] == record.created_at
+    assert record.ledger.state is SendState.NOT_SENT and record.ledger.generated is None
+    assert record.is_open and not record.hand_off_to_human and record.messages == ()
+    assert (record.company_address, record.credentials_id) == ("+447700900002", SMS_CREDENTIALS)
+    assert record.ai == AiProfile("ref", "gpt-x", "r", background=True)
+    assert record.failure is None and record.reply_attempt is None and record.reply_claim == Lease()
+
+
+# ---- item -> record -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", list(ConversationStatus))
+def test_every_status_reads_back_as_itself(status):
+    assert (
+        codec.record_from_item(stored({**codec.item_fields(KEY), "conversation_status": status.value})).status is status
+    )
+
+
+@pytest.mark.parametrize("value", ["no_such_status", None])
+def test_an_unknown_or_missing_status_reads_as_failed_unknown(value):
+    item = {**codec.item_fields(KEY), "conversation_status": value}
+
+    assert codec.record_from_item(stored(item)).status is ConversationStatus.FAILED_UNKNOWN
+
+
+def test_a_record_with_almost_nothing_reads_with_defaults():
+    record = codec.record_from_item({"primary_channel": KEY.primary_channel, "conversation_id": KEY.conversation_id})
+
+    assert record.key == KEY and record.channel == "" and record.company_id == ""
+    assert not record.is_open  # only task_complete = 0 is open
+    assert record.ai == AiProfile() and record.claim == Lease() and record.messages == ()
+    assert record.ledger.state is SendState.NOT_SENT and not record.awaits_final_update
+
+
+def test_a_not_sent_ledger_with_generated_content_reads_back_for_sending_it():
+    item = {
+        **codec.item_fields(KEY),
+        "conversation_status": "processing",
+        "send_state": "not_sent",
+        "generated_content": {"1": "Lee", "2": "Hello"},
+        "ai_usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+        "thread_id": "conv_1",
+    }
+
+    ledger = codec.record_from_item(stored(item)).ledger
+
+    assert ledger.state is SendState.NOT_SENT and ledger.generated == {"1": "Lee", "2": "Hello"}
+    assert ledger.usage == TokenUsage(3, 4, 7) and ledger.provider_message_id is None
+
+
+def test_a_recorded_attempt_reads_back_attempting_with_what_it_wrote():
+    draft = TemplateDraft("conv_1", {"1": "Lee", "2": "Hello"}, TokenUsage(3, 4, 7), 1700000000.25)
+    write = codec.record_draft("worker-1", draft, "2026-01-01T00:00:00.000Z")
+    item = {
+        **codec.item_fields(KEY),
+        "conversation_status": "processing",
+        "send_state": write.values[":attempting"],
+        "send_attempted_at": write.values[":at"],
+        "thread_id": write.values[":thread"],
+        "generated_content": write.values[":generated"],
+        "ai_usage": write.values[":usage"],
+    }
+
+    record = codec.record_from_item(stored(item))
+
+    assert record.ledger.state is SendState.ATTEMPTING and record.awaits_final_update
+    assert record.ledger.generated == {"1": "Lee", "2": "Hello"} and record.ledger.usage == TokenUsage(3, 4, 7)
+    assert record.ledger.attempted_at == 1700000000.25 and record.thread_id == "conv_1"
+
+
+def test_a_finalised_template_reads_back_sent_with_its_message():
+    message = Message("SM1", "assistant", '{"1":"Lee"}', "2026-01-01T00:00:01.000Z", TokenUsage(3, 4, 7))
+    write = codec.finalise_template(message, "conv_1", 42, "2026-01-01T00:00:02.000Z")
+    item = {
+        **codec.item_fields(KEY),
+        "conversation_status": write.values[":sent_status"],
+        "send_state": write.values[":sent"],
+        "provider_message_id": write.values[":sid"],
+        "thread_id": write.values[":thread"],
+        "messages": write.values[":message"],
+        "task_complete": 0,
+    }
+
+    record = codec.record_from_item(stored(item))
+
+    assert record.status is ConversationStatus.INITIAL_MESSAGE_SENT and record.is_open
+    assert record.ledger.state is SendState.SENT and record.ledger.provider_message_id == "SM1"
+    assert record.messages == (message,) and not record.awaits_final_update
+
+
+def test_an_unknown_send_state_reads_as_not_sent():
+    item = {**codec.item_fields(KEY), "send_state": "sideways"}
+
+    assert codec.record_from_item(item).ledger.state is SendState.NOT_SENT
+
+
+def test_messages_read_back_with_tokens_delivery_states_and_positions_kept():
+    user = Message("SMu", "user", "Hello?", "2026-01-01T00:00:00.000Z")
+    reply = Message("SMa", "assistant", "Hi", "2026-01-01T00:00:01.000Z", TokenUsage(1, 2, 3), "delivered")
+    elements = [codec.message_element(user), "not a map", codec.message_element(reply)]
+
+    messages = codec.record_from_item(stored({**codec.item_fields(KEY), "messages": elements})).messages
+
+    assert messages[0] == user and messages[2] == reply
+    assert messages[1].message_id == ""  # kept in place: delivery states address messages by position
+    assert codec.message_element(reply) == {
+        "message_id": "SMa",
+        "timestamp": "2026-01-01T00:00:01.000Z",
+        "role": "assistant",
+        "content": "Hi",
+        "prompt_tokens": 1,
+        "completion_tokens": 2,
+        "total_tokens": 3,
+        "delivery_status": "delivered",
+    }
+    assert set(codec.message_element(user)) == {"message_id", "timestamp", "role", "content"}
+
+
+def test_a_reply_claim_and_its_ledger_entry_read_back():
+    attempt = ReplyAttempt(
+        ("SM1", "SM2"), "a\nb", "2026-01-01T00:00:00.000Z", "Hi", TokenUsage(1, 2, 3), "conv_1", 99.5
+    )
+    item = {
+        **codec.item_fields(KEY),
+        "conversation_status": "processing_reply",
+        "status_before_reply": "initial_message_sent",
+        "reply_owner": "replier-1",
+        "reply_lease_expires": 123.0,
+        "reply_attempt": codec.reply_attempt_fields(attempt),
+        "replied_message_sids": {"SM0"},
+    }
+
+    record = codec.record_from_item(stored(item))
+
+    assert record.status is ConversationStatus.PROCESSING_REPLY
+    assert record.reply_claim == Lease("replier-1", 123.0)
+    assert record.reply_attempt == attempt and record.awaits_final_update
+    assert record.replied_sids == frozenset({"SM0"})
+
+
+def test_a_malformed_reply_ledger_entry_still_reads_as_an_entry():
+    """A send may have gone out: any stored map counts, its missing parts empty."""
+    record = codec.record_from_item({**codec.item_fields(KEY), "reply_attempt": {"batch": "x"}})
+
+    assert record.reply_attempt == ReplyAttempt((), "", "", "", TokenUsage(), "", 0.0)
+    assert record.awaits_final_update
+
+
+@pytest.mark.parametrize(
+    ("kind", "exhausted"),
+    [(None, False), (RETRIES_EXHAUSTED, True)],
+)
+def test_a_failure_reads_back_with_its_reason_and_whether_retries_ran_out(kind, exhausted):
+    failure = Failure(ConversationStatus.FAILED_TO_PROCESS_AI, "ai_unavailable", exhausted)
+    write = codec.fail_claim("worker-1", failure, "2026-01-01T00:00:00.000Z")
+    item = {
+        **codec.item_fields(KEY),
+        "conversation_status": write.values[":failed"],
+        "failure_reason": write.values[":reason"],
+        "failure_kind": kind,
+        "updated_at": "2026-01-01T00:00:00.000Z",
+    }
+
+    record = codec.record_from_item(stored(item))
+
+    assert record.failure == failure
+    assert may_reopen(record) is exhausted
+    assert record.updated_at == "2026-01-01T00:00:00.000Z"
+
+
+def test_a_failed_status_without_a_reason_still_reads_as_failed():
+    item = {**codec.item_fields(KEY), "conversation_status": "failed_unknown"}
+
+    assert codec.record_from_item(item).failure == Failure(ConversationStatus.FAILED_UNKNOWN, "")
+
+
+def test_a_reopened_record_reads_back_with_its_redrive_bookkeeping():
+    item = {
+        **codec.item_fields(KEY),
+        "conversation_status": "processing",
+        "last_failure_reason": "ai_unavailable",
+        "reopen_count": 2,
+        "claim_owner": "worker-1",
+        "claim_expires_at": 0,
+    }
+
+    record = codec.record_from_item(stored(item))
+
+    assert (record.last_failure_reason, record.reopen_count, record.failure) == ("ai_unavailable", 2, None)
+    assert record.claim == Lease("worker-1", 0.0)
+
+
+def test_shared_fields_are_the_record_without_configuration_and_kept_callbacks():
+    item = stored(
+        {
+            **codec.created_item(new_sms(), "worker-1", 1.0, "s"),
+            "early_delivery": {"SM9": {"status": "delivered", "at": "s"}},
+        }
+    )
+
+    record = codec.record_from_item(item)
+
+    assert record.early_delivery_sids == frozenset({"SM9"})
+    assert dict(record.shared_fields) == {
+        k: v for k, v in item.items() if k not in ("ai_config", "channel_config", "early_delivery")
+    }
+    assert record.shared_fields["conversation_id"] == KEY.conversation_id
+
+
+# ---- writes, exactly as the adapters have always sent them ----------------------------------------------------
+
+
+def test_the_takeover_is_conditioned_on_a_lapsed_processing_claim():
+    params = codec.take_over("worker-2", 200.0, 100.0, "s").params("table", KEY)
+
+    assert params["ConditionExpression"] == (
+        "attribute_not_exists(conversation_id) OR (#status = :processing AND claim_expires_at <= :now)"
+    )
+    assert params["ExpressionAttributeNames"] == {"#status": "conversation_status"}
+    assert params["Key"] == {
+        "primary_channel": {"S": KEY.primary_channel},
+        "conversation_id": {"S": KEY.conversation_id},
+    }
+
+
+def test_may_take_over_mirrors_the_takeover_condition():
+    processing = codec.record_from_item(
+        {**codec.item_fields(KEY), "conversation_status": "processing", "claim_expires_at": 100}
+    )
+    sent = codec.record_from_item({**codec.item_fields(KEY), "conversation_status": "initial_message_sent"})
+
+    assert codec.may_take_over(processing, 100.5)
+    assert codec.may_take_over(processing, 100.0)  # lapsed at its expiry, as `Lease.is_live` and the condition say
+    assert not codec.may_take_over(processing, 99.5)
+    assert not codec.may_take_over(sent, 1000.0)
+
+
+def test_the_reply_final_update_has_a_stopped_variant_that_keeps_the_status():
+    messages = [Message("SM1", "user", "hi", "t")]
+    normal = codec.finalise_reply("r-1", messages, ["SM1"], 5, "s")
+    stopped = codec.finalise_stopped_reply("r-1", messages, ["SM1"], 5, "s")
+
+    assert normal.condition == "reply_owner = :owner AND #status = :replying"
+    assert stopped.condition == "reply_owner = :owner AND #status IN (:opted_out, :handed_off)"
+    assert normal.update.startswith("SET #status = :replied, #messages = list_append(")
+    assert stopped.update.startswith("SET #messages = list_append(")
+    assert stopped.update.endswith("ADD replied_message_sids :sids") and normal.values[":sids"] == {"SM1"}
+
+
+def test_an_exhausted_reply_failure_goes_back_to_the_status_before_the_claim_with_the_failure_noted():
+    write = codec.fail_reply("r-1", Failure(ConversationStatus.FAILED_TO_SEND_MESSAGE, "x", exhausted=True), "s")
+
+    assert write.update.startswith("SET #status = status_before_reply, last_reply_failure = :failure")
+    assert write.values[":failure"] == {
+        "status": "failed_to_send_message",
+        "reason": "x",
+        "failure_kind": RETRIES_EXHAUSTED,
+        "at": "s",
+    }
+
+
+def test_closing_a_reopen_restores_exactly_what_was_there():
+    before = codec.record_from_item(
+        {
+            **codec.item_fields(KEY),
+            "conversation_status": "failed_to_process_ai",
+            "failure_reason": "ai_unavailable",
+            "failure_kind": RETRIES_EXHAUSTED,
+            "claim_owner": "worker-1",
+            "claim_expires_at": 0,
+        }
+    )
+
+    write = codec.close_reopened(before, "r-stamp", "c-stamp")
+
+    assert write is not None
+    assert write.update == (
+        "SET #status = :failed, failure_reason = :reason, failure_kind = :kind, updated_at = :stamp "
+        "REMOVE last_failure_reason, reopen_count"
+    )
+    assert write.condition.endswith("AND claim_owner = :owner")
+    assert (write.values[":count"], write.values[":owner"], write.values[":reopened"]) == (1, "worker-1", "r-stamp")
+
+
+def test_only_a_record_failed_by_exhausted_retries_can_have_a_reopen_closed():
+    permanent = codec.record_from_item(
+        {**codec.item_fields(KEY), "conversation_status": "failed_to_process_ai", "failure_reason": "bad"}
+    )
+
+    assert codec.close_reopened(permanent, "r", "c") is None
