@@ -34,7 +34,7 @@ from service.domain.conversation import ConversationKey
 from service.operator.dlq import RUN_ATTRIBUTE, QueuePair, redrive, redrive_messages, resolve_queue
 from service.operator.output import Context, Output
 from tests.operator_support import Cli, unique
-from tests.test_template_job_parsing import context_for
+from tests.unit.test_template_job_parsing import context_for
 
 
 @pytest.fixture

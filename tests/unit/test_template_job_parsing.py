@@ -15,7 +15,7 @@ from service.domain.context import build_context
 from service.domain.conversation import ConversationKey
 from service.domain.initiate import validate_initiate_body
 from service.versions import PROCESSOR_VERSION
-from tests.conftest import initiate_body
+from tests.bodies import initiate_body
 
 
 def context_for(channel: str = "whatsapp", company_changes: dict[str, Any] | None = None) -> dict[str, Any]:
