@@ -1,8 +1,4 @@
-"""SQS batch calls for the consumer runtime: visibility changes and deletes, at most ten entries per call.
-
-`change_visibility_batch` reports one result per entry; `DeleteBatcher` gathers deletes from many
-workers and sends them when ten are pending or the flush interval has passed.
-"""
+"""SQS batch calls for the consumer runtime: visibility changes and deletes, at most ten entries per call."""
 
 from __future__ import annotations
 
@@ -31,20 +27,17 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class EntryFailure:
-    """Why SQS did not apply one batch entry.
-
-    `sender_fault` True means the entry itself is wrong (receipt handle invalid or expired, timeout out of
-    range) and repeating it cannot help; False means SQS or the network failed and a later try may succeed.
-    """
+    """Why SQS did not apply one batch entry. `sender_fault`: the entry itself is wrong (receipt handle invalid or
+    expired, timeout out of range) and repeating it cannot help; else SQS or the network failed."""
 
     code: str
     sender_fault: bool
 
 
-def chunks(items: Sequence[T], size: int = SQS_BATCH_LIMIT) -> Iterator[tuple[int, Sequence[T]]]:
-    """`(offset, slice)` pairs covering `items` in slices of at most `size`."""
-    for offset in range(0, len(items), size):
-        yield offset, items[offset : offset + size]
+def chunks(items: Sequence[T]) -> Iterator[tuple[int, Sequence[T]]]:
+    """`(offset, slice)` pairs covering `items` in slices of at most ten."""
+    for offset in range(0, len(items), SQS_BATCH_LIMIT):
+        yield offset, items[offset : offset + SQS_BATCH_LIMIT]
 
 
 def _failures_by_entry(failed: Sequence[BatchResultErrorEntryTypeDef], offset: int) -> dict[int, EntryFailure]:
@@ -59,10 +52,7 @@ def _call_failure(exc: BaseException) -> EntryFailure:
 async def change_visibility_batch(
     sqs: SQSClient, queue_url: str, changes: Sequence[tuple[str, int]]
 ) -> list[EntryFailure | None]:
-    """Set each `(receipt_handle, visibility_timeout_s)`; one result per change, in order (None = applied).
-
-    Calls of up to ten entries run concurrently; a call that fails as a whole fails each of its entries.
-    """
+    """Set each `(receipt_handle, visibility_timeout_s)`; one result per change, in order (None = applied)."""
     results: list[EntryFailure | None] = [None] * len(changes)
 
     async def send(offset: int, chunk: Sequence[tuple[str, int]]) -> None:
@@ -70,13 +60,13 @@ async def change_visibility_batch(
             {"Id": str(offset + i), "ReceiptHandle": receipt, "VisibilityTimeout": timeout}
             for i, (receipt, timeout) in enumerate(chunk)
         ]
+        failures: dict[int, EntryFailure]
         try:
             answer = await sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
+            failures = _failures_by_entry(answer.get("Failed", []), offset)
         except AWS_FAILURES as exc:
-            for i in range(len(chunk)):
-                results[offset + i] = _call_failure(exc)
-            return
-        for i, failure in _failures_by_entry(answer.get("Failed", []), offset).items():
+            failures = dict.fromkeys(range(len(chunk)), _call_failure(exc))
+        for i, failure in failures.items():
             results[offset + i] = failure
 
     await asyncio.gather(*(send(offset, chunk) for offset, chunk in chunks(changes)))
@@ -98,12 +88,7 @@ class DeleteBatcher:
     """
 
     def __init__(
-        self,
-        sqs: SQSClient,
-        queue_url: str,
-        queue_name: str,
-        metrics: ConsumerMetrics,
-        flush_interval_s: float,
+        self, sqs: SQSClient, queue_url: str, queue_name: str, metrics: ConsumerMetrics, flush_interval_s: float
     ) -> None:
         self._sqs = sqs
         self._queue_url = queue_url

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import structlog
 from structlog.contextvars import bound_contextvars
@@ -105,6 +105,7 @@ class Draft(Protocol):
     def thread_id(self) -> str: ...
     @property
     def attempted_at(self) -> float: ...
+    def attempted_again(self, at: float) -> Self: ...
 
 
 class WorkConfig(Protocol):
@@ -248,6 +249,9 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
         try:
             async with self._kept_alive(claimed):
                 outcome = await self.work(claimed)
+        except DependencyUnavailable as exc:  # a retry like any other: the claim is released below
+            log.warning("dependency_unavailable", detail=str(exc))
+            outcome = Outcome.retry(f"{exc.service}_unavailable")
         except asyncio.CancelledError:  # stopped (shutdown, lost lease): the message comes back, so must the claim
             await asyncio.shield(self._release(claimed))
             raise
@@ -345,6 +349,8 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
                 return await self.finalise(claimed, pending, found)
             if unsent is not None:
                 return await unsent()
+            # Never sent: a new attempt, so a later reconcile looks back from it, not from a first one days ago.
+            pending = pending.attempted_again(self._clock())
         return await self._send(claimed, outbound, pending)
 
     async def final_update(

@@ -1,7 +1,5 @@
-"""What the consumer runtime and a processor promise each other.
-
-The runtime receives, heartbeats, deletes and drains; a processor turns one message
-into an `Outcome`. A processor never touches SQS; the runtime never reads a body.
+"""What the consumer runtime and a processor promise each other: the runtime receives, heartbeats, deletes and
+drains; a processor turns one message into an `Outcome`. A processor never touches SQS; the runtime never reads a body.
 """
 
 from __future__ import annotations
@@ -52,12 +50,9 @@ class Outcome:
 
 @dataclass(slots=True)
 class Lease:
-    """The message's visibility, as the processor sees it.
-
-    `lost` is set when the runtime could not extend visibility: another consumer may
-    now receive the message. Until the processor enters `protected()`, the runtime
-    cancels its task on a lost lease; inside it (sending, final update) it never does.
-    """
+    """The message's visibility, as the processor sees it. `lost` is set when the runtime could not extend it:
+    another consumer may now receive the message. Until the processor enters `protected()`, the runtime cancels
+    its task on a lost lease; inside it (sending, final update) it never does."""
 
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     _protected_depth: int = 0

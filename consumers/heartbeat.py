@@ -1,8 +1,4 @@
-"""Keeping in-flight messages invisible: the per-message lease record and the visibility heartbeat.
-
-One heartbeat per consumer extends, in ChangeMessageVisibilityBatch calls, every message whose remaining
-visibility has fallen below half the extension, never past the 12 h cap, and enforces lost leases.
-"""
+"""Keeping in-flight messages invisible: the per-message lease record and the visibility heartbeat."""
 
 from __future__ import annotations
 
@@ -14,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from consumers.batching import EntryFailure, change_visibility_batch
+from consumers.batching import change_visibility_batch
 from consumers.contracts import Lease, QueueMessage
 from consumers.metrics import ConsumerMetrics
 
@@ -38,6 +34,11 @@ class InFlight:
     finishing: asyncio.Task[None] | None = None
     cancel_requested: bool = False
 
+    def cancel(self) -> None:
+        if self.task is not None and not self.cancel_requested:
+            self.cancel_requested = True
+            self.task.cancel()
+
 
 def next_visibility_s(now: float, received_at: float, extension_s: int, max_lease_s: int) -> int:
     """Visibility to ask for at `now`: the extension, or what is left before the lease cap (0 at the cap)."""
@@ -45,7 +46,8 @@ def next_visibility_s(now: float, received_at: float, extension_s: int, max_leas
 
 
 class VisibilityHeartbeat:
-    """Extends the visibility of every tracked message before it lapses; cancels unprotected work on a lost lease.
+    """Extends each tracked message once less than half the extension is left (never past the lease cap), in
+    ChangeMessageVisibilityBatch calls; cancels unprotected work on a lost lease.
 
     An entry SQS rejects (`SenderFault`: receipt invalid or expired) loses its lease at once. A call that
     fails as a whole, or an SQS-side entry failure, is retried on the next tick while at least two ticks
@@ -76,10 +78,6 @@ class VisibilityHeartbeat:
         self._extending: set[InFlight] = set()
         self._round_done = asyncio.Event()
         self._round_done.set()
-
-    @property
-    def tracked(self) -> int:
-        return len(self._tracked)
 
     def track(self, item: InFlight) -> None:
         self._tracked.add(item)
@@ -121,7 +119,6 @@ class VisibilityHeartbeat:
                 self.cancel_unprotected(item)
 
     async def extend(self, due: list[tuple[InFlight, int]]) -> None:
-        """Set each message's visibility to its timeout from now, in batches of ten."""
         requested_at = self._clock()
         self._extending.update(item for item, _ in due)
         self._round_done.clear()
@@ -135,25 +132,22 @@ class VisibilityHeartbeat:
         for (item, timeout), failure in zip(due, results, strict=True):
             if item not in self._tracked:
                 continue
+            result = "ok" if failure is None else "failed"
+            self._metrics.visibility_extensions.labels(queue=self._queue_name, result=result).inc()
             if failure is None:
                 item.visible_until = requested_at + timeout
-                self._metrics.visibility_extensions.labels(queue=self._queue_name, result="ok").inc()
+                continue
+            remaining = item.visible_until - self._clock()
+            if failure.sender_fault or remaining < 2 * self._tick_s:
+                self.lose(item, failure.code)
             else:
-                self._metrics.visibility_extensions.labels(queue=self._queue_name, result="failed").inc()
-                self.extension_failed(item, failure)
-
-    def extension_failed(self, item: InFlight, failure: EntryFailure) -> None:
-        remaining = item.visible_until - self._clock()
-        if failure.sender_fault or remaining < 2 * self._tick_s:
-            self.lose(item, failure.code)
-        else:
-            log.warning(
-                "visibility_extension_failed",
-                queue=self._queue_name,
-                message_id=item.message.message_id,
-                code=failure.code,
-                remaining_s=round(remaining, 1),
-            )
+                log.warning(
+                    "visibility_extension_failed",
+                    queue=self._queue_name,
+                    message_id=item.message.message_id,
+                    code=failure.code,
+                    remaining_s=round(remaining, 1),
+                )
 
     def lose(self, item: InFlight, why: str) -> None:
         """The message may now reach another consumer: tell the processor, and cancel it unless protected."""
@@ -168,9 +162,5 @@ class VisibilityHeartbeat:
         self.cancel_unprotected(item)
 
     def cancel_unprotected(self, item: InFlight) -> None:
-        task = item.task
-        if task is None or task.done() or item.finishing is not None or item.cancel_requested:
-            return
-        if not item.lease.is_protected:
-            item.cancel_requested = True
-            task.cancel()
+        if item.task is not None and not item.task.done() and item.finishing is None and not item.lease.is_protected:
+            item.cancel()

@@ -1,34 +1,29 @@
 """The generic SQS consumer: one long-poll loop per queue feeding a bounded pool of worker slots.
 
-Steps, each a method named for it: poll (only for free slots), dispatch (one task per message), heartbeat
-(`consumers.heartbeat`), finish (shielded delete / visibility change / dead-letter) and drain on stop.
-
 Stopping never costs a message a receive it did not use. SQS cannot take back a ReceiveMessage: cancelling
 the call only closes our end, the long poll stays open at SQS until its WaitTimeSeconds and takes whatever
-becomes visible meanwhile (hidden for the full visibility timeout, one more receive counted; two rollouts
-during a slow AI call used to dead-letter healthy messages). So on stop:
+becomes visible meanwhile (another replica's retry whose visibility lapsed, a new message), hiding it for the
+full visibility timeout with one more receive counted; two rollouts during a slow AI call used to dead-letter
+healthy messages. So on stop:
 
-- `running` goes False at once and no new poll starts. A poller waiting for a slot or resting after a
-  failed poll has nothing open at SQS and is cancelled at once.
-- An open receive is always left to end by itself (within `wait_time_s`), also when nothing is in flight:
-  cancelling it would only close our end, and the poll SQS still holds would take what becomes visible
-  meanwhile (another replica's retry whose visibility lapsed, a new message), count a receive and hide it
-  for a visibility timeout. What it brings is handed back at once (visibility 0, never started). In
-  parallel, in-flight work drains within `grace_s`.
-- Work interrupted at stop (reason `shutdown`, visibility 0), and any retry due before the open receive
-  could end, is made visible only once no receive is outstanding (`_no_receive` set). Until then the
-  heartbeat keeps it invisible.
-- The wait is bounded: `wait_time_s + receive_margin_s` from the start of the receive (25 s by default,
-  the AWS read timeout). A receive still open then (a hung connection; a failing one with botocore's
-  retries) is cancelled as a last resort and logged (`receive_abandoned`); a receive that fails ends the
-  poller without the usual rest, so an unreachable SQS never holds stop up beyond that bound.
-- `abandon()` (an operator's second signal) stops at once instead: the open receive and all in-flight work
-  are cancelled, nothing is made visible; interrupted messages reappear when their visibility lapses.
+- No new poll starts. A poller waiting for a slot or resting after a failed poll has nothing open at SQS and
+  is cancelled at once. An open receive is left to end by itself (within `wait_time_s`), even when nothing is
+  in flight; what it brings is handed back at once (visibility 0, never started). Meanwhile in-flight work
+  drains within `grace_s`.
+- Work interrupted at stop (reason `shutdown`, visibility 0), and any retry due before the open receive could
+  end, is made visible only once no receive is outstanding (`_no_receive` set); until then the heartbeat keeps
+  it invisible.
+- The wait is bounded: `wait_time_s + receive_margin_s` from the start of the receive (25 s by default, the AWS
+  read timeout). A receive still open then (a hung connection; a failing one with botocore's retries) is
+  cancelled as a last resort (`receive_abandoned`); a receive that fails ends the poller without the usual
+  rest, so an unreachable SQS never holds stop up beyond that bound.
+- `abandon()` (an operator's second signal) cancels the open receive and all in-flight work at once and makes
+  nothing visible; interrupted messages reappear when their visibility lapses.
 
-What remains is not ours to avoid: a message made visible while the final receive is open is taken by it
-(one receive, handed back at once); only if that receive is abandoned is it also hidden for a visibility
-timeout. Stop takes up to `wait_time_s + receive_margin_s` even when idle, longer than a short `grace_s`:
-the process' termination grace must allow for it.
+Not ours to avoid: a message made visible while the final receive is open is taken by it (one receive, handed
+back at once), and hidden for a visibility timeout only if that receive is abandoned. Stop takes up to
+`wait_time_s + receive_margin_s` even when idle, longer than a short `grace_s`: the process' termination grace
+must allow for it.
 """
 
 from __future__ import annotations
@@ -40,14 +35,14 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from consumers.backoff import MAX_VISIBILITY_S, PollBackoff, retry_delay_s
 from consumers.batching import DeleteBatcher, change_visibility_batch
 from consumers.contracts import Disposition, Lease, Outcome, Processor
 from consumers.heartbeat import InFlight, VisibilityHeartbeat
 from consumers.metrics import ConsumerMetrics
-from consumers.sqs_messages import find_dead_letter_queue, resendable_attributes, to_queue_message
+from consumers.sqs_messages import find_redrive_policy, resendable_attributes, to_queue_message
 from service.aws_failures import AWS_FAILURES, error_code
 
 if TYPE_CHECKING:
@@ -72,9 +67,8 @@ class ConsumerConfig(BaseModel):
     wait_time_s: int = Field(20, ge=0, le=20, description="ReceiveMessage WaitTimeSeconds (long poll)")
     max_messages: int = Field(10, ge=1, le=10, description="Upper bound for MaxNumberOfMessages")
     visibility_timeout_s: int = Field(
-        60, ge=2, le=MAX_VISIBILITY_S, description="Visibility asked for on receive and added by each extension (N)"
+        60, ge=2, le=MAX_VISIBILITY_S, description="Visibility asked for on receive and added by each extension"
     )
-    heartbeat_interval_s: float | None = Field(None, gt=0, description="Heartbeat tick; default min(1 s, N/4)")
     max_lease_s: int = Field(MAX_VISIBILITY_S, ge=1, le=MAX_VISIBILITY_S, description="Visibility cap from receive")
     delete_flush_interval_s: float = Field(0.05, ge=0, description="Longest a finished delete waits for its batch")
     retry_base_s: float = Field(5.0, gt=0, description="Retry backoff: base * 2^(receive_count-1), jittered")
@@ -88,15 +82,9 @@ class ConsumerConfig(BaseModel):
     finish_timeout_s: float = Field(30.0, gt=0, description="Longest stop() waits for finishing SQS calls")
     dead_letter_queue_url: str | None = Field(None, description="Default: the queue's RedrivePolicy target")
 
-    @model_validator(mode="after")
-    def _heartbeat_beats_before_half_lapses(self) -> ConsumerConfig:
-        if self.heartbeat_interval_s is not None and self.heartbeat_interval_s >= self.visibility_timeout_s / 2:
-            raise ValueError("heartbeat_interval_s must be shorter than half the visibility timeout")
-        return self
-
     @property
     def heartbeat_tick_s(self) -> float:
-        return self.heartbeat_interval_s or min(1.0, self.visibility_timeout_s / 4)
+        return min(1.0, self.visibility_timeout_s / 4)  # at least two beats before half the visibility lapses
 
 
 @dataclass(slots=True)
@@ -115,9 +103,8 @@ class ConsumerCounts:
 class QueueConsumer:
     """Receives from one queue and runs `processor` on each message, at most `config.concurrency` at once.
 
-    `clock` is the lease clock (monotonic seconds): when a message was received, how long its visibility lasts
-    and its lease cap are counted on it, here and in the heartbeat. `sleep` is the poller's rest after a failed
-    poll. Stop's bounded waits (grace, protected grace, the open receive) always run on real time.
+    `clock` (monotonic seconds) times receives, visibility and the lease cap, here and in the heartbeat; `sleep`
+    is the poller's rest after a failed poll. Stop's bounded waits always run on real time.
     """
 
     def __init__(
@@ -167,8 +154,6 @@ class QueueConsumer:
         self._stopped = asyncio.Event()
         self.counts = ConsumerCounts()
 
-    # -- lifecycle -------------------------------------------------------------------------------------
-
     @property
     def queue_name(self) -> str:
         return self._queue_name
@@ -176,13 +161,8 @@ class QueueConsumer:
     @property
     def running(self) -> bool:
         """Ready: started, not stopping, poller and heartbeat alive."""
-        return (
-            self._poller is not None
-            and self._heartbeat_task is not None
-            and not self._stopping
-            and not self._poller.done()
-            and not self._heartbeat_task.done()
-        )
+        tasks = (self._poller, self._heartbeat_task)
+        return not self._stopping and all(task is not None and not task.done() for task in tasks)
 
     @property
     def ongoing(self) -> int:
@@ -197,7 +177,7 @@ class QueueConsumer:
         if self._poller is not None:
             raise RuntimeError(f"consumer for {self._queue_name} already started")
         if self._dead_letter_url is None:
-            self._dead_letter_url = await find_dead_letter_queue(self._sqs, self._queue_url)
+            self._dead_letter_url = (await find_redrive_policy(self._sqs, self._queue_url)).dead_letter_url
         if self._dead_letter_url is None:
             log.warning("no_dead_letter_queue", queue=self._queue_name)
         self._heartbeat_task = asyncio.create_task(self._heartbeat.run(), name=f"heartbeat:{self._queue_name}")
@@ -224,7 +204,12 @@ class QueueConsumer:
                 await self.drain(grace_s)
             finally:
                 await polling
-            await self.settle_finishing()
+            pending = self._finishing | self._returns  # shielded finishing steps and returns
+            if pending:
+                _, late = await asyncio.wait(pending, timeout=self._config.finish_timeout_s)
+                if late:
+                    log.error("finishing_timed_out", queue=self._queue_name, pending=len(late))
+            await self._deletes.close()
         finally:
             if self._heartbeat_task is not None:
                 self._heartbeat_task.cancel()
@@ -233,17 +218,12 @@ class QueueConsumer:
             log.info("consumer_stopped", queue=self._queue_name, ongoing=self.ongoing, **asdict(self.counts))
 
     async def stop_polling(self) -> None:
-        """Start no new poll; let an open receive end by itself, within `wait_time_s + receive_margin_s`.
-
-        A poller with no receive open (waiting for a slot, resting after a failure) is cancelled at once. One
-        whose receive outlives the bound is cancelled as a last resort: SQS may still hold that receive open.
-        """
+        """Cancel the poller at once unless a receive is open; an open one may end by itself until
+        `wait_time_s + receive_margin_s` from its start, and is cancelled only as a last resort."""
         poller = self._poller
         if poller is None or poller.done():
             return
-        if self._no_receive.is_set():
-            poller.cancel()
-        else:
+        if not self._no_receive.is_set():
             await asyncio.wait({poller}, timeout=max(0.0, self._receive_deadline - time.monotonic()))
             if not poller.done():
                 log.warning(
@@ -253,15 +233,11 @@ class QueueConsumer:
                     margin_s=self._config.receive_margin_s,
                     waiting_to_return=len(self._after_poll_end),
                 )
-                poller.cancel()
+        poller.cancel()
         await asyncio.wait({poller})
 
     def abandon(self) -> None:
-        """Stop at once (an operator's second signal): cancel the poll and all in-flight work, make nothing visible.
-
-        SQS keeps a cancelled receive open until its wait is over; interrupted messages reappear only when their
-        visibility lapses, so that receive cannot take them. Safe to call more than once.
-        """
+        """Stop at once, making nothing visible: the cancelled receive stays open at SQS and would take it."""
         if self._abandoned:
             return
         self._abandoned = True
@@ -271,56 +247,33 @@ class QueueConsumer:
                 log.warning("receive_abandoned", queue=self._queue_name, reason="abandon")
             self._poller.cancel()
         for item in list(self._in_flight.values()):
-            self.cancel(item)
+            item.cancel()
 
     async def drain(self, grace_s: float) -> None:
-        """Wait for in-flight work up to `grace_s`; cancel what is unprotected, give protected work a bounded while."""
+        """Wait for in-flight work up to `grace_s`, then cancel what is outside `lease.protected()` (again each
+        tick as protection ends); protected work gets `protected_grace_s` before it is cancelled too."""
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=grace_s)
-        await self.cancel_unprotected_work(self._config.protected_grace_s)
-        self.cancel_protected_work()
-        if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=self._config.finish_timeout_s)
-
-    async def cancel_unprotected_work(self, protected_grace_s: float) -> None:
-        """Cancel every task outside `lease.protected()`, again each tick as protection ends, until none run."""
-        deadline = time.monotonic() + protected_grace_s
+        deadline = time.monotonic() + self._config.protected_grace_s
         while self._in_flight:
             for item in list(self._in_flight.values()):
                 if not item.lease.is_protected:
-                    self.cancel(item)
+                    item.cancel()
             left = deadline - time.monotonic()
             if left <= 0:
-                return
+                break
             await asyncio.wait(set(self._in_flight), timeout=min(left, self._config.heartbeat_tick_s))
-
-    def cancel_protected_work(self) -> None:
         protected = [item for item in self._in_flight.values() if not item.cancel_requested]
         if protected:
             log.warning("cancelling_protected_work", queue=self._queue_name, count=len(protected))
         for item in protected:
-            self.cancel(item)
-
-    @staticmethod
-    def cancel(item: InFlight) -> None:
-        if item.task is not None and not item.cancel_requested:
-            item.cancel_requested = True
-            item.task.cancel()
-
-    async def settle_finishing(self) -> None:
-        """Wait (bounded) for shielded finishing steps and returns, then flush pending deletes."""
-        pending = self._finishing | self._returns
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=self._config.finish_timeout_s)
-            if late:
-                log.error("finishing_timed_out", queue=self._queue_name, pending=len(late))
-        await self._deletes.close()
+            item.cancel()
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=self._config.finish_timeout_s)
 
     def _poller_ended(self, poller: asyncio.Task[None]) -> None:
         if not poller.cancelled() and poller.exception() is not None:
             log.error("poller_died", queue=self._queue_name, exc_info=poller.exception())
-
-    # -- poll and dispatch -----------------------------------------------------------------------------
 
     async def poll(self) -> None:
         """Long-poll while running, asking for no more messages than there are free worker slots."""
@@ -338,16 +291,14 @@ class QueueConsumer:
                 raise
             except Exception as exc:
                 self.release_slots(reserved)
+                code = error_code(exc) or type(exc).__name__
                 if self._stopping:
-                    log.warning("poll_failed", queue=self._queue_name, code=error_code(exc) or type(exc).__name__)
+                    log.warning("poll_failed", queue=self._queue_name, code=code)
                     return
                 delay = backoff.next_delay_s()
+                exc_info = not isinstance(exc, AWS_FAILURES)
                 log.warning(
-                    "poll_failed",
-                    queue=self._queue_name,
-                    code=error_code(exc) or type(exc).__name__,
-                    retry_in_s=round(delay, 2),
-                    exc_info=not isinstance(exc, AWS_FAILURES),
+                    "poll_failed", queue=self._queue_name, code=code, retry_in_s=round(delay, 2), exc_info=exc_info
                 )
                 await self._sleep(delay)
                 continue
@@ -375,9 +326,7 @@ class QueueConsumer:
 
     async def receive(self, count: int) -> list[MessageTypeDef]:
         """One long poll for up to `count` messages; if cancelled after SQS answered, the answer goes back.
-
-        `_no_receive` is clear while the call is open, so stop() can hold back visibility changes until it ends.
-        """
+        `_no_receive` is clear while the call is open, so stop() can hold back visibility changes until it ends."""
         self._no_receive.clear()
         self._receive_deadline = time.monotonic() + self._config.wait_time_s + self._config.receive_margin_s
         request = asyncio.create_task(
@@ -393,7 +342,6 @@ class QueueConsumer:
         try:
             answer = await request
         except asyncio.CancelledError:
-            self._no_receive.set()
             if request.done() and not request.cancelled() and request.exception() is None:
                 self.return_unstarted(request.result().get("Messages", []))
             raise
@@ -425,48 +373,38 @@ class QueueConsumer:
         if not messages:
             return
         self.counts.returned += len(messages)
-        changes = [(raw.get("ReceiptHandle", ""), 0) for raw in messages]
-        ids = [raw.get("MessageId", "") for raw in messages]
-        returning = asyncio.create_task(self._make_visible_now(changes, ids), name=f"return:{self._queue_name}")
+        returning = asyncio.create_task(self._make_visible_now(messages), name=f"return:{self._queue_name}")
         self._returns.add(returning)
         returning.add_done_callback(self._returns.discard)
 
-    async def _make_visible_now(self, changes: list[tuple[str, int]], message_ids: list[str]) -> None:
+    async def _make_visible_now(self, messages: Sequence[MessageTypeDef]) -> None:
+        changes = [(raw.get("ReceiptHandle", ""), 0) for raw in messages]
         results = await change_visibility_batch(self._sqs, self._queue_url, changes)
-        for message_id, failure in zip(message_ids, results, strict=True):
+        for raw, failure in zip(messages, results, strict=True):
             log.info(
                 "message_returned",
                 queue=self._queue_name,
-                message_id=message_id,
+                message_id=raw.get("MessageId", ""),
                 result="visible" if failure is None else failure.code,
             )
 
-    # -- one message -----------------------------------------------------------------------------------
-
     async def run_message(self, item: InFlight) -> None:
-        """Process, then finish in a shielded step that a cancellation cannot interrupt.
-
-        The task (and its slot) lasts until the finish is done, except for a finish that waits for the open
-        receive to end at stop: that one is left to `settle_finishing`, so the drain is not held up by it.
-        """
+        """Process, then finish in a shielded step; the task (and its slot) lasts until the finish is done, except
+        for one waiting for the open receive to end at stop: stop() waits for that one after the drain."""
         started = time.perf_counter()
         outcome: Outcome | None = None
         try:
-            outcome = await self.process(item)
+            outcome = await self._processor.process(item.message, item.lease)
+        except Exception:
+            self.counts.failed += 1
+            log.error("processor_raised", queue=self._queue_name, message_id=item.message.message_id, exc_info=True)
+            outcome = Outcome.retry(UNHANDLED_ERROR)
         finally:
             if outcome is None:
                 outcome = self.abandoned_outcome(item)
             finishing = self.finish_soon(item, outcome, time.perf_counter() - started)
             if item not in self._after_poll_end:
                 await asyncio.shield(finishing)
-
-    async def process(self, item: InFlight) -> Outcome:
-        try:
-            return await self._processor.process(item.message, item.lease)
-        except Exception:
-            self.counts.failed += 1
-            log.error("processor_raised", queue=self._queue_name, message_id=item.message.message_id, exc_info=True)
-            return Outcome.retry(UNHANDLED_ERROR)
 
     def abandoned_outcome(self, item: InFlight) -> Outcome:
         """What a cancelled message's finish does: nothing after a lost lease, else visible again at once."""
@@ -489,18 +427,12 @@ class QueueConsumer:
         return item.finishing
 
     def would_be_taken_by_open_receive(self, item: InFlight, outcome: Outcome) -> bool:
-        """Stopping, a receive is open, and this finish would make the message visible before it can end.
-
-        Such a receive is never followed by processing (it is handed back at once), so the message would pay
-        a receive for nothing and, if that receive is abandoned, wait out a whole visibility timeout.
-        A retry without a fixed delay uses the backoff, which may be shorter: it waits too.
-        """
+        """Stopping, a receive is open, and this retry (a backoff one may be short) would be visible before it ends:
+        that receive would take the message for nothing, and if abandoned hide it for a visibility timeout."""
         if self._abandoned or not self._stopping or self._no_receive.is_set():
             return False
-        if outcome.disposition is not Disposition.RETRY:
-            return False
-        if item.lease.lost.is_set():
-            return False  # nothing will be changed: the message reappears when its visibility lapses
+        if outcome.disposition is not Disposition.RETRY or item.lease.lost.is_set():
+            return False  # after a lost lease nothing is changed: the message reappears when its visibility lapses
         delay = outcome.retry_delay_s
         return delay is None or delay <= self._receive_deadline - time.monotonic()
 
@@ -510,8 +442,6 @@ class QueueConsumer:
         self._metrics.in_flight.labels(queue=self._queue_name).dec()
         if item.finishing is None:  # cancelled before it ever ran
             self.finish_soon(item, self.abandoned_outcome(item), 0.0)
-
-    # -- finish ------------------------------------------------------------------------------------------
 
     async def finish(self, item: InFlight, outcome: Outcome, duration_s: float) -> None:
         """Stop the heartbeat for it, settle it on SQS by disposition, count and log one line."""
@@ -525,7 +455,8 @@ class QueueConsumer:
                     self._after_poll_end.discard(item)
             await self._heartbeat.forget(item)
             if outcome.disposition is Disposition.DONE:
-                settled = await self.delete(item)
+                deleted = await self._deletes.delete(item.message.message_id, item.message.receipt_handle)
+                settled = {"sqs": "deleted" if deleted else "delete_failed"}
             elif outcome.disposition is Disposition.DEAD_LETTER:
                 settled = await self.dead_letter(item)
             else:
@@ -536,10 +467,6 @@ class QueueConsumer:
         if waited_for_poll_end:
             settled["after_poll_end"] = True
         self.record(item, outcome, duration_s, settled)
-
-    async def delete(self, item: InFlight) -> dict[str, Any]:
-        deleted = await self._deletes.delete(item.message.message_id, item.message.receipt_handle)
-        return {"sqs": "deleted" if deleted else "delete_failed"}
 
     async def retry_later(self, item: InFlight, outcome: Outcome) -> dict[str, Any]:
         """Make the message visible after the processor's delay, or a backoff from its receive count."""
@@ -571,9 +498,7 @@ class QueueConsumer:
             return {"sqs": "no_dead_letter_queue"}
         try:
             sent = await self._sqs.send_message(
-                QueueUrl=self._dead_letter_url,
-                MessageBody=item.message.body,
-                MessageAttributes=item.message_attributes,
+                QueueUrl=self._dead_letter_url, MessageBody=item.message.body, MessageAttributes=item.message_attributes
             )
         except AWS_FAILURES as exc:
             log.error(

@@ -1,7 +1,5 @@
-"""SQS wire shapes and the contract's: a received message as a `QueueMessage`, its attributes for resending.
-
-Also reads a queue's RedrivePolicy: its dead-letter queue and how many receives it allows.
-"""
+"""SQS wire shapes and the contract's: a received message as a `QueueMessage`, its attributes for resending,
+and a queue's RedrivePolicy."""
 
 from __future__ import annotations
 
@@ -16,26 +14,19 @@ from service.aws_failures import AWS_FAILURES, error_code
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
-    from types_aiobotocore_sqs.type_defs import (
-        MessageAttributeValueOutputTypeDef,
-        MessageAttributeValueTypeDef,
-        MessageTypeDef,
-    )
+    from types_aiobotocore_sqs.type_defs import MessageAttributeValueTypeDef, MessageTypeDef
 
 log = structlog.get_logger(__name__)
 
 
-def _message_attributes(raw: MessageTypeDef) -> list[tuple[str, MessageAttributeValueOutputTypeDef]]:
-    return list(raw.get("MessageAttributes", {}).items())
-
-
 def to_queue_message(raw: MessageTypeDef) -> QueueMessage:
     system = raw.get("Attributes", {})
+    message_attributes = raw.get("MessageAttributes", {})
     return QueueMessage(
         message_id=raw.get("MessageId", ""),
         receipt_handle=raw.get("ReceiptHandle", ""),
         body=raw.get("Body", ""),
-        attributes={name: value["StringValue"] for name, value in _message_attributes(raw) if "StringValue" in value},
+        attributes={name: value["StringValue"] for name, value in message_attributes.items() if "StringValue" in value},
         receive_count=int(system.get("ApproximateReceiveCount", "1")),
         sent_at=int(system.get("SentTimestamp", "0")) / 1000,
     )
@@ -44,7 +35,7 @@ def to_queue_message(raw: MessageTypeDef) -> QueueMessage:
 def resendable_attributes(raw: MessageTypeDef) -> dict[str, MessageAttributeValueTypeDef]:
     """The message attributes as SendMessage accepts them (type and string or binary value)."""
     attributes: dict[str, MessageAttributeValueTypeDef] = {}
-    for name, value in _message_attributes(raw):
+    for name, value in raw.get("MessageAttributes", {}).items():
         copy: MessageAttributeValueTypeDef = {"DataType": value["DataType"]}
         if "StringValue" in value:
             copy["StringValue"] = value["StringValue"]
@@ -75,12 +66,15 @@ async def find_redrive_policy(sqs: SQSClient, queue_url: str) -> RedrivePolicy:
     policy = answer.get("Attributes", {}).get("RedrivePolicy")
     if not policy:
         return NO_REDRIVE_POLICY
-    parsed = orjson.loads(policy)
-    arn = str(parsed["deadLetterTargetArn"])  # arn:aws:sqs:<region>:<account>:<name>
-    _, _, _, _, account, name = arn.split(":", 5)
+    try:  # a policy that cannot be read is no policy (callers fall back to `<name>-dlq`), never a crash
+        parsed = orjson.loads(policy)
+        count = parsed.get("maxReceiveCount")
+        max_receives = int(count) if count is not None else None
+        _, _, _, _, account, name = str(parsed["deadLetterTargetArn"]).split(":", 5)  # arn:aws:sqs:<r>:<acct>:<n>
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        return NO_REDRIVE_POLICY
     url = (await sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account))["QueueUrl"]
-    count = parsed.get("maxReceiveCount")
-    return RedrivePolicy(url, int(count) if count is not None else None)
+    return RedrivePolicy(url, max_receives)
 
 
 async def read_redrive_policy(sqs: SQSClient, queue_url: str, queue: str) -> RedrivePolicy:
@@ -91,8 +85,3 @@ async def read_redrive_policy(sqs: SQSClient, queue_url: str, queue: str) -> Red
     except AWS_FAILURES as exc:
         log.warning("redrive_policy_unreadable", queue=queue, code=error_code(exc) or type(exc).__name__)
         return NO_REDRIVE_POLICY
-
-
-async def find_dead_letter_queue(sqs: SQSClient, queue_url: str) -> str | None:
-    """The URL of the queue's redrive target (RedrivePolicy deadLetterTargetArn), None without a policy."""
-    return (await find_redrive_policy(sqs, queue_url)).dead_letter_url

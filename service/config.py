@@ -108,13 +108,9 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _read_timeout_covers_long_poll(self) -> Settings:
+    def _timeouts_fit_together(self) -> Settings:
         if self.aws_read_timeout_s <= 20:
             raise ValueError("aws_read_timeout_s must exceed the 20 s SQS long-poll wait")
-        return self
-
-    @model_validator(mode="after")
-    def _duplicate_wait_within_deadline(self) -> Settings:
         # A waiting duplicate must be able to answer 409 itself before the request deadline answers 503.
         if self.duplicate_wait_s >= self.request_deadline_s:
             raise ValueError("duplicate_wait_s must be shorter than request_deadline_s")
@@ -127,13 +123,8 @@ class Settings(BaseSettings):
 
     def queue_url(self, channel: str) -> str | None:
         """The SQS queue URL of a channel (or of `replies` / `handoff`), or None when it is not configured."""
-        return {
-            "whatsapp": self.whatsapp_queue_url,
-            "sms": self.sms_queue_url,
-            "email": self.email_queue_url,
-            "replies": self.replies_queue_url,
-            "handoff": self.handoff_queue_url,
-        }.get(channel)
+        url: str | None = getattr(self, f"{channel}_queue_url", None)
+        return url
 
     @property
     def claim_lease_s(self) -> float:

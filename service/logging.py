@@ -58,9 +58,7 @@ def _redact(value: Any, key: str = "") -> Any:
 
 
 def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in list(event):
-        if key in ("timestamp", "level", "logger"):
-            continue
+    for key in event.keys() - {"timestamp", "level", "logger"}:
         event[key] = _redact(event[key], key)
     return event
 
@@ -91,10 +89,10 @@ class _StreamLogger:
 
 def configure_logging(level: str = "INFO", *, to_stderr: bool = False) -> None:
     """JSON lines on stdout (the service), or on stderr (operator commands, whose stdout is data)."""
-    stream = sys.stderr if to_stderr else sys.stdout
-    logging.basicConfig(format="%(message)s", stream=stream, level=getattr(logging, level))
+    numeric_level = getattr(logging, level)
+    logging.basicConfig(format="%(message)s", stream=sys.stderr if to_stderr else sys.stdout, level=numeric_level)
     for name in _CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.WARNING, getattr(logging, level)))
+        logging.getLogger(name).setLevel(max(logging.WARNING, numeric_level))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -104,7 +102,7 @@ def configure_logging(level: str = "INFO", *, to_stderr: bool = False) -> None:
             redact_event,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=lambda *_: _StreamLogger(to_stderr),
         cache_logger_on_first_use=True,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -34,7 +34,3 @@ class ApiMetrics:
         self.errors = Counter(
             "comms_api_errors_total", "API error responses by error code", ["error_code"], registry=registry
         )
-
-
-def render(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)

@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, S
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
+from service.adapters.aws import conversation_codec as codec
 from service.domain.claims import (
     REPLYABLE_STATUSES,
     Claim,
@@ -51,7 +52,6 @@ from service.domain.claims import (
 )
 from service.domain.company import CompanyRecord
 from service.domain.conversation import (
-    AiProfile,
     ConversationKey,
     ConversationRecord,
     ConversationStatus,
@@ -604,25 +604,6 @@ class HeldStatus:
     at: str
 
 
-def message_element(message: Message) -> dict[str, Any]:
-    """A `messages` element as stored (SPEC §5): token counts flat on it, the delivery state when known."""
-    element: dict[str, Any] = {
-        "message_id": message.message_id,
-        "timestamp": message.timestamp,
-        "role": message.role,
-        "content": message.content,
-    }
-    if message.usage is not None:
-        element |= {
-            "prompt_tokens": message.usage.prompt_tokens,
-            "completion_tokens": message.usage.completion_tokens,
-            "total_tokens": message.usage.total_tokens,
-        }
-    if message.delivery_status is not None:
-        element["delivery_status"] = message.delivery_status
-    return element
-
-
 # Bookkeeping a write stores as an attribute of its own (and so shows in `shared_fields`).
 NOTED_ATTRIBUTES = ("processing_time_ms", "hand_off_reason", "opted_out_at", "status_before_reply")
 
@@ -671,7 +652,7 @@ class FakeConversationTable:
             "primary_channel": record.key.primary_channel,
             "conversation_id": record.key.conversation_id,
             "conversation_status": record.status.value,
-            "messages": [message_element(m) for m in record.messages],
+            "messages": [codec.message_element(m) for m in record.messages],
             "send_state": record.ledger.state.value,
             "created_at": record.created_at,
             "updated_at": record.updated_at,
@@ -788,62 +769,18 @@ class FakeConversationTable:
         self.write(self.records[key], touch=False)
 
 
-def created_fields(new: NewConversation, created_at: str) -> dict[str, Any]:
-    """What the first claim stores from the NewConversation (SPEC §5), configuration left out as in
-    `shared_fields`."""
-    recipient = new.recipient
-    fields: dict[str, Any] = {
-        "request_id": new.request_id,
-        "channel_method": new.channel,
-        "company_id": new.company_id,
-        "project_id": new.project_id,
-        "company_name": new.company_name,
-        "project_name": new.project_name,
-        "company_rep": dict(new.company_rep),
-        "recipient_first_name": recipient.get("recipient_first_name"),
-        "recipient_last_name": recipient.get("recipient_last_name"),
-        "recipient_tel": recipient.get("recipient_tel"),
-        "recipient_email": recipient.get("recipient_email"),
-        "comms_consent": recipient.get("comms_consent"),
-        "project_data": dict(new.project_data),
-        "router_version": new.router_version,
-        "processor_version": new.processor_version,
-        "trace_id": new.trace_id,
-        "task_complete": 0,
-        "hand_off_to_human": False,
-        "created_at": created_at,
-        "gsi_company_email" if new.channel == "email" else f"gsi_company_{new.channel}_number": new.company_address,
-        "gsi_recipient_email" if new.channel == "email" else "gsi_recipient_tel": new.key.primary_channel,
-    }
-    return {name: value for name, value in fields.items() if value is not None}
-
-
 def record_from_new(new: NewConversation, owner: str, lease_until: float, created_at: str) -> ConversationRecord:
-    """The record the template sender's first claim creates (PROCESSING, claimed by `owner`)."""
-    ai_config = new.ai_config or {}
-    channel_config = new.channel_config or {}
-    credentials_id = channel_config.get(f"{new.channel}_credentials_id")
-    replies = ai_config.get("replies")
-    reference = ai_config.get("api_key_reference")
-    return ConversationRecord(
-        key=new.key,
-        status=ConversationStatus.PROCESSING,
-        channel=new.channel,
-        company_id=new.company_id,
-        project_id=new.project_id,
-        created_at=created_at,
-        company_address=new.company_address,
-        credentials_id=credentials_id if isinstance(credentials_id, str) and credentials_id else None,
-        ai=AiProfile(
-            api_key_reference=reference if isinstance(reference, str) else None,
-            model=str(ai_config.get("model") or "gpt-4.1-mini"),
-            reply_instructions=str(replies.get("instructions") or "") if isinstance(replies, Mapping) else "",
-            background=ai_config.get("mode") == "background",
-        ),
-        claim=Lease(owner, lease_until),
-        shared_fields=created_fields(new, created_at),
-        updated_at=created_at,
-    )
+    """The record the template sender's first claim creates (PROCESSING, claimed by `owner`), through the
+    adapter's own codec, so the fakes store exactly what DynamoDB would."""
+    item = {
+        **codec.new_conversation_fields(new, created_at),
+        **codec.item_fields(new.key),
+        codec.STATUS: ConversationStatus.PROCESSING.value,
+        "claim_owner": owner,
+        "claim_expires_at": lease_until,
+        "updated_at": created_at,
+    }
+    return codec.record_from_item(item)
 
 
 class FakeConversationClaims(FakePort):

@@ -68,7 +68,7 @@ def test_show_finds_a_conversation_by_its_id_alone(cli):
     assert result.json == record
 
 
-def test_show_json_leaves_out_the_configuration(cli):
+def test_show_json_prints_every_stored_attribute_configuration_included(cli):
     record = conversation(
         unique("ci-conv"), "sms", "processing", "2026-01-02T10:00:00.000Z", channel_config={"sms_credentials_id": "x"}
     )
@@ -77,7 +77,7 @@ def test_show_json_leaves_out_the_configuration(cli):
     result = cli("conversation", "show", record["conversation_id"], "--json")
 
     assert result.code == 0, result.err
-    assert result.json == {name: value for name, value in record.items() if name != "channel_config"}
+    assert result.json == record
 
 
 def test_show_with_the_recipient_reads_the_record_directly(cli):

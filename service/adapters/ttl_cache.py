@@ -17,12 +17,7 @@ V = TypeVar("V")
 
 
 class TtlCache(Generic[K, V]):
-    def __init__(
-        self,
-        ttl_s: float,
-        max_entries: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, ttl_s: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._clock = clock

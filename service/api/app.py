@@ -60,11 +60,7 @@ class JsonErrorRequestHandler(RequestHandler):
         self._error_headers = error_headers
 
     def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
         if isinstance(exc, LineTooLong):
             status = 431  # the parser reports every refusal as 400
@@ -81,19 +77,11 @@ class JsonErrorRequestHandler(RequestHandler):
 
 
 class JsonErrorServer(web.Server):
-    """`web.Server` whose connections are `JsonErrorRequestHandler`s."""
-
-    def __init__(self, handler: Any, *, error_headers: dict[str, str], **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.error_headers = error_headers
-
-    def __call__(self) -> RequestHandler:
-        return JsonErrorRequestHandler(self, loop=self._loop, error_headers=self.error_headers, **self._kwargs)
+    def __call__(self) -> RequestHandler:  # its kwargs carry the handler's `error_headers`
+        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class ServiceRunner(web.AppRunner):
-    """`web.AppRunner` serving the app through a `JsonErrorServer`."""
-
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # app start-up, then aiohttp's own server for the app
         return JsonErrorServer(
@@ -106,5 +94,4 @@ class ServiceRunner(web.AppRunner):
 
 
 def make_runner(app: web.Application, *, shutdown_timeout: float = 5.0) -> web.AppRunner:
-    """The runner the service (service/runner.py) and the tests serve `app` with."""
     return ServiceRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)

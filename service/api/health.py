@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from service.api.responses import json_response
 from service.api.state import DEPS
-from service.metrics import render
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -23,4 +23,4 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=render(request.app[DEPS].registry), content_type="text/plain", charset="utf-8")
+    return web.Response(body=generate_latest(request.app[DEPS].registry), content_type="text/plain", charset="utf-8")

@@ -10,17 +10,9 @@ from service.domain.initiate import E164_PATTERN, SUPPORTED_CHANNELS, UUID4_PATT
 _JSON = "application/json"
 
 
-def _codes_with_status(status: int) -> list[str]:
-    return [code.value for code in ErrorCode if code.http_status == status]
-
-
 def _error_response(description: str, status: int) -> dict[str, Any]:
-    schema = {
-        "allOf": [
-            {"$ref": "#/components/schemas/ErrorBody"},
-            {"properties": {"error_code": {"enum": _codes_with_status(status)}}},
-        ]
-    }
+    codes = [code.value for code in ErrorCode if code.http_status == status]
+    schema = {"allOf": [{"$ref": "#/components/schemas/ErrorBody"}, {"properties": {"error_code": {"enum": codes}}}]}
     return {"description": description, "content": {_JSON: {"schema": schema}}}
 
 

@@ -9,11 +9,6 @@ from aiohttp import web
 
 from service.domain.errors import ErrorCode
 
-
-def _dumps(data: Any) -> str:
-    return orjson.dumps(data).decode()
-
-
 CORS_METHODS = "OPTIONS,POST"
 CORS_HEADERS = "Content-Type,X-Amz-Date,Authorization,X-Api-Key,X-Amz-Security-Token"
 
@@ -44,23 +39,18 @@ def cors_headers(allow_origin: str) -> dict[str, str]:
     }
 
 
-def code_for_status(status: int) -> ErrorCode:
-    """The error code of an HTTP-level refusal: by status; other 4xx INVALID_REQUEST, 5xx INTERNAL_ERROR."""
-    if status in _CODE_BY_STATUS:
-        return _CODE_BY_STATUS[status]
-    return ErrorCode.INTERNAL_ERROR if status >= 500 else ErrorCode.INVALID_REQUEST
-
-
 def http_error_response(status: int, request_id: str, headers: dict[str, str] | None = None) -> web.Response:
-    """The SPEC §2 body for an HTTP-level refusal with this status, with a fixed message."""
-    code = code_for_status(status)
+    """The SPEC §2 body for an HTTP-level refusal with this status, with a fixed message.
+    Statuses without their own code: other 4xx INVALID_REQUEST, 5xx INTERNAL_ERROR."""
+    default = ErrorCode.INTERNAL_ERROR if status >= 500 else ErrorCode.INVALID_REQUEST
+    code = _CODE_BY_STATUS.get(status, default)
     response = error_response(code, _MESSAGES.get(code, "request refused"), request_id, status=status)
     response.headers.update(headers or {})
     return response
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+    return web.json_response(data, status=status, headers=headers, dumps=lambda value: orjson.dumps(value).decode())
 
 
 def error_response(

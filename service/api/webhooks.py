@@ -16,6 +16,7 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
+from service.api.middleware import RETRY_AFTER_S
 from service.api.responses import error_response
 from service.api.state import DEPS, REQUEST_ID
 from service.domain.errors import DependencyUnavailable, ErrorCode
@@ -26,7 +27,6 @@ log = structlog.get_logger(__name__)
 
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 SIGNATURE_HEADER = "X-Twilio-Signature"
-RETRY_AFTER_S = 5
 _UNAVAILABLE_CODES = {"dynamodb": ErrorCode.DATABASE_ERROR, "sqs": ErrorCode.QUEUE_ERROR}
 
 

@@ -1,8 +1,9 @@
 """Every claim of the service as a pure decision over one leased-record shape (`Lease`).
 
-Each claim is one conditional write in its adapter whose condition is the "take" rows below; a refused write
-returns the record that refused it, and the same function here says what the refusal means. So the state
-machine lives once, here, tested row by row (tests/unit/test_claim_rules.py); adapters only mirror the condition.
+Each claim is a conditional write in its adapter whose condition is the "take" rows below (the template claim:
+a create, then a takeover only when the record exists); a refused write returns the record that refused it, and
+the same function here says what the refusal means. So the state machine lives once, here, tested row by row
+(tests/unit/test_claim_rules.py); adapters only mirror the condition.
 
 Request idempotency (idempotency table, one record per company#project#request_id; "same body" compares the
 SHA-256 `body_fingerprint` a claim stores; a record without one matches any body):

@@ -1,15 +1,15 @@
 """The conversation (SPEC §5) as the domain sees it: identity, statuses and the typed record.
 
 Only the DynamoDB adapter (`service.adapters.aws.conversation_codec` and the stores built on it) knows how a
-record is stored: attribute names, index names, status strings, lease fields. Everything else reads and writes
-these types (tests/test_architecture.py holds every other module to that).
+record is stored: attribute names, index names, lease fields; the status values are defined here, once.
+Everything else reads and writes these types (tests/test_architecture.py holds every other module to that).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -113,6 +113,10 @@ class TemplateDraft:
     usage: TokenUsage
     attempted_at: float
 
+    def attempted_again(self, at: float) -> TemplateDraft:
+        """The same content, attempted anew at `at` (a reconcile found the earlier attempt never sent)."""
+        return replace(self, attempted_at=at)
+
 
 @dataclass(frozen=True, slots=True)
 class ReplyAttempt:
@@ -125,6 +129,10 @@ class ReplyAttempt:
     usage: TokenUsage
     thread_id: str
     attempted_at: float
+
+    def attempted_again(self, at: float) -> ReplyAttempt:
+        """The same reply, attempted anew at `at` (a reconcile found the earlier attempt never sent)."""
+        return replace(self, attempted_at=at)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,9 +33,6 @@ class SendOutcomeUnknown(TransientProviderError):
     """The send request may have reached the provider (timeout, dropped connection after writing)."""
 
 
-# ---- secrets ---------------------------------------------------------------------------------
-
-
 # ---- AI ----------------------------------------------------------------------------------------
 
 

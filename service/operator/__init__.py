@@ -23,31 +23,25 @@ from service.operator.output import Context, OperatorError, Output, classify_fai
 
 __all__ = ["COMMANDS", "execute", "register", "run"]
 
-Handler = Callable[[argparse.Namespace, Context], Awaitable[int]]
-
 _MODULES = (companies, secrets, apikeys, dlq, conversations)
-_FAILURES: tuple[type[Exception], ...] = (*AWS_FAILURES, DependencyUnavailable)
+_FAILURES: tuple[type[Exception], ...] = (OperatorError, *AWS_FAILURES, DependencyUnavailable)
 COMMANDS = frozenset({"company", "secrets", "apikey", "dlq", "conversation"})
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add every operator command to the `comms` sub-command parser."""
     for module in _MODULES:
         module.register(commands)
 
 
 async def execute(args: argparse.Namespace, settings: Settings) -> int:
     """Run the parsed command; every failure becomes a message on stderr and an exit code."""
-    handler: Handler = args.handler
+    handler: Callable[[argparse.Namespace, Context], Awaitable[int]] = args.handler
     try:
         async with AsyncExitStack() as stack:
             aws = await open_aws_clients(settings, stack)
-            return await handler(args, Context(settings, aws, Output(json_mode=getattr(args, "json", False))))
-    except OperatorError as exc:
-        print_error(exc.message)
-        return exc.exit_code
+            return await handler(args, Context(settings, aws, Output()))
     except _FAILURES as exc:
-        failure = classify_failure(exc)
+        failure = exc if isinstance(exc, OperatorError) else classify_failure(exc)
         print_error(failure.message)
         return failure.exit_code
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass
 
 from service.adapters.aws.api_key_admin import REVOKED, StoredApiKey
 from service.adapters.aws.api_key_store import ACTIVE
@@ -16,16 +15,6 @@ from service.domain.api_keys import issue_key, parse_key
 from service.domain.ports import ApiKeyRecord
 from service.domain.timefmt import utc_iso
 from service.operator.output import Context, NotFound, Refused
-
-
-@dataclass(frozen=True, slots=True)
-class _Revocation:
-    """What `revoke --json` prints."""
-
-    key_id: str
-    revoked_at: str
-    already_revoked: bool
-    status: str = REVOKED
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,15 +72,9 @@ async def issue_api_key(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def _key_id(given: str) -> str:
-    parsed = parse_key(given)
-    if parsed:
-        return parsed.key_id
-    return given.strip().removeprefix("mce_").split("_", 1)[0]
-
-
 async def revoke_api_key(args: argparse.Namespace, ctx: Context) -> int:
-    key_id = _key_id(args.key_id)
+    parsed = parse_key(args.key_id)  # the whole key, or only its id
+    key_id = parsed.key_id if parsed else args.key_id.strip().removeprefix("mce_").split("_", 1)[0]
     store = ctx.api_keys
     stamp = utc_iso(time.time())
     already = not await store.revoke(key_id, args.company_id, args.project_id, stamp)
@@ -103,7 +86,7 @@ async def revoke_api_key(args: argparse.Namespace, ctx: Context) -> int:
             raise Refused(f"key {key_id} changed while revoking it; run the command again")
         stamp = stored.revoked_at or "-"
     if args.json:
-        ctx.out.json(asdict(_Revocation(key_id, stamp, already)))
+        ctx.out.json({"key_id": key_id, "revoked_at": stamp, "already_revoked": already, "status": REVOKED})
     elif already:
         ctx.out.line(f"key {key_id} was already revoked at {stamp}")
     else:

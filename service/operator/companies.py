@@ -74,15 +74,14 @@ def _identity_arguments(parser: argparse.ArgumentParser, *, required: bool) -> N
 
 def validate_company(data: dict[str, Any]) -> tuple[CompanyRecord, list[str]]:
     """The record, and warnings; `Refused` listing every problem when it cannot be stored."""
-    problems: list[str] = []
     try:
         record = CompanyRecord.model_validate(data)
     except ValidationError as exc:
-        problems += [f"{'.'.join(str(p) for p in err['loc']) or 'record'}: {err['msg']}" for err in exc.errors()]
-        raise Refused("invalid company record: " + "; ".join(problems)) from None
+        errors = [f"{'.'.join(str(p) for p in err['loc']) or 'record'}: {err['msg']}" for err in exc.errors()]
+        raise Refused("invalid company record: " + "; ".join(errors)) from None
     warnings: list[str] = []
     channels = [c.lower() for c in record.allowed_channels]
-    problems += [
+    problems = [
         f"allowed_channels: unknown channel {c!r} (use {', '.join(CHANNELS)})" for c in channels if c not in CHANNELS
     ]
     openai_config = record.ai_config.get("openai_config")
@@ -128,11 +127,14 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return merged
 
 
-def _print_record(ctx: Context, record: dict[str, Any], json_mode: bool, title: str) -> None:
+def _report_stored(ctx: Context, record: CompanyRecord, warnings: list[str], verb: str, json_mode: bool) -> int:
+    for warning in warnings:
+        ctx.out.warn(warning)
     if json_mode:
-        ctx.out.json(record)
+        ctx.out.json(record.model_dump(mode="json", exclude_none=True))
     else:
-        ctx.out.fields(title, record)
+        ctx.out.line(f"{verb} company {record.company_id}/{record.project_id} at {record.updated_at}")
+    return 0
 
 
 async def create_company(args: argparse.Namespace, ctx: Context) -> int:
@@ -143,7 +145,7 @@ async def create_company(args: argparse.Namespace, ctx: Context) -> int:
     record, warnings = validate_company(data)
     directory = ctx.companies
     if args.force:
-        existing = await ctx.companies.read(record.company_id, record.project_id)
+        existing = await directory.read(record.company_id, record.project_id)
         if existing and existing.get("created_at"):
             record = record.model_copy(update={"created_at": existing["created_at"]})
         await directory.put(record, overwrite=True)
@@ -152,15 +154,7 @@ async def create_company(args: argparse.Namespace, ctx: Context) -> int:
             f"company {record.company_id}/{record.project_id} already exists "
             "(use `comms company update` to change it, or --force to replace it)"
         )
-    for warning in warnings:
-        ctx.out.warn(warning)
-    stored = record.model_dump(mode="json", exclude_none=True)
-    if args.json:
-        ctx.out.json(stored)
-    else:
-        verb = "stored" if args.force else "created"
-        ctx.out.line(f"{verb} company {record.company_id}/{record.project_id} at {record.updated_at}")
-    return 0
+    return _report_stored(ctx, record, warnings, "stored" if args.force else "created", args.json)
 
 
 async def show_company(args: argparse.Namespace, ctx: Context) -> int:
@@ -172,7 +166,10 @@ async def show_company(args: argparse.Namespace, ctx: Context) -> int:
     except Refused as exc:
         ctx.out.warn(f"the stored record does not validate: {exc.message}")
     shown = {k: v for k, v in stored.items() if k not in _KEY_ATTRIBUTES}  # hashes stay in the table
-    _print_record(ctx, shown, args.json, f"{args.company_id}/{args.project_id}")
+    if args.json:
+        ctx.out.json(shown)
+    else:
+        ctx.out.fields(f"{args.company_id}/{args.project_id}", shown)
     return 0
 
 
@@ -194,10 +191,4 @@ async def update_company(args: argparse.Namespace, ctx: Context) -> int:
     merged.setdefault("created_at", merged["updated_at"])
     record, warnings = validate_company(merged)
     await ctx.companies.put(record, overwrite=True)
-    for warning in warnings:
-        ctx.out.warn(warning)
-    if args.json:
-        ctx.out.json(record.model_dump(mode="json", exclude_none=True))
-    else:
-        ctx.out.line(f"updated company {company_id}/{project_id} at {record.updated_at}")
-    return 0
+    return _report_stored(ctx, record, warnings, "updated", args.json)

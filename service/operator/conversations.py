@@ -11,7 +11,7 @@ import argparse
 
 from service.adapters.aws.conversation_admin import summary
 from service.config import CHANNELS
-from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus, Message
+from service.domain.conversation import ConversationKey, ConversationStatus, Message
 from service.operator.output import Context, NotFound, UsageError
 
 STATUSES = [status.value for status in ConversationStatus]
@@ -53,32 +53,24 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     listing.set_defaults(handler=list_conversations)
 
 
-async def find_conversation(
-    ctx: Context, conversation_id: str, recipient: str | None, channel: str | None
-) -> ConversationRecord | None:
-    if recipient:
-        record = await ctx.conversations.get(ConversationKey(recipient, conversation_id))
-    else:
-        parts = conversation_id.split("#")
-        if len(parts) < 4 or not all(parts):
-            raise UsageError(f"{conversation_id!r} is not a conversation id (company_id#project_id#request_id#…)")
-        record = await ctx.conversations.find(parts[0], parts[1], conversation_id)
-    if record is not None and channel and record.channel != channel:
-        return None
-    return record
-
-
 def _token_text(message: Message) -> str:
     usage = message.usage
     return "-" if usage is None else f"{usage.total_tokens} ({usage.prompt_tokens}+{usage.completion_tokens})"
 
 
 async def show_conversation(args: argparse.Namespace, ctx: Context) -> int:
-    record = await find_conversation(ctx, args.conversation_id, args.recipient, args.channel)
-    if record is None:
+    conversation_id: str = args.conversation_id
+    if args.recipient:
+        record = await ctx.conversations.get(ConversationKey(args.recipient, conversation_id))
+    else:
+        parts = conversation_id.split("#")
+        if len(parts) < 4 or not all(parts):
+            raise UsageError(f"{conversation_id!r} is not a conversation id (company_id#project_id#request_id#…)")
+        record = await ctx.conversations.find(parts[0], parts[1], conversation_id)
+    if record is None or (args.channel and record.channel != args.channel):
         where = f" for recipient {args.recipient}" if args.recipient else ""
         on = f" on {args.channel}" if args.channel else ""
-        raise NotFound(f"conversation {args.conversation_id}{where}{on} not found")
+        raise NotFound(f"conversation {conversation_id}{where}{on} not found")
     if args.json:
         ctx.out.json(record.shared_fields)
         return 0
@@ -128,6 +120,5 @@ async def list_conversations(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _filter_text(args: argparse.Namespace) -> str:
-    parts = [f"status {args.status}" if args.status else "", f"channel {args.channel}" if args.channel else ""]
-    joined = ", ".join(p for p in parts if p)
-    return f" ({joined})" if joined else ""
+    parts = [f"{name} {value}" for name, value in (("status", args.status), ("channel", args.channel)) if value]
+    return f" ({', '.join(parts)})" if parts else ""

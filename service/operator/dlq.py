@@ -31,7 +31,7 @@ import signal
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ from service.operator.output import Context, Refused, UsageError, cell_text
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.literals import MessageSystemAttributeNameType, QueueAttributeNameType
     from types_aiobotocore_sqs.type_defs import MessageTypeDef, SendMessageBatchRequestEntryTypeDef
 
 PEEK_VISIBILITY_S = 30  # `show` releases what it peeked at once; this only bounds a crash
@@ -63,6 +64,11 @@ MAX_MESSAGE_ATTRIBUTES = 10  # SQS: a message with 10 attributes of its own cann
 MAX_IDLE_RECEIVES = 3  # receives in a row that bring nothing to move (only this run's returned copies): stop
 EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM (after the batch in hand)
 REOPEN_FAILED = "ReopenFailed"  # not_sent code: the conversation could not be reopened, so the message stays
+_COUNT_ATTRIBUTES: dict[str, QueueAttributeNameType] = {
+    "messages": "ApproximateNumberOfMessages",
+    "in_flight": "ApproximateNumberOfMessagesNotVisible",
+    "delayed": "ApproximateNumberOfMessagesDelayed",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,80 +198,36 @@ async def resolve_queue(ctx: Context, kind: str) -> QueuePair:
 
 
 async def _counts(sqs: SQSClient, url: str) -> dict[str, int]:
-    answer = await sqs.get_queue_attributes(
-        QueueUrl=url,
-        AttributeNames=[
-            "ApproximateNumberOfMessages",
-            "ApproximateNumberOfMessagesNotVisible",
-            "ApproximateNumberOfMessagesDelayed",
-        ],
-    )
+    answer = await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=list(_COUNT_ATTRIBUTES.values()))
     attributes = answer.get("Attributes", {})
-    return {
-        "messages": int(attributes.get("ApproximateNumberOfMessages", 0)),
-        "in_flight": int(attributes.get("ApproximateNumberOfMessagesNotVisible", 0)),
-        "delayed": int(attributes.get("ApproximateNumberOfMessagesDelayed", 0)),
-    }
-
-
-# ---- list ---------------------------------------------------------------------------------------
+    return {count: int(attributes.get(attribute, 0)) for count, attribute in _COUNT_ATTRIBUTES.items()}
 
 
 async def list_queues(args: argparse.Namespace, ctx: Context) -> int:
-    rows: list[dict[str, Any]] = []
+    queues: list[dict[str, Any]] = []
+    rows: list[list[object]] = []
     for kind in _kinds(args):
         pair = await resolve_queue(ctx, kind)
-        rows.append(
-            {
-                "queue": kind,
-                "source": {
-                    "name": pair.source_name,
-                    "url": pair.source_url,
-                    **await _counts(ctx.aws.sqs, pair.source_url),
-                },
-                "dlq": {"name": pair.dlq_name, "url": pair.dlq_url, **await _counts(ctx.aws.sqs, pair.dlq_url)},
-            }
-        )
+        source = {"name": pair.source_name, "url": pair.source_url, **await _counts(ctx.aws.sqs, pair.source_url)}
+        dlq = {"name": pair.dlq_name, "url": pair.dlq_url, **await _counts(ctx.aws.sqs, pair.dlq_url)}
+        queues.append({"queue": kind, "source": source, "dlq": dlq})
+        source_cells = [source["name"], source["messages"], source["in_flight"], source["delayed"]]
+        rows.append([kind, *source_cells, dlq["name"], dlq["messages"], dlq["in_flight"]])
     if args.json:
-        ctx.out.json({"queues": rows})
+        ctx.out.json({"queues": queues})
         return 0
     ctx.out.table(
         "Queues (approximate counts)",
         ["queue", "source", "visible", "in flight", "delayed", "dead-letter queue", "DLQ visible", "DLQ in flight"],
-        (
-            [
-                r["queue"],
-                r["source"]["name"],
-                r["source"]["messages"],
-                r["source"]["in_flight"],
-                r["source"]["delayed"],
-                r["dlq"]["name"],
-                r["dlq"]["messages"],
-                r["dlq"]["in_flight"],
-            ]
-            for r in rows
-        ),
+        rows,
     )
     return 0
-
-
-# ---- show ---------------------------------------------------------------------------------------
 
 
 def _stamp(epoch_ms: str | None) -> str | None:
     if not epoch_ms:
         return None
     return datetime.fromtimestamp(int(epoch_ms) / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def _attribute_values(message: MessageTypeDef) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for name, attribute in message.get("MessageAttributes", {}).items():
-        if "StringValue" in attribute:
-            values[name] = attribute["StringValue"]
-        else:
-            values[name] = f"<{attribute.get('DataType', 'Binary')}>"
-    return values
 
 
 def _describe(message: MessageTypeDef) -> dict[str, Any]:
@@ -279,9 +241,26 @@ def _describe(message: MessageTypeDef) -> dict[str, Any]:
         "message_id": message.get("MessageId"),
         "sent_at": _stamp(system.get("SentTimestamp")),
         "receive_count": int(system.get("ApproximateReceiveCount", 0)),
-        "attributes": _attribute_values(message),
+        "attributes": {
+            name: attribute["StringValue"] if "StringValue" in attribute else f"<{attribute.get('DataType', 'Binary')}>"
+            for name, attribute in message.get("MessageAttributes", {}).items()
+        },
         "body": parsed,
     }
+
+
+async def _receive(
+    sqs: SQSClient, url: str, count: int, visibility_s: int, system: list[MessageSystemAttributeNameType]
+) -> list[MessageTypeDef]:
+    answer = await sqs.receive_message(
+        QueueUrl=url,
+        MaxNumberOfMessages=min(10, count),
+        VisibilityTimeout=visibility_s,
+        WaitTimeSeconds=RECEIVE_WAIT_S,
+        MessageAttributeNames=["All"],
+        MessageSystemAttributeNames=system,
+    )
+    return answer.get("Messages", [])
 
 
 async def _release(sqs: SQSClient, url: str, messages: Sequence[MessageTypeDef]) -> None:
@@ -305,15 +284,7 @@ async def peek(ctx: Context, pair: QueuePair, limit: int) -> list[dict[str, Any]
         return []
     try:
         while len(seen) < limit:
-            answer = await sqs.receive_message(
-                QueueUrl=pair.dlq_url,
-                MaxNumberOfMessages=min(10, limit - len(seen)),
-                VisibilityTimeout=PEEK_VISIBILITY_S,
-                WaitTimeSeconds=RECEIVE_WAIT_S,
-                MessageAttributeNames=["All"],
-                MessageSystemAttributeNames=["All"],
-            )
-            batch = answer.get("Messages", [])
+            batch = await _receive(sqs, pair.dlq_url, limit - len(seen), PEEK_VISIBILITY_S, system=["All"])
             if not batch:
                 break
             received += batch
@@ -353,9 +324,6 @@ async def show_messages(args: argparse.Namespace, ctx: Context) -> int:
             no_wrap=False,
         )
     return 0
-
-
-# ---- redrive ------------------------------------------------------------------------------------
 
 
 def _copy_entry(index: int, message: MessageTypeDef, run_id: str) -> SendMessageBatchRequestEntryTypeDef:
@@ -408,12 +376,6 @@ async def _delete(sqs: SQSClient, url: str, messages: list[MessageTypeDef]) -> l
         failed = {f["Id"] for f in answer.get("Failed", [])}
         pending = [m for i, m in enumerate(pending) if str(i) in failed]
     return pending
-
-
-def _run_of(message: MessageTypeDef) -> str | None:
-    """The redrive run that sent this message, if one did."""
-    tag = message.get("MessageAttributes", {}).get(RUN_ATTRIBUTE)
-    return tag.get("StringValue") if tag is not None else None
 
 
 def _conversation_key(body: str) -> ConversationKey | None:
@@ -480,9 +442,8 @@ async def _reopen(
 async def _close_reopened(
     ctx: Context, run: _Run, reopened: dict[str, _Reopened], unsent: list[MessageTypeDef], sent: list[MessageTypeDef]
 ) -> None:
-    """Undo the reopen of each conversation whose copy the source queue did not take (and no other copy in this
-    batch went for): failed and retries_exhausted again, so it matches the message left in the DLQ and a later
-    redrive reopens it. Conditional: a record changed since the reopen is left as it is (counted `not_closed`)."""
+    """Undo the reopen for each copy the source queue did not take (unless another copy in this batch went for the
+    same conversation). Conditional: a record changed since the reopen is left as it is (counted `not_closed`)."""
     going = {_conversation_key(m.get("Body", "")) for m in sent}
     undo = [r for m in unsent if (r := reopened.get(m["MessageId"])) is not None and r.key not in going]
     if not undo:
@@ -507,13 +468,8 @@ async def _move_batch(ctx: Context, run: _Run, fresh: list[MessageTypeDef]) -> b
     not_reopened, reopened = await _reopen(ctx, run, fresh)
     sendable = [m for m in fresh if m not in not_reopened]
     try:
-        accepted, refused = (
-            await _send_copies(
-                sqs, run.pair.source_url, [_copy_entry(i, m, run.run_id) for i, m in enumerate(sendable)]
-            )
-            if sendable
-            else (set(), {})
-        )
+        entries = [_copy_entry(i, m, run.run_id) for i, m in enumerate(sendable)]
+        accepted, refused = await _send_copies(sqs, run.pair.source_url, entries) if entries else (set(), {})
     except Exception:  # no answer: treated as none sent (a copy that did go finds its record failed, and is dropped)
         await _close_reopened(ctx, run, reopened, sendable, [])
         raise
@@ -523,12 +479,9 @@ async def _move_batch(ctx: Context, run: _Run, fresh: list[MessageTypeDef]) -> b
     run.copied.update(m["MessageId"] for m in sent)
     run.undeleted.update(m["MessageId"] for m in sent)
     await _delete_copied(sqs, run, sent)
-    for index in range(len(sendable)):
-        if str(index) not in accepted:
-            code = refused.get(str(index), "NotAccepted")
-            result.not_sent[code] = result.not_sent.get(code, 0) + 1
-    if not_reopened:
-        result.not_sent[REOPEN_FAILED] = result.not_sent.get(REOPEN_FAILED, 0) + len(not_reopened)
+    codes = [refused.get(str(i), "NotAccepted") for i in range(len(sendable)) if str(i) not in accepted]
+    for code in codes + [REOPEN_FAILED] * len(not_reopened):
+        result.not_sent[code] = result.not_sent.get(code, 0) + 1
     if unsent or not_reopened:
         await _release(sqs, run.pair.dlq_url, unsent + not_reopened)
     return not unsent and not not_reopened
@@ -552,11 +505,8 @@ async def redrive(
     progress: Progress | None = None,
     stop: asyncio.Event | None = None,
 ) -> RedriveResult:
-    """Move up to `limit` messages (all when None) from the DLQ to the source queue; copy first, then delete.
-
-    Never more than the DLQ held at the start, each message once; this run's copies that come back are left in
-    the DLQ. `stop` set: the batch in hand is finished, then the run ends (`stopped`).
-    """
+    """Move up to `limit` messages (all when None) from the DLQ to the source queue, as the module docstring says;
+    `stop` set: the batch in hand is finished, then the run ends (`stopped`)."""
     sqs = ctx.aws.sqs
     counts = await _counts(sqs, pair.dlq_url)
     held = counts["messages"] + counts["in_flight"]
@@ -571,19 +521,14 @@ async def redrive(
             if stop is not None and stop.is_set():
                 result.stopped = True
                 break
-            answer = await sqs.receive_message(
-                QueueUrl=pair.dlq_url,
-                MaxNumberOfMessages=min(10, run.budget - run.sent),
-                VisibilityTimeout=REDRIVE_VISIBILITY_S,
-                WaitTimeSeconds=RECEIVE_WAIT_S,
-                MessageAttributeNames=["All"],
-                MessageSystemAttributeNames=["AWSTraceHeader"],
+            batch = await _receive(
+                sqs, pair.dlq_url, run.budget - run.sent, REDRIVE_VISIBILITY_S, system=["AWSTraceHeader"]
             )
-            batch = answer.get("Messages", [])
             if not batch:
                 break
             for message in batch:
-                if _run_of(message) == run.run_id:
+                tag = message.get("MessageAttributes", {}).get(RUN_ATTRIBUTE)
+                if tag is not None and tag.get("StringValue") == run.run_id:
                     run.came_back[message["MessageId"]] = message
             repeats = [m for m in batch if m["MessageId"] in run.copied and m["MessageId"] not in run.came_back]
             fresh = [m for m in batch if m["MessageId"] not in run.copied and m["MessageId"] not in run.came_back]
@@ -652,7 +597,7 @@ async def redrive_messages(args: argparse.Namespace, ctx: Context) -> int:
         if args.json:
             ctx.out.json({"dry_run": True, "queues": reports})
         return 0
-    failed = stopped = False
+    stopped = False
     stop = asyncio.Event()
     with _stop_on_signals(stop), _progress(ctx) as progress:
         for pair in pairs:
@@ -660,22 +605,8 @@ async def redrive_messages(args: argparse.Namespace, ctx: Context) -> int:
                 stopped = True
                 break
             outcome = await redrive(ctx, pair, args.max, progress, stop)
-            failed = failed or bool(outcome.not_sent)
             stopped = stopped or outcome.stopped
-            reports.append(
-                {
-                    "queue": pair.kind,
-                    "dlq": pair.dlq_name,
-                    "source": pair.source_name,
-                    "moved": outcome.moved,
-                    "not_sent": outcome.not_sent,
-                    "not_deleted": outcome.not_deleted,
-                    "came_back": outcome.came_back,
-                    "reopened": outcome.reopened,
-                    "not_closed": outcome.not_closed,
-                    "stopped": outcome.stopped,
-                }
-            )
+            reports.append({"queue": pair.kind, "dlq": pair.dlq_name, "source": pair.source_name, **asdict(outcome)})
     for report in reports:
         if report["not_deleted"]:
             ctx.out.warn(
@@ -703,7 +634,7 @@ async def redrive_messages(args: argparse.Namespace, ctx: Context) -> int:
     if stopped:
         ctx.out.warn("stopped by a signal after finishing the batch in hand; run redrive again for the rest")
         return EXIT_INTERRUPTED
-    if failed:
+    if any(r["not_sent"] for r in reports):
         details = "; ".join(
             f"{r['dlq']}: {sum(r['not_sent'].values())} refused ({', '.join(r['not_sent'])})"
             for r in reports

@@ -123,21 +123,16 @@ def classify_failure(exc: BaseException) -> OperatorError:
     return OperatorError(f"unexpected failure: {type(exc).__name__}: {exc}")
 
 
-def _dumps(data: Any) -> str:
-    return orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
-
-
 class Output:
     """Where a command prints: stdout for results, stderr for everything else."""
 
-    def __init__(self, *, json_mode: bool = False) -> None:
-        self.json_mode = json_mode
+    def __init__(self) -> None:
         # Wide enough for conversation ids when piped; a terminal uses its own width.
         self.console = Console(width=None if sys.stdout.isatty() else 200, highlight=False, soft_wrap=False)
         self.errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def json(self, data: Any) -> None:
-        sys.stdout.write(_dumps(data) + "\n")
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")
         sys.stdout.flush()
 
     def line(self, text: str) -> None:
@@ -187,11 +182,9 @@ def print_error(message: str) -> None:
     sys.stderr.flush()
 
 
-def read_json_object(path: str | None, what: str, *, stdin_allowed: bool = True) -> dict[str, Any]:
+def read_json_object(path: str | None, what: str) -> dict[str, Any]:
     """A JSON object from a file (`-` or None: stdin). Never echoes the content in an error."""
     if path is None or path == "-":
-        if not stdin_allowed:
-            raise UsageError(f"{what}: give --file")
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError(f"{what}: pipe the JSON on stdin or name a file (values are never read from argv)")
         raw = sys.stdin.read()

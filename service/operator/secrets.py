@@ -94,8 +94,8 @@ def _value_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def validate_secret(kind: str, value: dict[str, Any]) -> list[str]:
-    """Every problem with a secret value, by field name only (never the value)."""
+def validate_secret(kind: str, value: dict[str, Any], what: str) -> None:
+    """`Refused` naming every problem with a secret value, by field name only (never the value)."""
     shape = SECRET_SHAPES[kind]
     problems = [f"{field}: unknown field (expected {', '.join(shape)})" for field in value if field not in shape]
     for field, (required, check, description) in shape.items():
@@ -106,7 +106,8 @@ def validate_secret(kind: str, value: dict[str, Any]) -> list[str]:
         item = value[field]
         if not isinstance(item, str) or not check(item):
             problems.append(f"{field}: must be {description}")
-    return problems
+    if problems:
+        raise Refused(f"invalid {what}: " + "; ".join(problems))
 
 
 def _segment(name: str, value: str) -> str:
@@ -141,12 +142,13 @@ async def _store(
     return {"name": name, "arn": updated.get("ARN"), "version_id": updated.get("VersionId"), "created": False}
 
 
-def _report(ctx: Context, result: dict[str, Any], json_mode: bool) -> None:
+def _report(ctx: Context, result: dict[str, Any], json_mode: bool) -> int:
     if json_mode:
         ctx.out.json(result)
     else:
         verb = "created" if result["created"] else "stored a new version of"
         ctx.out.line(f"{verb} secret {result['name']} (version {result['version_id']})")
+    return 0
 
 
 async def create_credentials(args: argparse.Namespace, ctx: Context) -> int:
@@ -157,9 +159,7 @@ async def create_credentials(args: argparse.Namespace, ctx: Context) -> int:
     company_id = _segment("company-id", args.company_id)
     project_id = _segment("project-id", args.project_id)
     value = read_json_object(args.from_file, f"{provider} credentials")
-    problems = validate_secret(provider, value)
-    if problems:
-        raise Refused(f"invalid {provider} credentials: " + "; ".join(problems))
+    validate_secret(provider, value, f"{provider} credentials")
     if channel == "whatsapp" and "twilio_template_sid" not in value:
         ctx.out.warn("no twilio_template_sid: channel_config.whatsapp.whatsapp_template_sid must name the template")
     settings = ctx.settings
@@ -175,21 +175,17 @@ async def create_credentials(args: argparse.Namespace, ctx: Context) -> int:
     }
     result = await _store(ctx, name, value, force=args.force, tags=tags)
     await _check_company_points_at(ctx, company_id, project_id, channel, name)
-    _report(ctx, result, args.json)
-    return 0
+    return _report(ctx, result, args.json)
 
 
 async def create_openai(args: argparse.Namespace, ctx: Context) -> int:
     value = read_json_object(args.from_file, "OpenAI key")
-    problems = validate_secret("openai", value)
-    if problems:
-        raise Refused("invalid OpenAI key secret: " + "; ".join(problems))
+    validate_secret("openai", value, "OpenAI key secret")
     settings = ctx.settings
     name = openai_secret_name(settings.secrets_prefix, args.channel, settings.environment)
     tags = {"channel": args.channel, "provider": "openai", "environment": settings.environment}
     result = await _store(ctx, name, value, force=args.force, tags=tags)
-    _report(ctx, result, args.json)
-    return 0
+    return _report(ctx, result, args.json)
 
 
 async def _check_company_points_at(ctx: Context, company_id: str, project_id: str, channel: str, name: str) -> None:

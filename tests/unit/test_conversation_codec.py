@@ -1,6 +1,6 @@
 """The conversations table's stored form (`conversation_codec`): items read back as the typed record for every
 status and ledger state, the initial record exactly as the template sender has always written it, and the
-conditional writes exactly as the adapters have always sent them. No AWS: pure functions."""
+conditional writes exactly as the stores have always sent them. No AWS: the stores send to `RecordingDynamoDB`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from typing import Any
 
 import orjson
 import pytest
+from botocore.exceptions import ClientError
 
 from consumers.template_job import new_conversation, parse_template_job
 from local_stack.seed import demo_company
 from service.adapters.aws import conversation_codec as codec
+from service.adapters.aws.conversation_claims import DynamoConversationClaims
 from service.adapters.aws.dynamo_codec import from_item, to_item
+from service.adapters.aws.reply_claims import DynamoReplyClaims
 from service.domain.claims import RETRIES_EXHAUSTED, may_reopen
 from service.domain.context import build_context
 from service.domain.conversation import (
@@ -30,6 +33,7 @@ from service.domain.conversation import (
     TokenUsage,
 )
 from service.domain.initiate import validate_initiate_body
+from service.domain.timefmt import utc_iso
 
 REQUEST_ID = "5d0f6a52-2b1c-4d7e-9a43-0c8e1f2b3a4d"
 KEY = ConversationKey("+447700900123", f"ci-demo-001#pi-demo-001#{REQUEST_ID}#447700900002")
@@ -39,6 +43,46 @@ AI_INSTRUCTIONS = (
     "'1' is the recipient's first name, '2' is one friendly sentence about their enquiry."
 )
 REPLY_INSTRUCTIONS = "You answer the recipient's replies for Demo Homes, briefly and helpfully."
+STAMP = utc_iso(0.0)  # what the stores below write as `updated_at` (their clock is stopped at 0)
+
+
+class RecordingDynamoDB:
+    """Stands in for the DynamoDB client of a store: records each write; refuses the first `refuse` of them as
+    DynamoDB refuses a failed condition (the item `old` sent back as ALL_OLD), then answers an empty item."""
+
+    def __init__(self, refuse: int = 0, old: dict[str, Any] | None = None) -> None:
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self._refuse = refuse
+        self._old = old or {}
+
+    async def put_item(self, **params: Any) -> dict[str, Any]:
+        return self._answer("PutItem", params)
+
+    async def update_item(self, **params: Any) -> dict[str, Any]:
+        return self._answer("UpdateItem", params)
+
+    def _answer(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
+        self.requests.append((operation, params))
+        if self._refuse:
+            self._refuse -= 1
+            refusal = {"Error": {"Code": "ConditionalCheckFailedException"}, "Item": to_item(self._old)}
+            raise ClientError(refusal, operation)
+        return {"Attributes": {}}
+
+    def sent(self, index: int = -1) -> dict[str, Any]:
+        return self.requests[index][1]
+
+    def values(self, index: int = -1) -> dict[str, Any]:
+        """The ExpressionAttributeValues of a recorded write, decoded."""
+        return from_item(self.sent(index)["ExpressionAttributeValues"])
+
+
+def template_claims(dynamodb: RecordingDynamoDB) -> DynamoConversationClaims:
+    return DynamoConversationClaims(dynamodb, "table", clock=lambda: 0.0)
+
+
+def reply_claims(dynamodb: RecordingDynamoDB) -> DynamoReplyClaims:
+    return DynamoReplyClaims(dynamodb, "table", clock=lambda: 0.0)
 
 
 def demo_job_body(channel: str) -> str:
@@ -230,17 +274,19 @@ def test_a_not_sent_ledger_with_generated_content_reads_back_for_sending_it():
     assert ledger.usage == TokenUsage(3, 4, 7) and ledger.provider_message_id is None
 
 
-def test_a_recorded_attempt_reads_back_attempting_with_what_it_wrote():
+async def test_a_recorded_attempt_reads_back_attempting_with_what_it_wrote():
     draft = TemplateDraft("conv_1", {"1": "Lee", "2": "Hello"}, TokenUsage(3, 4, 7), 1700000000.25)
-    write = codec.record_draft("worker-1", draft, "2026-01-01T00:00:00.000Z")
+    dynamodb = RecordingDynamoDB()
+    await template_claims(dynamodb).record_attempt(KEY, "worker-1", draft)
+    values = dynamodb.values()
     item = {
         **codec.item_fields(KEY),
         "conversation_status": "processing",
-        "send_state": write.values[":attempting"],
-        "send_attempted_at": write.values[":at"],
-        "thread_id": write.values[":thread"],
-        "generated_content": write.values[":generated"],
-        "ai_usage": write.values[":usage"],
+        "send_state": values[":attempting"],
+        "send_attempted_at": values[":at"],
+        "thread_id": values[":thread"],
+        "generated_content": values[":generated"],
+        "ai_usage": values[":usage"],
     }
 
     record = codec.record_from_item(stored(item))
@@ -250,16 +296,18 @@ def test_a_recorded_attempt_reads_back_attempting_with_what_it_wrote():
     assert record.ledger.attempted_at == 1700000000.25 and record.thread_id == "conv_1"
 
 
-def test_a_finalised_template_reads_back_sent_with_its_message():
+async def test_a_finalised_template_reads_back_sent_with_its_message():
     message = Message("SM1", "assistant", '{"1":"Lee"}', "2026-01-01T00:00:01.000Z", TokenUsage(3, 4, 7))
-    write = codec.finalise_template(message, "conv_1", 42, "2026-01-01T00:00:02.000Z")
+    dynamodb = RecordingDynamoDB()
+    await template_claims(dynamodb).finalise(KEY, message, "conv_1", 42)
+    values = dynamodb.values()
     item = {
         **codec.item_fields(KEY),
-        "conversation_status": write.values[":sent_status"],
-        "send_state": write.values[":sent"],
-        "provider_message_id": write.values[":sid"],
-        "thread_id": write.values[":thread"],
-        "messages": write.values[":message"],
+        "conversation_status": values[":sent_status"],
+        "send_state": values[":sent"],
+        "provider_message_id": values[":sid"],
+        "thread_id": values[":thread"],
+        "messages": values[":message"],
         "task_complete": 0,
     }
 
@@ -332,13 +380,16 @@ def test_a_malformed_reply_ledger_entry_still_reads_as_an_entry():
     ("kind", "exhausted"),
     [(None, False), (RETRIES_EXHAUSTED, True)],
 )
-def test_a_failure_reads_back_with_its_reason_and_whether_retries_ran_out(kind, exhausted):
+async def test_a_failure_reads_back_with_its_reason_and_whether_retries_ran_out(kind, exhausted):
     failure = Failure(ConversationStatus.FAILED_TO_PROCESS_AI, "ai_unavailable", exhausted)
-    write = codec.fail_claim("worker-1", failure, "2026-01-01T00:00:00.000Z")
+    dynamodb = RecordingDynamoDB()
+    await template_claims(dynamodb).fail(KEY, "worker-1", failure)
+    values = dynamodb.values()
+    assert values.get(":kind") == kind
     item = {
         **codec.item_fields(KEY),
-        "conversation_status": write.values[":failed"],
-        "failure_reason": write.values[":reason"],
+        "conversation_status": values[":failed"],
+        "failure_reason": values[":reason"],
         "failure_kind": kind,
         "updated_at": "2026-01-01T00:00:00.000Z",
     }
@@ -392,9 +443,18 @@ def test_shared_fields_are_the_record_without_configuration_and_kept_callbacks()
 # ---- writes, exactly as the adapters have always sent them ----------------------------------------------------
 
 
-def test_the_takeover_is_conditioned_on_a_lapsed_processing_claim():
-    params = codec.take_over("worker-2", 200.0, 100.0, "s").params("table", KEY)
+def lapsed_claim(expires_at: float) -> dict[str, Any]:
+    return {**codec.item_fields(KEY), "conversation_status": "processing", "claim_expires_at": expires_at}
 
+
+async def test_the_takeover_is_conditioned_on_a_lapsed_processing_claim():
+    dynamodb = RecordingDynamoDB(refuse=1, old=lapsed_claim(50))
+
+    await template_claims(dynamodb).claim(new_sms(), "worker-2", 200.0, 100.0)
+
+    (create, _), (takeover, params) = dynamodb.requests
+    assert (create, dynamodb.sent(0)["ConditionExpression"]) == ("PutItem", "attribute_not_exists(conversation_id)")
+    assert takeover == "UpdateItem"
     assert params["ConditionExpression"] == (
         "attribute_not_exists(conversation_id) OR (#status = :processing AND claim_expires_at <= :now)"
     )
@@ -403,45 +463,59 @@ def test_the_takeover_is_conditioned_on_a_lapsed_processing_claim():
         "primary_channel": {"S": KEY.primary_channel},
         "conversation_id": {"S": KEY.conversation_id},
     }
+    assert dynamodb.values()[":now"] == 100
 
 
-def test_may_take_over_mirrors_the_takeover_condition():
-    processing = codec.record_from_item(
-        {**codec.item_fields(KEY), "conversation_status": "processing", "claim_expires_at": 100}
-    )
-    sent = codec.record_from_item({**codec.item_fields(KEY), "conversation_status": "initial_message_sent"})
+@pytest.mark.parametrize(
+    ("existing", "now", "takes_over"),
+    [
+        (lapsed_claim(100), 100.5, True),
+        (lapsed_claim(100), 100.0, True),  # lapsed at its expiry, as `Lease.is_live` and the condition say
+        (lapsed_claim(100), 99.5, False),
+        ({**codec.item_fields(KEY), "conversation_status": "initial_message_sent"}, 1000.0, False),
+    ],
+)
+async def test_a_takeover_is_sent_only_where_its_condition_lets_it_through(existing, now, takes_over):
+    dynamodb = RecordingDynamoDB(refuse=1, old=existing)
 
-    assert codec.may_take_over(processing, 100.5)
-    assert codec.may_take_over(processing, 100.0)  # lapsed at its expiry, as `Lease.is_live` and the condition say
-    assert not codec.may_take_over(processing, 99.5)
-    assert not codec.may_take_over(sent, 1000.0)
+    await template_claims(dynamodb).claim(new_sms(), "worker-2", now + 60, now)
+
+    assert [operation for operation, _ in dynamodb.requests] == ["PutItem", *(["UpdateItem"] if takes_over else [])]
 
 
-def test_the_reply_final_update_has_a_stopped_variant_that_keeps_the_status():
+async def test_the_reply_final_update_has_a_stopped_variant_that_keeps_the_status():
     messages = [Message("SM1", "user", "hi", "t")]
-    normal = codec.finalise_reply("r-1", messages, ["SM1"], 5, "s")
-    stopped = codec.finalise_stopped_reply("r-1", messages, ["SM1"], 5, "s")
+    dynamodb = RecordingDynamoDB(refuse=1)  # the claim is no longer processing_reply: the stopped variant follows
 
-    assert normal.condition == "reply_owner = :owner AND #status = :replying"
-    assert stopped.condition == "reply_owner = :owner AND #status IN (:opted_out, :handed_off)"
-    assert normal.update.startswith("SET #status = :replied, #messages = list_append(")
-    assert stopped.update.startswith("SET #messages = list_append(")
-    assert stopped.update.endswith("ADD replied_message_sids :sids") and normal.values[":sids"] == {"SM1"}
+    await reply_claims(dynamodb).finalise(KEY, "r-1", messages, ["SM1"], 5)
+
+    normal, stopped = dynamodb.sent(0), dynamodb.sent(1)
+    assert normal["ConditionExpression"] == "reply_owner = :owner AND #status = :replying"
+    assert stopped["ConditionExpression"] == "reply_owner = :owner AND #status IN (:opted_out, :handed_off)"
+    assert normal["UpdateExpression"].startswith("SET #status = :replied, #messages = list_append(")
+    assert stopped["UpdateExpression"].startswith("SET #messages = list_append(")
+    assert stopped["UpdateExpression"].endswith("ADD replied_message_sids :sids")
+    assert dynamodb.values(0)[":sids"] == ["SM1"] == dynamodb.values(1)[":sids"]
 
 
-def test_an_exhausted_reply_failure_goes_back_to_the_status_before_the_claim_with_the_failure_noted():
-    write = codec.fail_reply("r-1", Failure(ConversationStatus.FAILED_TO_SEND_MESSAGE, "x", exhausted=True), "s")
+async def test_an_exhausted_reply_failure_goes_back_to_the_status_before_the_claim_with_the_failure_noted():
+    dynamodb = RecordingDynamoDB()
+    failure = Failure(ConversationStatus.FAILED_TO_SEND_MESSAGE, "x", exhausted=True)
 
-    assert write.update.startswith("SET #status = status_before_reply, last_reply_failure = :failure")
-    assert write.values[":failure"] == {
+    await reply_claims(dynamodb).fail(KEY, "r-1", failure)
+
+    assert dynamodb.sent()["UpdateExpression"].startswith(
+        "SET #status = status_before_reply, last_reply_failure = :failure"
+    )
+    assert dynamodb.values()[":failure"] == {
         "status": "failed_to_send_message",
         "reason": "x",
         "failure_kind": RETRIES_EXHAUSTED,
-        "at": "s",
+        "at": STAMP,
     }
 
 
-def test_closing_a_reopen_restores_exactly_what_was_there():
+async def test_closing_a_reopen_restores_exactly_what_was_there():
     before = codec.record_from_item(
         {
             **codec.item_fields(KEY),
@@ -452,21 +526,31 @@ def test_closing_a_reopen_restores_exactly_what_was_there():
             "claim_expires_at": 0,
         }
     )
+    dynamodb = RecordingDynamoDB()
 
-    write = codec.close_reopened(before, "r-stamp", "c-stamp")
+    assert await template_claims(dynamodb).close_reopened(KEY, before, "r-stamp")
 
-    assert write is not None
-    assert write.update == (
+    assert dynamodb.sent()["UpdateExpression"] == (
         "SET #status = :failed, failure_reason = :reason, failure_kind = :kind, updated_at = :stamp "
         "REMOVE last_failure_reason, reopen_count"
     )
-    assert write.condition.endswith("AND claim_owner = :owner")
-    assert (write.values[":count"], write.values[":owner"], write.values[":reopened"]) == (1, "worker-1", "r-stamp")
+    assert dynamodb.sent()["ConditionExpression"].endswith("AND claim_owner = :owner")
+    values = dynamodb.values()
+    assert (values[":count"], values[":owner"], values[":reopened"]) == (1, "worker-1", "r-stamp")
 
 
-def test_only_a_record_failed_by_exhausted_retries_can_have_a_reopen_closed():
+async def test_only_a_record_failed_by_exhausted_retries_can_have_a_reopen_closed():
     permanent = codec.record_from_item(
         {**codec.item_fields(KEY), "conversation_status": "failed_to_process_ai", "failure_reason": "bad"}
     )
+    dynamodb = RecordingDynamoDB()
 
-    assert codec.close_reopened(permanent, "r", "c") is None
+    assert not await template_claims(dynamodb).close_reopened(KEY, permanent, "r")
+    assert dynamodb.requests == []
+
+
+@pytest.mark.parametrize("stored", [True, "true", "false", 1, None])
+def test_only_a_stored_true_flags_a_conversation_for_hand_off(stored: Any) -> None:
+    record = codec.record_from_item({**codec.item_fields(KEY), "hand_off_to_human": stored})
+
+    assert record.hand_off_to_human is (stored is True)

@@ -350,6 +350,19 @@ async def test_an_attempt_the_provider_has_no_record_of_is_sent_once(rig: Rig) -
     assert_sent_once_and_finalised(rig)
 
 
+async def test_an_attempt_found_unsent_is_recorded_anew_so_a_later_reconcile_looks_back_from_it(rig: Rig) -> None:
+    await crashed_after_recording_the_attempt(rig, reached_the_provider=False)
+    first_attempt_at = rig.record.ledger.attempted_at
+    rig.world.clock.advance(86_400)  # redriven a day later
+    recorded: list[float | None] = []
+    rig.world.sender("sms").faults.on_next("send", lambda: recorded.append(rig.record.ledger.attempted_at))
+
+    assert await rig.deliver() == Outcome.done("sent")
+
+    assert first_attempt_at is not None
+    assert recorded == [rig.world.clock.now()]
+
+
 async def test_an_email_attempt_with_unknown_outcome_is_failed_for_review_never_sent_again() -> None:
     rig = make_rig("email")
     rig.world.ai.answer_next({"subject": "Your viewing", "body": "See you on Saturday."})
@@ -606,6 +619,16 @@ async def test_a_cancellation_during_the_ai_call_releases_the_claim(rig: Rig) ->
     assert rig.world.sender("sms").attempts == []
     assert await rig.deliver(receive_count=2) == Outcome.done("sent")
     assert len(rig.sent) == 1
+
+
+async def test_aws_failing_mid_work_releases_the_claim_for_the_retry(rig: Rig) -> None:
+    rig.world.conversation_claims.faults.fail_next("record_attempt")
+
+    outcome = await rig.deliver()
+
+    assert outcome == Outcome.retry("dynamodb_unavailable")
+    assert rig.record.claim.expires_at == 0.0  # a redelivery takes it at once, not after the lease
+    assert rig.sent == []
 
 
 # ---- invalid contexts ----------------------------------------------------------------------------------------------

@@ -7,9 +7,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from service.adapters.aws.api_key_store import ACTIVE, DynamoApiKeyStore
-from service.adapters.aws.dynamo_calls import update_if
+from service.adapters.aws.dynamo_calls import send, update_if
 from service.adapters.aws.dynamo_codec import attribute_values, from_item, to_attribute
-from service.adapters.aws.errors import AWS_FAILURES, unavailable
 
 REVOKED = "revoked"
 
@@ -30,7 +29,6 @@ class StoredApiKey:
         return cls(**{name: data[name] for name in _SHOWN if name in data})
 
     def fields(self) -> dict[str, str]:
-        """The fields it has, by name."""
         return {name: value for name, value in asdict(self).items() if value is not None}
 
 
@@ -74,10 +72,7 @@ class DynamoApiKeyAdmin(DynamoApiKeyStore):
         }
         keys: list[StoredApiKey] = []
         while True:
-            try:
-                answer = await self._dynamodb.scan(**request)
-            except AWS_FAILURES as exc:
-                raise unavailable("dynamodb", "Scan", exc) from exc
+            answer = await send(self._dynamodb.scan(**request), "Scan")
             keys += [StoredApiKey.from_data(from_item(item)) for item in answer.get("Items", [])]
             if not answer.get("LastEvaluatedKey"):
                 break

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from service.adapters.aws.dynamo_codec import from_item, to_attribute, to_item
-from service.adapters.aws.errors import AWS_FAILURES, unavailable
+from service.adapters.aws.dynamo_calls import get_item, send
+from service.adapters.aws.dynamo_codec import to_attribute, to_item
 from service.adapters.ttl_cache import TtlCache
 from service.domain.ports import ApiKeyRecord
 
@@ -31,14 +31,8 @@ class DynamoApiKeyStore:
         return await self._cache.get(key_id, lambda: self._read(key_id))
 
     async def _get_item(self, key_id: str, *, consistent: bool) -> dict[str, Any] | None:
-        try:
-            answer = await self._dynamodb.get_item(
-                TableName=self._table, Key={"key_id": to_attribute(key_id)}, ConsistentRead=consistent
-            )
-        except AWS_FAILURES as exc:
-            raise unavailable("dynamodb", "GetItem", exc) from exc
-        item = answer.get("Item")
-        return from_item(item) if item is not None else None
+        key = {"key_id": to_attribute(key_id)}
+        return await get_item(self._dynamodb, TableName=self._table, Key=key, ConsistentRead=consistent)
 
     async def _read(self, key_id: str) -> ApiKeyRecord | None:
         data = await self._get_item(key_id, consistent=False)
@@ -54,8 +48,5 @@ class DynamoApiKeyStore:
 
     async def put(self, record: ApiKeyRecord, created_at: str) -> None:
         item = {**asdict(record), "created_at": created_at}
-        try:
-            await self._dynamodb.put_item(TableName=self._table, Item=to_item(item))
-        except AWS_FAILURES as exc:
-            raise unavailable("dynamodb", "PutItem", exc) from exc
+        await send(self._dynamodb.put_item(TableName=self._table, Item=to_item(item)), "PutItem")
         self._cache.invalidate(record.key_id)

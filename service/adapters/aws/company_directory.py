@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from service.adapters.aws.dynamo_codec import from_item, to_attribute, to_item
-from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
+from service.adapters.aws.dynamo_calls import applied, get_item
+from service.adapters.aws.dynamo_codec import to_attribute, to_item
 from service.adapters.ttl_cache import TtlCache
 from service.domain.company import CompanyRecord
 from service.domain.errors import InvalidStoredRecord
@@ -29,16 +29,8 @@ class DynamoCompanyDirectory:
     async def read(self, company_id: str, project_id: str, *, consistent: bool = True) -> dict[str, Any] | None:
         """The stored record as plain data, valid or not (so an operator can see and repair a broken one);
         uncached, strongly consistent unless told otherwise."""
-        try:
-            answer = await self._dynamodb.get_item(
-                TableName=self._table,
-                Key={"company_id": to_attribute(company_id), "project_id": to_attribute(project_id)},
-                ConsistentRead=consistent,
-            )
-        except AWS_FAILURES as exc:
-            raise unavailable("dynamodb", "GetItem", exc) from exc
-        item = answer.get("Item")
-        return from_item(item) if item is not None else None
+        key = {"company_id": to_attribute(company_id), "project_id": to_attribute(project_id)}
+        return await get_item(self._dynamodb, TableName=self._table, Key=key, ConsistentRead=consistent)
 
     async def _load(self, company_id: str, project_id: str) -> CompanyRecord | None:
         data = await self.read(company_id, project_id, consistent=False)
@@ -54,16 +46,10 @@ class DynamoCompanyDirectory:
     async def put(self, record: CompanyRecord, *, overwrite: bool) -> bool:
         """Store a record; without `overwrite` refuse (return False) when it already exists."""
         item = to_item(record.model_dump(mode="json", exclude_none=True))
-        try:
-            if overwrite:
-                await self._dynamodb.put_item(TableName=self._table, Item=item)
-            else:
-                await self._dynamodb.put_item(
-                    TableName=self._table, Item=item, ConditionExpression="attribute_not_exists(company_id)"
-                )
-        except AWS_FAILURES as exc:
-            if is_conditional_check_failure(exc):
-                return False
-            raise unavailable("dynamodb", "PutItem", exc) from exc
-        self._cache.invalidate((record.company_id, record.project_id))
-        return True
+        params: dict[str, Any] = {"TableName": self._table, "Item": item}
+        if not overwrite:
+            params["ConditionExpression"] = "attribute_not_exists(company_id)"
+        stored = await applied(self._dynamodb.put_item(**params), "PutItem")
+        if stored:
+            self._cache.invalidate((record.company_id, record.project_id))
+        return stored

@@ -10,11 +10,12 @@ projection (`LISTED`), not whole records: messages and context can be large. Rec
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from service.adapters.aws import conversation_codec as codec
-from service.adapters.aws.dynamo_codec import attribute_values, from_item
-from service.adapters.aws.errors import AWS_FAILURES, unavailable
+from service.adapters.aws.dynamo_calls import get_item, query_items
+from service.adapters.aws.dynamo_codec import attribute_values
 from service.adapters.aws.resources import CONVERSATION_INDEXES
 from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus
 
@@ -73,13 +74,10 @@ class ConversationAdmin:
         self._table = table
 
     async def get(self, key: ConversationKey) -> ConversationRecord | None:
-        """The record, read consistently, or None."""
-        try:
-            answer = await self._dynamodb.get_item(TableName=self._table, Key=codec.item_key(key), ConsistentRead=True)
-        except AWS_FAILURES as exc:
-            raise unavailable("dynamodb", "GetItem", exc) from exc
-        item = answer.get("Item")
-        return codec.record_from_item(from_item(item)) if item else None
+        """The record, read consistently, or None; an operator is shown every stored attribute (`shared_fields`
+        here includes the configuration and the kept status callbacks a hand-off leaves out)."""
+        item = await get_item(self._dynamodb, TableName=self._table, Key=codec.item_key(key), ConsistentRead=True)
+        return None if item is None else replace(codec.record_from_item(item), shared_fields=item)
 
     async def find(self, company_id: str, project_id: str, conversation_id: str) -> ConversationRecord | None:
         """The project's conversation with this id (found through the eventually consistent index, then read
@@ -117,14 +115,5 @@ class ConversationAdmin:
             "ExpressionAttributeValues": attribute_values(values),
             **({"FilterExpression": " AND ".join(conditions)} if conditions else {}),
         }
-        records: list[ConversationRecord] = []
-        while True:
-            try:
-                answer = await self._dynamodb.query(**request)
-            except AWS_FAILURES as exc:
-                raise unavailable("dynamodb", "Query", exc) from exc
-            records += [codec.record_from_item(from_item(item)) for item in answer.get("Items", [])]
-            last = answer.get("LastEvaluatedKey")
-            if not last or (first_only and records):
-                return records
-            request["ExclusiveStartKey"] = last
+        items = await query_items(self._dynamodb, request, until_found=first_only)
+        return [codec.record_from_item(item) for item in items]

@@ -1,20 +1,22 @@
 """The replies intake's side of the conversations table (`ports.ConversationLookup`): look-ups by company
 address + sender through the channel's index, and the writes webhooks make (opt-out, opt-in, hand-off,
-delivery states). The stored form is `conversation_codec`'s; delivery states are `early_delivery`'s.
+delivery states), each a no-op on a conversation that is gone. The stored form is `conversation_codec`'s;
+delivery states are `early_delivery`'s.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from service.adapters.aws import conversation_codec as codec
 from service.adapters.aws.dynamo_calls import query_items, update_if
-from service.adapters.aws.early_delivery import hold, set_message_status
+from service.adapters.aws.dynamo_codec import attribute_values
+from service.adapters.aws.early_delivery import DeliveryStates
 from service.adapters.ttl_cache import TtlCache
-from service.domain.conversation import ConversationKey, ConversationRecord
-from service.domain.delivery_state import DeliveryStatus, may_follow
+from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus
+from service.domain.delivery_state import DeliveryStatus
 from service.domain.timefmt import utc_iso
 
 if TYPE_CHECKING:
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 # Credentials ids of a company number: its conversations read in a few pages, the credentials attribute only.
 CREDENTIALS_PAGE_SIZE = 200
 CREDENTIALS_PAGES = 5
+EXISTS = "attribute_exists(conversation_id)"
+OPTED_OUT = ConversationStatus.OPTED_OUT.value
 
 
 class DynamoConversationLookup:
@@ -55,18 +59,39 @@ class DynamoConversationLookup:
 
     async def _credentials_of(self, channel: str, company_address: str) -> tuple[str, ...]:
         """A bounded query: only the credentials attribute, at most `CREDENTIALS_PAGES` pages."""
-        query = codec.credentials_query(self._table, channel, company_address, CREDENTIALS_PAGE_SIZE)
-        items = await query_items(self._dynamodb, query, max_pages=CREDENTIALS_PAGES)
+        index = codec.INDEX_BY_CHANNEL[channel]
+        query = {
+            "TableName": self._table,
+            "IndexName": index.name,
+            "KeyConditionExpression": "#pk = :pk",
+            "ProjectionExpression": "#config.#credentials",
+            "ExpressionAttributeNames": {
+                "#pk": index.partition_key,
+                "#config": "channel_config",
+                "#credentials": codec.credentials_attribute(channel),
+            },
+            "ExpressionAttributeValues": attribute_values({":pk": company_address}),
+            "Limit": CREDENTIALS_PAGE_SIZE,
+        }
         found: dict[str, None] = {}  # insertion-ordered set
-        for item in items:  # a record without channel config (an invalid context) is skipped
+        for item in await query_items(self._dynamodb, query, max_pages=CREDENTIALS_PAGES):
             credentials = codec.credentials_of(item, channel)
-            if credentials is not None:
+            if credentials is not None:  # None: a record without channel config (an invalid context)
                 found[credentials] = None
         return tuple(found)
 
     async def conversations_between(self, channel: str, company_address: str, sender: str) -> list[ConversationRecord]:
         """Every conversation of this company address with this sender (the channel's index, all pages)."""
-        query = codec.between_query(self._table, channel, company_address, sender)
+        index = codec.INDEX_BY_CHANNEL[channel]
+        query = {
+            "TableName": self._table,
+            "IndexName": index.name,
+            "KeyConditionExpression": "#pk = :pk AND #sk = :sk",
+            "ExpressionAttributeNames": {"#pk": index.partition_key, "#sk": str(index.sort_key)},
+            "ExpressionAttributeValues": attribute_values(
+                {":pk": company_address, ":sk": sender.lower() if channel == "email" else sender}
+            ),
+        }
         return [codec.record_from_item(item) for item in await query_items(self._dynamodb, query)]
 
     async def find_open(self, channel: str, company_address: str, sender: str) -> ConversationRecord | None:
@@ -74,36 +99,35 @@ class DynamoConversationLookup:
         candidates = [c for c in await self.conversations_between(channel, company_address, sender) if c.is_open]
         return max(candidates, key=lambda c: c.created_at, default=None)
 
-    # ---- writes (each a no-op on a conversation that is gone) --------------------------------------------
+    # ---- writes ------------------------------------------------------------------------------------------
 
     async def mark_opted_out(self, key: ConversationKey) -> None:
-        await self._write(key, codec.opted_out(self._stamp()), "opt")
+        update = "SET #status = :opted_out, opted_out_at = :stamp, updated_at = :stamp"
+        await self._write("opt", key, update, EXISTS, {":opted_out": OPTED_OUT, ":stamp": self._stamp()})
 
     async def mark_opted_in(self, key: ConversationKey) -> None:
-        """Back to answerable after START/UNSTOP (only if it was opted out)."""
-        await self._write(key, codec.opted_in(self._stamp()), "UpdateItem")
+        update = "SET #status = :replied, updated_at = :stamp REMOVE opted_out_at"
+        values = {":replied": ConversationStatus.REPLY_SENT.value, ":opted_out": OPTED_OUT, ":stamp": self._stamp()}
+        await self._write("UpdateItem", key, update, "#status = :opted_out", values)
 
     async def mark_handed_off(self, key: ConversationKey, reason: str) -> None:
-        await self._write(key, codec.handed_off(reason, self._stamp()), "hand_off")
+        update = "SET #status = :handed_off, hand_off_reason = :reason, updated_at = :stamp"
+        values = {":handed_off": ConversationStatus.HANDED_OFF.value, ":reason": reason, ":stamp": self._stamp()}
+        await self._write("hand_off", key, update, EXISTS, values)
 
     async def set_delivery_status(
         self, key: ConversationKey, index: int, message_sid: str, new: DeliveryStatus
     ) -> bool:
-        """Forward-only: applied when the message has no state yet or one `new` may replace; else False."""
-        item_key = codec.item_key(key)
-        stamp = self._stamp()
-        return await set_message_status(
-            self._dynamodb, self._table, item_key, index, message_sid, new, may_follow(new), stamp
-        )
+        states = DeliveryStates(self._dynamodb, self._table, key)
+        return await states.set_status(index, message_sid, new, self._stamp())
 
     async def hold_delivery_status(self, key: ConversationKey, message_sid: str, new: DeliveryStatus) -> bool:
-        """A status callback for a SID not (yet) in `messages`: kept on this conversation until the final update
-        that appends it applies it (`early_delivery`), or applied now if that update landed meanwhile."""
-        item_key = codec.item_key(key)
-        return await hold(self._dynamodb, self._table, item_key, message_sid, new, may_follow(new), self._stamp())
+        return await DeliveryStates(self._dynamodb, self._table, key).hold(message_sid, new, self._stamp())
 
-    async def _write(self, key: ConversationKey, write: codec.Write, operation: str) -> None:
-        await update_if(self._dynamodb, operation, **write.params(self._table, key))
+    async def _write(
+        self, operation: str, key: ConversationKey, update: str, condition: str, values: Mapping[str, Any]
+    ) -> None:
+        await update_if(self._dynamodb, operation, **codec.update_params(self._table, key, update, condition, values))
 
     def _stamp(self) -> str:
         return utc_iso(self._clock())

@@ -11,20 +11,22 @@ is never refused for lack of room.
 Race-free both ways because both sides write the same item and read what they wrote (ReturnValues ALL_NEW):
     - the callback keeps its state first: the final update's ALL_NEW holds the entry, it applies it;
     - the final update lands first: the callback's ALL_NEW holds the message, the callback applies it itself.
-Every application is the same conditional forward-only write, so doing it twice, or out of order, is harmless.
+Every application is the same conditional forward-only write (`delivery_state.may_follow`), so doing it twice, or
+out of order, is harmless.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from service.adapters.aws.conversation_codec import EARLY_DELIVERY, MESSAGES
-from service.adapters.aws.dynamo_calls import update_if
-from service.adapters.aws.dynamo_codec import attribute_values, from_item
-from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
+from service.adapters.aws.conversation_codec import EARLY_DELIVERY, MESSAGES, item_key
+from service.adapters.aws.dynamo_calls import update_if, update_or_refusal, update_returning
+from service.adapters.aws.dynamo_codec import attribute_values
+from service.domain.conversation import ConversationKey
 from service.domain.delivery_state import DeliveryStatus, may_follow, parse_delivery_status
 from service.domain.errors import DependencyUnavailable
 
@@ -45,206 +47,148 @@ def message_index(record: Mapping[str, Any], sid: str) -> int | None:
     return None
 
 
-def _allowed(may_replace: frozenset[DeliveryStatus], prefix: str) -> tuple[list[str], dict[str, str]]:
-    allowed = sorted(s.value for s in may_replace)
-    placeholders = [f":{prefix}{i}" for i in range(len(allowed))]
+def _replaceable(new: DeliveryStatus) -> tuple[list[str], dict[str, str]]:
+    """The placeholders and values of the stored states `new` may replace."""
+    allowed = sorted(s.value for s in may_follow(new))
+    placeholders = [f":from{i}" for i in range(len(allowed))]
     return placeholders, dict(zip(placeholders, allowed, strict=True))
-
-
-async def set_message_status(
-    dynamodb: DynamoDBClient,
-    table: str,
-    key: Mapping[str, Any],
-    index: int,
-    message_sid: str,
-    new: DeliveryStatus,
-    may_replace: frozenset[DeliveryStatus],
-    stamp: str,
-) -> bool:
-    """Forward-only: applied when message `index` is `message_sid` and has no state yet or one `new` may
-    replace; else False."""
-    element = f"#messages[{index}]"
-    placeholders, allowed = _allowed(may_replace, "from")
-    condition = f"{element}.message_id = :sid AND (attribute_not_exists({element}.delivery_status)"
-    condition += f" OR {element}.delivery_status IN ({', '.join(placeholders)}))" if placeholders else ")"
-    return await update_if(
-        dynamodb,
-        "UpdateItem",
-        TableName=table,
-        Key=dict(key),
-        UpdateExpression=f"SET {element}.delivery_status = :new, {element}.delivery_updated_at = :stamp",
-        ConditionExpression=condition,
-        ExpressionAttributeNames={"#messages": MESSAGES},
-        ExpressionAttributeValues=attribute_values(
-            {":sid": message_sid, ":new": new.value, ":stamp": stamp, **allowed}
-        ),
-    )
-
-
-async def _forget(dynamodb: DynamoDBClient, table: str, key: Mapping[str, Any], sid: str) -> None:
-    """Drop a kept entry whose message is recorded (any later callback then finds the message itself)."""
-    await update_if(  # already gone: another writer forgot it first
-        dynamodb,
-        "UpdateItem",
-        TableName=table,
-        Key=dict(key),
-        UpdateExpression="REMOVE #pending.#sid",
-        ConditionExpression="attribute_exists(#pending.#sid)",
-        ExpressionAttributeNames={"#pending": PENDING_ATTRIBUTE, "#sid": sid},
-    )
-
-
-async def apply_pending(
-    dynamodb: DynamoDBClient, table: str, key: Mapping[str, Any], record: Mapping[str, Any], sids: Iterable[str]
-) -> None:
-    """After a final update (its ALL_NEW `record`): apply, forward-only, what was kept for the SIDs it appended."""
-    pending = record.get(PENDING_ATTRIBUTE)
-    if not isinstance(pending, dict) or not pending:
-        return
-    for sid in sids:
-        entry = pending.get(sid)
-        index = message_index(record, sid)
-        if not isinstance(entry, dict) or index is None:
-            continue
-        status = parse_delivery_status(str(entry.get("status") or ""))
-        if status is not None:
-            applied = await set_message_status(
-                dynamodb, table, key, index, sid, status, may_follow(status), str(entry.get("at") or "")
-            )
-            log.info("early_delivery_status_applied", message_sid=sid, status=status.value, applied=applied)
-        await _forget(dynamodb, table, key, sid)
-
-
-async def apply_pending_safely(
-    dynamodb: DynamoDBClient, table: str, key: Mapping[str, Any], record: Mapping[str, Any], sids: Iterable[str]
-) -> None:
-    """`apply_pending` for a final update that has already succeeded: a failure here must not make its caller
-    retry (or report) the final update; the entry stays kept and the next callback for the SID applies."""
-    sids = list(sids)
-    try:
-        await apply_pending(dynamodb, table, key, record, sids)
-    except DependencyUnavailable as exc:
-        log.warning("early_delivery_status_not_applied", message_sids=sids, detail=str(exc))
-
-
-async def hold(
-    dynamodb: DynamoDBClient,
-    table: str,
-    key: Mapping[str, Any],
-    sid: str,
-    new: DeliveryStatus,
-    may_replace: frozenset[DeliveryStatus],
-    stamp: str,
-) -> bool:
-    """Keep a callback for a SID not (yet) in `messages`, forward-only; if the message turns out to be recorded
-    meanwhile, apply it to the message instead. True when kept or applied; False when stale, full or gone."""
-    entry = {"status": new.value, "at": stamp}
-    names = {"#pending": PENDING_ATTRIBUTE}
-    try:  # the first kept callback of this conversation creates the map
-        answer = await dynamodb.update_item(
-            TableName=table,
-            Key=dict(key),
-            UpdateExpression="SET #pending = :pending",
-            ConditionExpression="attribute_exists(conversation_id) AND attribute_not_exists(#pending)",
-            ExpressionAttributeNames=names,
-            ExpressionAttributeValues=attribute_values({":pending": {sid: entry}}),
-            ReturnValues="ALL_NEW",
-            ReturnValuesOnConditionCheckFailure="ALL_OLD",
-        )
-    except AWS_FAILURES as exc:
-        if not is_conditional_check_failure(exc):
-            raise unavailable("dynamodb", "UpdateItem", exc) from exc
-        if not getattr(exc, "response", {}).get("Item"):
-            return False  # the conversation is gone
-    else:
-        return await _settle(dynamodb, table, key, from_item(answer["Attributes"]), sid, new, may_replace, stamp)
-    placeholders, allowed = _allowed(may_replace, "from")
-    condition = "attribute_not_exists(#pending.#sid) AND size(#pending) < :cap"
-    if placeholders:  # a kept state may be replaced only by a later one
-        later = f"attribute_exists(#pending.#sid) AND #pending.#sid.#status IN ({', '.join(placeholders)})"
-        condition = f"({later}) OR ({condition})"
-        names["#status"] = "status"
-    try:
-        answer = await dynamodb.update_item(
-            TableName=table,
-            Key=dict(key),
-            UpdateExpression="SET #pending.#sid = :entry",
-            ConditionExpression=f"attribute_exists(conversation_id) AND ({condition})",
-            ExpressionAttributeNames={**names, "#sid": sid},
-            ExpressionAttributeValues=attribute_values({":entry": entry, ":cap": PENDING_CAP, **allowed}),
-            ReturnValues="ALL_NEW",
-            ReturnValuesOnConditionCheckFailure="ALL_OLD",
-        )
-    except AWS_FAILURES as exc:
-        if not is_conditional_check_failure(exc):
-            raise unavailable("dynamodb", "UpdateItem", exc) from exc
-        old = from_item(getattr(exc, "response", {}).get("Item") or {})
-        index = message_index(old, sid)
-        if index is not None:  # recorded after our look-up: straight onto the message
-            return await set_message_status(dynamodb, table, key, index, sid, new, may_replace, stamp)
-        kept = old.get(PENDING_ATTRIBUTE)
-        if isinstance(kept, dict) and sid not in kept and len(kept) >= PENDING_CAP:
-            return await _replace_oldest(dynamodb, table, key, kept, sid, entry, new, may_replace, stamp)
-        log.info("early_delivery_status_not_kept", message_sid=sid, status=new.value, reason="stale")
-        return False
-    return await _settle(dynamodb, table, key, from_item(answer["Attributes"]), sid, new, may_replace, stamp)
 
 
 def _kept_at(entry: Any) -> str:
     return str(entry.get("at") or "") if isinstance(entry, dict) else ""
 
 
-async def _replace_oldest(
-    dynamodb: DynamoDBClient,
-    table: str,
-    key: Mapping[str, Any],
-    kept: Mapping[str, Any],
-    sid: str,
-    entry: Mapping[str, str],
-    new: DeliveryStatus,
-    may_replace: frozenset[DeliveryStatus],
-    stamp: str,
-) -> bool:
-    """The map is full: keep this callback in place of the oldest entry (by `at`; entries whose message was
-    recorded elsewhere are never forgotten here and would otherwise fill it for good)."""
-    oldest = min(kept, key=lambda kept_sid: (_kept_at(kept[kept_sid]), kept_sid))
-    try:
-        answer = await dynamodb.update_item(
-            TableName=table,
-            Key=dict(key),
-            UpdateExpression="REMOVE #pending.#oldest SET #pending.#sid = :entry",
-            ConditionExpression=(
-                "attribute_exists(conversation_id) AND attribute_exists(#pending.#oldest)"
-                " AND attribute_not_exists(#pending.#sid)"
-            ),
-            ExpressionAttributeNames={"#pending": PENDING_ATTRIBUTE, "#oldest": oldest, "#sid": sid},
-            ExpressionAttributeValues=attribute_values({":entry": dict(entry)}),
-            ReturnValues="ALL_NEW",
+@dataclass(frozen=True, slots=True)
+class DeliveryStates:
+    """The delivery-state writes on one conversation."""
+
+    dynamodb: DynamoDBClient
+    table: str
+    key: ConversationKey
+
+    def _params(self, **params: Any) -> dict[str, Any]:
+        return {"TableName": self.table, "Key": item_key(self.key), **params}
+
+    async def set_status(self, index: int, sid: str, new: DeliveryStatus, stamp: str) -> bool:
+        """Forward-only: applied when message `index` is `sid` and has no state yet or one `new` may replace;
+        else False."""
+        element = f"#messages[{index}]"
+        placeholders, allowed = _replaceable(new)
+        condition = f"{element}.message_id = :sid AND (attribute_not_exists({element}.delivery_status)"
+        condition += f" OR {element}.delivery_status IN ({', '.join(placeholders)}))" if placeholders else ")"
+        params = self._params(
+            UpdateExpression=f"SET {element}.delivery_status = :new, {element}.delivery_updated_at = :stamp",
+            ConditionExpression=condition,
+            ExpressionAttributeNames={"#messages": MESSAGES},
+            ExpressionAttributeValues=attribute_values({":sid": sid, ":new": new.value, ":stamp": stamp, **allowed}),
         )
-    except AWS_FAILURES as exc:
-        if not is_conditional_check_failure(exc):
-            raise unavailable("dynamodb", "UpdateItem", exc) from exc
-        log.info("early_delivery_status_not_kept", message_sid=sid, status=new.value, reason="full_and_changing")
+        return await update_if(self.dynamodb, "UpdateItem", **params)
+
+    async def _forget(self, sid: str) -> None:
+        """Drop a kept entry whose message is recorded (any later callback then finds the message itself)."""
+        params = self._params(
+            UpdateExpression="REMOVE #pending.#sid",
+            ConditionExpression="attribute_exists(#pending.#sid)",
+            ExpressionAttributeNames={"#pending": PENDING_ATTRIBUTE, "#sid": sid},
+        )
+        await update_if(self.dynamodb, "UpdateItem", **params)  # refused: another writer forgot it first
+
+    async def apply_pending(self, record: Mapping[str, Any], sids: Sequence[str]) -> None:
+        """After a final update that has succeeded (its ALL_NEW `record`): apply, forward-only, what was kept for
+        the SIDs it appended. A failure here must not make its caller retry (or report) the final update: the entry
+        stays kept and the next callback for the SID applies."""
+        pending = record.get(PENDING_ATTRIBUTE)
+        if not isinstance(pending, dict) or not pending:
+            return
+        try:
+            for sid in sids:
+                entry = pending.get(sid)
+                index = message_index(record, sid)
+                if not isinstance(entry, dict) or index is None:
+                    continue
+                status = parse_delivery_status(str(entry.get("status") or ""))
+                if status is not None:
+                    applied = await self.set_status(index, sid, status, str(entry.get("at") or ""))
+                    log.info("early_delivery_status_applied", message_sid=sid, status=status.value, applied=applied)
+                await self._forget(sid)
+        except DependencyUnavailable as exc:
+            log.warning("early_delivery_status_not_applied", message_sids=list(sids), detail=str(exc))
+
+    async def hold(self, sid: str, new: DeliveryStatus, stamp: str) -> bool:
+        """Keep a callback for a SID not (yet) in `messages`, forward-only; if the message turns out to be recorded
+        meanwhile, apply it to the message instead. True when kept or applied; False when stale, full or gone."""
+        entry = {"status": new.value, "at": stamp}
+        created, item = await update_or_refusal(  # the first kept callback of this conversation creates the map
+            self.dynamodb,
+            "UpdateItem",
+            **self._params(
+                UpdateExpression="SET #pending = :pending",
+                ConditionExpression="attribute_exists(conversation_id) AND attribute_not_exists(#pending)",
+                ExpressionAttributeNames={"#pending": PENDING_ATTRIBUTE},
+                ExpressionAttributeValues=attribute_values({":pending": {sid: entry}}),
+            ),
+        )
+        if created:
+            return await self._settle(item, sid, new, stamp)
+        if not item:
+            return False  # the conversation is gone
+        names = {"#pending": PENDING_ATTRIBUTE, "#sid": sid}
+        placeholders, allowed = _replaceable(new)
+        condition = "attribute_not_exists(#pending.#sid) AND size(#pending) < :cap"
+        if placeholders:  # a kept state may be replaced only by a later one
+            later = f"attribute_exists(#pending.#sid) AND #pending.#sid.#status IN ({', '.join(placeholders)})"
+            condition = f"({later}) OR ({condition})"
+            names["#status"] = "status"
+        kept, item = await update_or_refusal(
+            self.dynamodb,
+            "UpdateItem",
+            **self._params(
+                UpdateExpression="SET #pending.#sid = :entry",
+                ConditionExpression=f"attribute_exists(conversation_id) AND ({condition})",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=attribute_values({":entry": entry, ":cap": PENDING_CAP, **allowed}),
+            ),
+        )
+        if kept:
+            return await self._settle(item, sid, new, stamp)
+        index = message_index(item, sid)
+        if index is not None:  # recorded after our look-up: straight onto the message
+            return await self.set_status(index, sid, new, stamp)
+        pending = item.get(PENDING_ATTRIBUTE)
+        if isinstance(pending, dict) and sid not in pending and len(pending) >= PENDING_CAP:
+            return await self._replace_oldest(pending, sid, new, stamp)
+        log.info("early_delivery_status_not_kept", message_sid=sid, status=new.value, reason="stale")
         return False
-    log.info("early_delivery_status_replaced_oldest", message_sid=sid, dropped_sid=oldest)
-    return await _settle(dynamodb, table, key, from_item(answer["Attributes"]), sid, new, may_replace, stamp)
 
+    async def _replace_oldest(self, kept: Mapping[str, Any], sid: str, new: DeliveryStatus, stamp: str) -> bool:
+        """The map is full: keep this callback in place of the oldest entry (by `at`; entries whose message was
+        recorded elsewhere are never forgotten here and would otherwise fill it for good)."""
+        oldest = min(kept, key=lambda kept_sid: (_kept_at(kept[kept_sid]), kept_sid))
+        item = await update_returning(
+            self.dynamodb,
+            "UpdateItem",
+            **self._params(
+                UpdateExpression="REMOVE #pending.#oldest SET #pending.#sid = :entry",
+                ConditionExpression=(
+                    "attribute_exists(conversation_id) AND attribute_exists(#pending.#oldest)"
+                    " AND attribute_not_exists(#pending.#sid)"
+                ),
+                ExpressionAttributeNames={"#pending": PENDING_ATTRIBUTE, "#oldest": oldest, "#sid": sid},
+                ExpressionAttributeValues=attribute_values({":entry": {"status": new.value, "at": stamp}}),
+            ),
+        )
+        if item is None:
+            log.info("early_delivery_status_not_kept", message_sid=sid, status=new.value, reason="full_and_changing")
+            return False
+        log.info("early_delivery_status_replaced_oldest", message_sid=sid, dropped_sid=oldest)
+        return await self._settle(item, sid, new, stamp)
 
-async def _settle(
-    dynamodb: DynamoDBClient,
-    table: str,
-    key: Mapping[str, Any],
-    record: Mapping[str, Any],
-    sid: str,
-    new: DeliveryStatus,
-    may_replace: frozenset[DeliveryStatus],
-    stamp: str,
-) -> bool:
-    """The record after keeping the callback: if its message was recorded meanwhile, apply it there now."""
-    index = message_index(record, sid)
-    if index is None:
-        log.info("early_delivery_status_kept", message_sid=sid, status=new.value)
+    async def _settle(self, record: Mapping[str, Any], sid: str, new: DeliveryStatus, stamp: str) -> bool:
+        """The record after keeping the callback: if its message was recorded meanwhile, apply it there now."""
+        index = message_index(record, sid)
+        if index is None:
+            log.info("early_delivery_status_kept", message_sid=sid, status=new.value)
+            return True
+        await self.set_status(index, sid, new, stamp)
+        await self._forget(sid)
         return True
-    await set_message_status(dynamodb, table, key, index, sid, new, may_replace, stamp)
-    await _forget(dynamodb, table, key, sid)
-    return True

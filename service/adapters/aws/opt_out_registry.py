@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from service.adapters.aws.dynamo_calls import get_item, send
 from service.adapters.aws.dynamo_codec import to_attribute, to_item
-from service.adapters.aws.errors import AWS_FAILURES, unavailable
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
@@ -31,28 +31,19 @@ class DynamoOptOutRegistry:
         }
 
     async def is_opted_out(self, company_id: str, project_id: str, channel: str, recipient: str) -> bool:
-        try:
-            answer = await self._dynamodb.get_item(
-                TableName=self._table,
-                Key=self._key(company_id, project_id, channel, recipient),
-                ProjectionExpression="recipient",
-                ConsistentRead=True,
-            )
-        except AWS_FAILURES as exc:
-            raise unavailable("dynamodb", "GetItem", exc) from exc
-        return "Item" in answer
+        found = await get_item(
+            self._dynamodb,
+            TableName=self._table,
+            Key=self._key(company_id, project_id, channel, recipient),
+            ProjectionExpression="recipient",
+            ConsistentRead=True,
+        )
+        return found is not None
 
     async def opt_out(self, company_id: str, project_id: str, channel: str, recipient: str, at: str) -> None:
         item = {**self._key(company_id, project_id, channel, recipient), **to_item({"opted_out_at": at})}
-        try:
-            await self._dynamodb.put_item(TableName=self._table, Item=item)
-        except AWS_FAILURES as exc:
-            raise unavailable("dynamodb", "PutItem", exc) from exc
+        await send(self._dynamodb.put_item(TableName=self._table, Item=item), "PutItem")
 
     async def opt_in(self, company_id: str, project_id: str, channel: str, recipient: str) -> None:
-        try:
-            await self._dynamodb.delete_item(
-                TableName=self._table, Key=self._key(company_id, project_id, channel, recipient)
-            )
-        except AWS_FAILURES as exc:
-            raise unavailable("dynamodb", "DeleteItem", exc) from exc
+        key = self._key(company_id, project_id, channel, recipient)
+        await send(self._dynamodb.delete_item(TableName=self._table, Key=key), "DeleteItem")

@@ -112,12 +112,4 @@ async def provision_resources(settings: Settings, queue_prefix: str | None = Non
             table_specs(settings),
             queue_specs(queue_prefix or settings.secrets_prefix, settings.visibility_timeout_s),
         )
-    return settings.model_copy(
-        update={
-            "whatsapp_queue_url": urls["whatsapp"],
-            "sms_queue_url": urls["sms"],
-            "email_queue_url": urls["email"],
-            "replies_queue_url": urls["replies"],
-            "handoff_queue_url": urls["handoff"],
-        }
-    )
+    return settings.model_copy(update={f"{kind}_queue_url": url for kind, url in urls.items()})

@@ -16,21 +16,44 @@ returns the refusing record, judged by `claims.decide_reply`. Its transitions:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from service.adapters.aws import conversation_codec as codec
-from service.adapters.aws.dynamo_calls import refusing_item, update_returning
-from service.adapters.aws.dynamo_codec import from_item
-from service.adapters.aws.early_delivery import apply_pending_safely
-from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
-from service.domain.claims import Claim, decide_reply
-from service.domain.conversation import ConversationKey, ConversationRecord, Failure, Message, ReplyAttempt
+from service.adapters.aws.dynamo_calls import update_or_refusal, update_returning
+from service.adapters.aws.early_delivery import DeliveryStates
+from service.domain.claims import RETRIES_EXHAUSTED, Claim, decide_reply
+from service.domain.conversation import (
+    ConversationKey,
+    ConversationRecord,
+    ConversationStatus,
+    Failure,
+    Message,
+    ReplyAttempt,
+)
 from service.domain.ports import ClaimAnswer
 from service.domain.timefmt import utc_iso
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
+
+REPLYING = ConversationStatus.PROCESSING_REPLY.value
+# `claims.decide_reply`: answerable, or processing_reply with a lapsed lease, may be taken.
+CLAIMABLE = (
+    "attribute_exists(conversation_id) AND ((#status IN (:initial, :replied)) "
+    "OR (#status = :replying AND reply_lease_expires <= :now))"
+)
+OWNED = "reply_owner = :owner AND #status = :replying"
+# An opt-out or hand-off that landed while the owner was sending: its reply went out and must still be recorded.
+OWNED_BUT_STOPPED = "reply_owner = :owner AND #status IN (:opted_out, :handed_off)"
+DROP_CLAIM = "REMOVE reply_owner, reply_lease_expires, status_before_reply"
+# The final update, after the status it sets (if any): the messages appended, the fragments marked answered.
+RECORD_REPLY = (
+    "#messages = list_append(if_not_exists(#messages, :empty), :messages), "
+    "processing_time_ms = :ms, updated_at = :stamp "
+    "REMOVE reply_attempt, reply_owner, reply_lease_expires, status_before_reply "
+    "ADD replied_message_sids :sids"
+)
 
 
 class DynamoReplyClaims:
@@ -40,40 +63,65 @@ class DynamoReplyClaims:
         self._clock = clock
 
     async def claim(self, key: ConversationKey, owner: str, lease_until: float, now: float) -> ClaimAnswer:
-        write = codec.claim_reply(owner, lease_until, now, self._stamp())
-        try:
-            answer = await self._dynamodb.update_item(
-                **write.params(self._table, key), ReturnValues="ALL_NEW", ReturnValuesOnConditionCheckFailure="ALL_OLD"
-            )
-        except AWS_FAILURES as exc:
-            if not is_conditional_check_failure(exc):
-                raise unavailable("dynamodb", "UpdateItem", exc) from exc
-            old = codec.record_or_none(refusing_item(exc))
+        """-> processing_reply, remembering the status to return to."""
+        update = (
+            "SET status_before_reply = if_not_exists(status_before_reply, #status), "
+            "#status = :replying, reply_owner = :owner, reply_lease_expires = :lease, updated_at = :stamp"
+        )
+        values = {
+            ":initial": ConversationStatus.INITIAL_MESSAGE_SENT.value,
+            ":replied": ConversationStatus.REPLY_SENT.value,
+            ":replying": REPLYING,
+            ":owner": owner,
+            ":lease": lease_until,
+            ":now": now,
+            ":stamp": self._stamp(),
+        }
+        params = codec.update_params(self._table, key, update, CLAIMABLE, values)
+        taken, item = await update_or_refusal(self._dynamodb, "UpdateItem", **params)
+        if not taken:
+            old = codec.record_or_none(item)
             return ClaimAnswer(decide_reply(old, now), old)
-        return ClaimAnswer(Claim.TAKE, codec.record_from_item(from_item(answer["Attributes"])))
+        return ClaimAnswer(Claim.TAKE, codec.record_from_item(item))
 
     # ---- what the claimant does (each only while it holds the claim) ---------------------------------
 
     async def refresh(self, key: ConversationKey, owner: str, lease_until: float) -> bool:
-        return await self._owned(key, codec.refresh_reply(owner, lease_until), "refresh") is not None
+        return await self._owned(key, owner, "refresh", "SET reply_lease_expires = :lease", {":lease": lease_until})
 
     async def release(self, key: ConversationKey, owner: str) -> bool:
         """The lease lapses at once: a retried trigger finds the claim open to takeover, not held until then."""
-        return await self._owned(key, codec.refresh_reply(owner, 0), "refresh") is not None
+        return await self.refresh(key, owner, 0)
 
     async def record_attempt(self, key: ConversationKey, owner: str, draft: ReplyAttempt) -> bool:
-        write = codec.record_reply_attempt(owner, draft, self._stamp())
-        return await self._owned(key, write, "record_attempt") is not None
+        update = "SET reply_attempt = :attempt, updated_at = :stamp"
+        values = {":attempt": codec.reply_attempt_fields(draft), ":stamp": self._stamp()}
+        return await self._owned(key, owner, "record_attempt", update, values)
 
     async def clear_attempt(self, key: ConversationKey, owner: str) -> bool:
-        return await self._owned(key, codec.clear_reply_attempt(owner), "clear_attempt") is not None
+        return await self._owned(key, owner, "clear_attempt", "REMOVE reply_attempt", {})
 
     async def fail(self, key: ConversationKey, owner: str, failure: Failure) -> bool:
-        operation = "release_exhausted" if failure.exhausted else "fail"
-        return await self._owned(key, codec.fail_reply(owner, failure, self._stamp()), operation) is not None
+        """Failed for good; or, retries exhausted, back to the status before the claim (still answerable) with the
+        failure noted in `last_reply_failure` and `reply_attempt` kept (a reply that may have gone out is reconciled
+        by the next trigger, never sent twice)."""
+        stamp = self._stamp()
+        if not failure.exhausted:
+            update = f"SET #status = :failed, failure_reason = :reason, updated_at = :stamp {DROP_CLAIM}"
+            values = {":failed": failure.status.value, ":reason": failure.reason, ":stamp": stamp}
+            return await self._owned(key, owner, "fail", update, values)
+        noted = {
+            "status": failure.status.value,
+            "reason": failure.reason,
+            "failure_kind": RETRIES_EXHAUSTED,
+            "at": stamp,
+        }
+        update = f"SET #status = status_before_reply, last_reply_failure = :failure, updated_at = :stamp {DROP_CLAIM}"
+        return await self._owned(key, owner, "release_exhausted", update, {":failure": noted, ":stamp": stamp})
 
     async def finish_unanswered(self, key: ConversationKey, owner: str) -> bool:
-        return await self._owned(key, codec.finish_unanswered(owner, self._stamp()), "release") is not None
+        update = f"SET #status = status_before_reply, updated_at = :stamp {DROP_CLAIM}"
+        return await self._owned(key, owner, "release", update, {":stamp": self._stamp()})
 
     async def finalise(
         self,
@@ -83,20 +131,49 @@ class DynamoReplyClaims:
         answered_sids: Sequence[str],
         processing_time_ms: int,
     ) -> ConversationRecord | None:
-        stamp = self._stamp()
-        parts = (owner, messages, answered_sids, processing_time_ms, stamp)
-        item = await self._owned(key, codec.finalise_reply(*parts), "finalise")
+        shared = {
+            ":owner": owner,
+            ":empty": [],
+            ":messages": [codec.message_element(message) for message in messages],
+            ":ms": processing_time_ms,
+            ":stamp": self._stamp(),
+            ":sids": set(answered_sids),
+        }
+        names = {**codec.STATUS_NAME, "#messages": codec.MESSAGES}
+        replied = {**shared, ":replying": REPLYING, ":replied": ConversationStatus.REPLY_SENT.value}
+        item = await self._update("finalise", key, f"SET #status = :replied, {RECORD_REPLY}", OWNED, replied, names)
         if item is None:  # STOP or a hand-off replaced processing_reply while sending: record it, keep that status
-            item = await self._owned(key, codec.finalise_stopped_reply(*parts), "finalise")
+            stopped = {
+                **shared,
+                ":opted_out": ConversationStatus.OPTED_OUT.value,
+                ":handed_off": ConversationStatus.HANDED_OFF.value,
+            }
+            item = await self._update("finalise", key, f"SET {RECORD_REPLY}", OWNED_BUT_STOPPED, stopped, names)
         if item is None:  # the lease lapsed and another trigger took over: it reconciles and finalises
             return None
         # Status callbacks that came before this write (kept in early_delivery): onto the messages it appended.
-        await apply_pending_safely(self._dynamodb, self._table, codec.item_key(key), item, codec.message_ids(messages))
+        sids = [message.message_id for message in messages if message.message_id]
+        await DeliveryStates(self._dynamodb, self._table, key).apply_pending(item, sids)
         return codec.record_from_item(item)
 
-    async def _owned(self, key: ConversationKey, write: codec.Write, operation: str) -> dict[str, Any] | None:
-        """The record as written, or None when `owner` no longer holds the claim."""
-        return await update_returning(self._dynamodb, operation, **write.params(self._table, key))
+    async def _owned(
+        self, key: ConversationKey, owner: str, operation: str, update: str, values: Mapping[str, Any]
+    ) -> bool:
+        values = {":owner": owner, ":replying": REPLYING, **values}
+        return await self._update(operation, key, update, OWNED, values) is not None
+
+    async def _update(
+        self,
+        operation: str,
+        key: ConversationKey,
+        update: str,
+        condition: str,
+        values: Mapping[str, Any],
+        names: Mapping[str, str] = codec.STATUS_NAME,
+    ) -> dict[str, Any] | None:
+        """The record as written, or None when the condition (that `owner` holds the claim) refused it."""
+        params = codec.update_params(self._table, key, update, condition, values, names)
+        return await update_returning(self._dynamodb, operation, **params)
 
     def _stamp(self) -> str:
         return utc_iso(self._clock())

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from service.adapters.aws.dynamo_codec import from_item, to_attribute, to_item
-from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
+from service.adapters.aws.dynamo_calls import applied, get_item, refusal, send
+from service.adapters.aws.dynamo_codec import to_attribute, to_item
 from service.domain.claims import RequestRecord, RequestState
 from service.domain.conversation import Lease
 
@@ -61,54 +61,44 @@ class DynamoRequestLedger:
             item["body_hash"] = record.body_hash
             values[":body_hash"] = to_attribute(record.body_hash)
             condition = CLAIMABLE_FOR_BODY
-        try:
-            await self._dynamodb.put_item(
+        old = await refusal(
+            self._dynamodb.put_item(
                 TableName=self._table,
                 Item=to_item(item),
                 ConditionExpression=condition,
                 ExpressionAttributeValues=values,
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
-            )
-        except AWS_FAILURES as exc:
-            if is_conditional_check_failure(exc):
-                old = getattr(exc, "response", {}).get("Item")
-                return _record(from_item(old)) if old else await self.read(record.key)
-            raise unavailable("dynamodb", "PutItem", exc) from exc
-        return None
+            ),
+            "PutItem",
+        )
+        if old is None:
+            return None
+        return _record(old) if old else await self.read(record.key)
 
     async def read(self, key: str) -> RequestRecord | None:
-        try:
-            answer = await self._dynamodb.get_item(
-                TableName=self._table, Key={"idempotency_key": to_attribute(key)}, ConsistentRead=True
-            )
-        except AWS_FAILURES as exc:
-            raise unavailable("dynamodb", "GetItem", exc) from exc
-        item = answer.get("Item")
-        return _record(from_item(item)) if item else None
+        item = await get_item(self._dynamodb, TableName=self._table, Key=self._key(key), ConsistentRead=True)
+        return None if item is None else _record(item)
 
     async def complete(self, key: str, queue_timestamp: str) -> None:
-        try:
-            await self._dynamodb.update_item(
-                TableName=self._table,
-                Key={"idempotency_key": to_attribute(key)},
-                UpdateExpression="SET request_state = :done, queue_timestamp = :at",
-                ExpressionAttributeValues={
-                    ":done": to_attribute(RequestState.COMPLETED.value),
-                    ":at": to_attribute(queue_timestamp),
-                },
-            )
-        except AWS_FAILURES as exc:
-            raise unavailable("dynamodb", "UpdateItem", exc) from exc
+        update = self._dynamodb.update_item(
+            TableName=self._table,
+            Key=self._key(key),
+            UpdateExpression="SET request_state = :done, queue_timestamp = :at",
+            ExpressionAttributeValues={
+                ":done": to_attribute(RequestState.COMPLETED.value),
+                ":at": to_attribute(queue_timestamp),
+            },
+        )
+        await send(update, "UpdateItem")
 
     async def release(self, key: str) -> None:
-        try:
-            await self._dynamodb.delete_item(
-                TableName=self._table,
-                Key={"idempotency_key": to_attribute(key)},
-                ConditionExpression="request_state = :in_progress",
-                ExpressionAttributeValues={":in_progress": to_attribute(RequestState.IN_PROGRESS.value)},
-            )
-        except AWS_FAILURES as exc:
-            if is_conditional_check_failure(exc):
-                return
-            raise unavailable("dynamodb", "DeleteItem", exc) from exc
+        delete = self._dynamodb.delete_item(
+            TableName=self._table,
+            Key=self._key(key),
+            ConditionExpression="request_state = :in_progress",
+            ExpressionAttributeValues={":in_progress": to_attribute(RequestState.IN_PROGRESS.value)},
+        )
+        await applied(delete, "DeleteItem")  # refused: completed (kept for repeats) or gone
+
+    def _key(self, key: str) -> dict[str, Any]:
+        return {"idempotency_key": to_attribute(key)}

@@ -12,9 +12,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from service.adapters.aws.dynamo_calls import query_items
+from service.adapters.aws.dynamo_calls import applied, query_items, send
 from service.adapters.aws.dynamo_codec import to_attribute, to_item
-from service.adapters.aws.errors import AWS_FAILURES, is_conditional_check_failure, unavailable
 from service.domain.conversation import ConversationKey
 from service.domain.errors import DependencyUnavailable
 from service.domain.inbound import Fragment
@@ -46,15 +45,10 @@ class DynamoReplyStage:
                 "expires_at": expires_at,
             }
         )
-        try:
-            await self._dynamodb.put_item(
-                TableName=self._stage_table, Item=item, ConditionExpression="attribute_not_exists(message_sid)"
-            )
-        except AWS_FAILURES as exc:
-            if is_conditional_check_failure(exc):
-                return False
-            raise unavailable("dynamodb", "PutItem", exc) from exc
-        return True
+        put = self._dynamodb.put_item(
+            TableName=self._stage_table, Item=item, ConditionExpression="attribute_not_exists(message_sid)"
+        )
+        return await applied(put, "PutItem")
 
     async def staged(self, conversation_id: str) -> list[Fragment]:
         """Every staged fragment of the conversation (strongly consistent, all pages)."""
@@ -87,10 +81,8 @@ class DynamoReplyStage:
     async def _batch_write(self, requests: list[Any]) -> None:
         pending = requests
         for attempt in range(UNPROCESSED_RETRIES):
-            try:
-                answer = await self._dynamodb.batch_write_item(RequestItems={self._stage_table: pending})
-            except AWS_FAILURES as exc:
-                raise unavailable("dynamodb", "BatchWriteItem", exc) from exc
+            batch = self._dynamodb.batch_write_item(RequestItems={self._stage_table: pending})
+            answer = await send(batch, "BatchWriteItem")
             pending = list(answer.get("UnprocessedItems", {}).get(self._stage_table, []))
             if not pending:
                 return
@@ -107,36 +99,27 @@ class DynamoReplyStage:
         (cut or crashed in between) queues it then; one whose trigger is known queued does not queue a second
         (a second would be harmless anyway: the reply claim deduplicates)."""
         item = to_item({"conversation_id": conversation_id, "holder": holder, "expires_at": expires_at})
-        try:
-            await self._dynamodb.put_item(
-                TableName=self._lock_table,
-                Item=item,
-                ConditionExpression=(
-                    "attribute_not_exists(conversation_id) OR expires_at <= :now"
-                    " OR (holder = :holder AND attribute_not_exists(trigger_queued))"
-                ),
-                ExpressionAttributeValues={":now": to_attribute(int(now)), ":holder": to_attribute(holder)},
-            )
-        except AWS_FAILURES as exc:
-            if is_conditional_check_failure(exc):
-                return False
-            raise unavailable("dynamodb", "PutItem", exc) from exc
-        return True
+        put = self._dynamodb.put_item(
+            TableName=self._lock_table,
+            Item=item,
+            ConditionExpression=(
+                "attribute_not_exists(conversation_id) OR expires_at <= :now"
+                " OR (holder = :holder AND attribute_not_exists(trigger_queued))"
+            ),
+            ExpressionAttributeValues={":now": to_attribute(int(now)), ":holder": to_attribute(holder)},
+        )
+        return await applied(put, "PutItem")
 
     async def mark_queued(self, conversation_id: str, holder: str) -> None:
         """Note on `holder`'s lock that its trigger is queued (its retries then no longer re-take it)."""
-        try:
-            await self._dynamodb.update_item(
-                TableName=self._lock_table,
-                Key={"conversation_id": to_attribute(conversation_id)},
-                UpdateExpression="SET trigger_queued = :yes",
-                ConditionExpression="holder = :holder",
-                ExpressionAttributeValues={":yes": to_attribute(True), ":holder": to_attribute(holder)},
-            )
-        except AWS_FAILURES as exc:
-            if is_conditional_check_failure(exc):
-                return
-            raise unavailable("dynamodb", "UpdateItem", exc) from exc
+        update = self._dynamodb.update_item(
+            TableName=self._lock_table,
+            Key={"conversation_id": to_attribute(conversation_id)},
+            UpdateExpression="SET trigger_queued = :yes",
+            ConditionExpression="holder = :holder",
+            ExpressionAttributeValues={":yes": to_attribute(True), ":holder": to_attribute(holder)},
+        )
+        await applied(update, "UpdateItem")  # refused: the lock is no longer `holder`'s
 
     async def release_lock(self, conversation_id: str, holder: str | None = None) -> None:
         """Drop the lock (only `holder`'s, when given)."""
@@ -147,9 +130,4 @@ class DynamoReplyStage:
         if holder is not None:
             params["ConditionExpression"] = "holder = :holder"
             params["ExpressionAttributeValues"] = {":holder": to_attribute(holder)}
-        try:
-            await self._dynamodb.delete_item(**params)
-        except AWS_FAILURES as exc:
-            if is_conditional_check_failure(exc):
-                return
-            raise unavailable("dynamodb", "DeleteItem", exc) from exc
+        await applied(self._dynamodb.delete_item(**params), "DeleteItem")

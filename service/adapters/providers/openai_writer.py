@@ -30,7 +30,7 @@ from service.domain.provider_ports import (
     TransientProviderError,
 )
 
-__all__ = ["BackoffPolicy", "OpenAiWriter", "PollPolicy", "classify_openai_failure"]
+__all__ = ["OpenAiWriter", "classify_openai_failure"]
 
 log = structlog.get_logger(__name__)
 
@@ -41,27 +41,6 @@ TRANSIENT_HTTP_STATUSES = frozenset({408, 409, 429})
 # `failed` background responses whose cause is on OpenAI's side: a new attempt can succeed.
 TRANSIENT_RESPONSE_ERRORS = frozenset({"server_error", "rate_limit_exceeded", "vector_store_timeout"})
 OUTPUT_FORMAT_NAME = "message"
-
-
-@dataclass(frozen=True, slots=True)
-class BackoffPolicy:
-    """Retry delays: `base_s * 2**(attempt-1)` capped at `cap_s`, scaled by a jitter in [0.5, 1.0)."""
-
-    max_attempts: int = 4
-    base_s: float = 0.5
-    cap_s: float = 8.0
-
-    def delay(self, attempt: int, retry_after_s: float | None, jitter: float) -> float:
-        backoff = min(self.cap_s, self.base_s * 2.0 ** (attempt - 1)) * (0.5 + jitter / 2)
-        return max(backoff, retry_after_s or 0.0)
-
-
-@dataclass(frozen=True, slots=True)
-class PollPolicy:
-    """Background polling: first look after `first_s`, then doubling up to `cap_s`."""
-
-    first_s: float = 0.5
-    cap_s: float = 5.0
 
 
 @dataclass(slots=True)
@@ -76,9 +55,10 @@ class OpenAiWriter:
 
     `http_client` is the shared pool (size its `limits` for the worker concurrency); when None the writer
     builds and owns one, and `close()` closes only a pool it owns. `base_url` is the API root including
-    `/v1` (None: the SDK's default). `max_attempts` counts attempts per API call (create, each retrieve).
-    `sleep` waits out retry delays and the pauses between background polls; `request.timeout_s` bounds
-    the whole write on the event loop's time whatever `sleep` does.
+    `/v1` (None: the SDK's default). `max_attempts` counts attempts per API call (create, each retrieve); retry
+    delays double from `backoff_base_s` up to `backoff_cap_s`, scaled by a jitter in [0.5, 1.0), and background
+    polls double from `poll_first_s` up to `poll_cap_s`. `sleep` waits out retry delays and the pauses between
+    polls; `request.timeout_s` bounds the whole write on the event loop's time whatever `sleep` does.
     """
 
     def __init__(
@@ -102,8 +82,11 @@ class OpenAiWriter:
         self._owns_http_client = http_client is None
         self._http_client = http_client or default_http_client()
         self._base_url = base_url
-        self._backoff = BackoffPolicy(max_attempts, backoff_base_s, backoff_cap_s)
-        self._poll = PollPolicy(poll_first_s, poll_cap_s)
+        self._max_attempts = max_attempts
+        self._backoff_base_s = backoff_base_s
+        self._backoff_cap_s = backoff_cap_s
+        self._poll_first_s = poll_first_s
+        self._poll_cap_s = poll_cap_s
         self._thread_timeout_s = thread_timeout_s
         self._cancel_timeout_s = cancel_timeout_s
         self._max_clients = max_clients
@@ -112,16 +95,15 @@ class OpenAiWriter:
         self._clients: OrderedDict[str, AsyncOpenAI] = OrderedDict()
         self._cleanup_tasks: set[asyncio.Task[None]] = set()
 
-    # ---- AiWriter ------------------------------------------------------------------------------
-
     async def start_thread(self, api_key: str, metadata: dict[str, str]) -> str:
         client = self._client_for(api_key)
+        deadline = asyncio.get_running_loop().time() + self._thread_timeout_s
         try:
-            async with asyncio.timeout(self._thread_timeout_s) as scope:
+            async with asyncio.timeout_at(deadline):
                 conversation = await self._call(
                     "conversations.create",
                     lambda: client.conversations.create(metadata=dict(metadata) or omit),
-                    deadline_of(scope),
+                    deadline,
                 )
         except TimeoutError:
             raise TransientProviderError("ai_timeout", code="conversations.create") from None
@@ -131,14 +113,15 @@ class OpenAiWriter:
         client = self._client_for(request.api_key)
         run = _BackgroundRun()
         started = time.monotonic()
+        deadline = asyncio.get_running_loop().time() + request.timeout_s
         try:
-            async with asyncio.timeout(request.timeout_s) as scope:
-                response = await self._generate(client, request, deadline_of(scope), run)
+            async with asyncio.timeout_at(deadline):
+                response = await self._generate(client, request, deadline, run)
         except TimeoutError:
-            await self._cancel_pending(client, run)
+            await self._cancel_response(client, run.pending_id)
             raise TransientProviderError("ai_timeout", code="timeout") from None
         except ProviderError:  # e.g. polling kept failing: stop the model so a retry starts clean
-            await self._cancel_pending(client, run)
+            await self._cancel_response(client, run.pending_id)
             raise
         except asyncio.CancelledError:
             self._cancel_in_background(client, run)
@@ -155,38 +138,30 @@ class OpenAiWriter:
         return result
 
     async def close(self) -> None:
-        """Wait for best-effort cancels still running; close the HTTP pool only if this writer built it."""
         if self._cleanup_tasks:
             await asyncio.gather(*self._cleanup_tasks, return_exceptions=True)
         self._clients.clear()
         if self._owns_http_client:
             await self._http_client.aclose()
 
-    # ---- generation ----------------------------------------------------------------------------
-
     async def _generate(
         self, client: AsyncOpenAI, request: AiRequest, deadline: float, run: _BackgroundRun
     ) -> Response:
         response = await self._call("responses.create", lambda: create_response(client, request), deadline)
-        if response.status in TERMINAL_STATUSES or response.status is None:
-            return finished(response)
-        run.pending_id = response.id
-        response = await self._poll_until_terminal(client, response.id, deadline)
-        run.pending_id = None
+        if response.status not in TERMINAL_STATUSES and response.status is not None:
+            run.pending_id = response.id
+            response = await self._poll_until_terminal(client, response.id, deadline)
+            run.pending_id = None
         return finished(response)
 
     async def _poll_until_terminal(self, client: AsyncOpenAI, response_id: str, deadline: float) -> Response:
-        delay = self._poll.first_s
+        delay = self._poll_first_s
         while True:
             await self._sleep(delay)
             response = await self._call("responses.retrieve", lambda: client.responses.retrieve(response_id), deadline)
             if response.status in TERMINAL_STATUSES:
                 return response
-            delay = min(delay * 2, self._poll.cap_s)
-
-    async def _cancel_pending(self, client: AsyncOpenAI, run: _BackgroundRun) -> None:
-        if run.pending_id is not None:
-            await self._cancel_response(client, run.pending_id)
+            delay = min(delay * 2, self._poll_cap_s)
 
     def _cancel_in_background(self, client: AsyncOpenAI, run: _BackgroundRun) -> None:
         """The caller gave up (shutdown, lost lease): stop the model without delaying the cancellation."""
@@ -196,8 +171,10 @@ class OpenAiWriter:
         self._cleanup_tasks.add(task)
         task.add_done_callback(self._cleanup_tasks.discard)
 
-    async def _cancel_response(self, client: AsyncOpenAI, response_id: str) -> None:
+    async def _cancel_response(self, client: AsyncOpenAI, response_id: str | None) -> None:
         """Best effort: a failed cancel only means the model finishes a response nobody reads."""
+        if response_id is None:
+            return
         try:
             async with asyncio.timeout(self._cancel_timeout_s):
                 await client.responses.cancel(response_id)
@@ -206,10 +183,7 @@ class OpenAiWriter:
             return
         log.info("ai.cancelled", response_id=response_id)
 
-    # ---- retries -------------------------------------------------------------------------------
-
     async def _call(self, operation: str, call: Callable[[], Awaitable[T]], deadline: float) -> T:
-        """`call()` with retries of transient failures while attempts and the time budget last."""
         attempt = 1
         while True:
             try:
@@ -232,13 +206,12 @@ class OpenAiWriter:
         """How long to wait before the next attempt, or None to give up (then `failure` says when to retry)."""
         if not isinstance(failure, TransientProviderError):
             return None
-        delay = self._backoff.delay(attempt, failure.retry_after_s, self._jitter())
-        if attempt >= self._backoff.max_attempts or asyncio.get_running_loop().time() + delay >= deadline:
+        backoff = min(self._backoff_cap_s, self._backoff_base_s * 2.0 ** (attempt - 1)) * (0.5 + self._jitter() / 2)
+        delay = max(backoff, failure.retry_after_s or 0.0)
+        if attempt >= self._max_attempts or asyncio.get_running_loop().time() + delay >= deadline:
             failure.retry_after_s = failure.retry_after_s or delay
             return None
         return delay
-
-    # ---- clients -------------------------------------------------------------------------------
 
     def _client_for(self, api_key: str) -> AsyncOpenAI:
         """The cached SDK client for one API key (a least-recently-used cap bounds the cache)."""
@@ -254,22 +227,12 @@ class OpenAiWriter:
         return client
 
 
-# ---- pure helpers --------------------------------------------------------------------------------
-
-
 def default_http_client() -> httpx2.AsyncClient:
     """A modest pool for callers that do not size their own."""
     return httpx2.AsyncClient(
         limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20),
         timeout=httpx2.Timeout(60.0, connect=5.0),
     )
-
-
-def deadline_of(scope: asyncio.Timeout) -> float:
-    when = scope.when()
-    if when is None:
-        raise ValueError("the timeout scope has no deadline")
-    return when
 
 
 def output_format(keys: tuple[str, ...]) -> ResponseFormatTextJSONSchemaConfigParam:
@@ -345,7 +308,13 @@ def parse_output(text: str, output_keys: tuple[str, ...]) -> dict[str, str]:
 def classify_openai_failure(exc: openai.OpenAIError) -> ProviderError:
     """Transient: 408/409/429/5xx, timeouts, connection errors. Permanent: every other 4xx and the rest."""
     if isinstance(exc, openai.APIStatusError):
-        return classify_status_error(exc)
+        status = exc.status_code
+        code = exc.code or str(status)
+        if status == 429 and exc.code == "insufficient_quota":  # billing, not load: waiting will not help
+            return PermanentProviderError("ai_rejected", code=code)
+        if status in TRANSIENT_HTTP_STATUSES or status >= 500:
+            return TransientProviderError("ai_unavailable", code=code, retry_after_s=retry_after_s(exc.response))
+        return PermanentProviderError("ai_rejected", code=code)
     if isinstance(exc, openai.APITimeoutError):
         return TransientProviderError("ai_unavailable", code="timeout")
     if isinstance(exc, openai.APIConnectionError):
@@ -353,38 +322,21 @@ def classify_openai_failure(exc: openai.OpenAIError) -> ProviderError:
     return PermanentProviderError("ai_client_error", code=type(exc).__name__)
 
 
-def classify_status_error(exc: openai.APIStatusError) -> ProviderError:
-    status = exc.status_code
-    code = exc.code or str(status)
-    if status == 429 and exc.code == "insufficient_quota":  # billing, not load: waiting will not help
-        return PermanentProviderError("ai_rejected", code=code)
-    if status in TRANSIENT_HTTP_STATUSES or status >= 500:
-        return TransientProviderError("ai_unavailable", code=code, retry_after_s=retry_after_s(exc.response))
-    return PermanentProviderError("ai_rejected", code=code)
-
-
 def retry_after_s(response: httpx2.Response) -> float | None:
     """`retry-after-ms`, else `Retry-After` (seconds or an HTTP date), as seconds from now."""
     headers = response.headers
-    millis = parse_float(headers.get("retry-after-ms"))
-    if millis is not None:
-        return max(millis / 1000, 0.0)
+    try:
+        return max(float(headers["retry-after-ms"]) / 1000, 0.0)
+    except (KeyError, ValueError):
+        pass
     raw = headers.get("retry-after")
     if raw is None:
         return None
-    seconds = parse_float(raw)
-    if seconds is not None:
-        return max(seconds, 0.0)
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        pass
     try:
         return max(parsedate_to_datetime(raw).timestamp() - time.time(), 0.0)
     except (TypeError, ValueError):
-        return None
-
-
-def parse_float(raw: str | None) -> float | None:
-    if raw is None:
-        return None
-    try:
-        return float(raw)
-    except ValueError:
         return None

@@ -35,9 +35,7 @@ MAX_REASON_CHARS = 300
 
 class SendGridSender:
     """`MessageSender` for `email`. The caller owns `session` (one per process) and closes it.
-
-    `base_url` is the API root (https://api.sendgrid.com, or a sandbox); `timeout_s` bounds each send.
-    """
+    `base_url` is the API root (https://api.sendgrid.com, or a sandbox); `timeout_s` bounds each send."""
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, timeout_s: float) -> None:
         if timeout_s <= 0:
@@ -68,9 +66,6 @@ class SendGridSender:
         raise PermanentProviderError("sendgrid_lookup_unsupported")
 
 
-# ---- request -------------------------------------------------------------------------------------
-
-
 def mail_body(message: OutboundMessage) -> dict[str, Any]:
     """The v3 mail send body: one recipient, plain text first and a simple HTML version of the same text."""
     text = message.body or ""
@@ -95,9 +90,6 @@ def html_version(text: str) -> str:
     """Paragraphs on blank lines, line breaks within them, everything escaped."""
     paragraphs = [part.strip() for part in text.replace("\r\n", "\n").split("\n\n") if part.strip()]
     return "".join(f"<p>{html.escape(part).replace(chr(10), '<br>')}</p>" for part in paragraphs)
-
-
-# ---- answers -------------------------------------------------------------------------------------
 
 
 def accepted(message_id: str | None, reference: str | None) -> SentMessage:

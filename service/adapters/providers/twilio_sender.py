@@ -86,11 +86,10 @@ class TwilioSender:
         """The newest message Twilio holds that matches `message` (see `is_same_message`), else None."""
         client = self._client_for(message.credentials)
         to, from_ = addresses(message)
+        start = lookup_start(since_epoch_s)
         try:
             records = await self._bounded(
-                client.messages.list_async(
-                    to=to, from_=from_, date_sent_after=lookup_start(since_epoch_s), limit=LOOKUP_LIMIT
-                )
+                client.messages.list_async(to=to, from_=from_, date_sent_after=start, limit=LOOKUP_LIMIT)
             )
         except LOOKUP_FAILURES as exc:
             raise logged(lookup_failure(exc), message.channel) from exc
@@ -99,7 +98,6 @@ class TwilioSender:
         return None if found is None else SentMessage(provider_message_id=str(found.sid), status=found.status)
 
     async def close(self) -> None:
-        """Close the shared HTTP client only when this sender was told it owns it."""
         self._clients.clear()
         if self._owns_http_client:
             await self._http_client.close()
@@ -124,9 +122,6 @@ class TwilioSender:
                 self._clients.popitem(last=False)
         self._clients.move_to_end(key)
         return client
-
-
-# ---- request building ----------------------------------------------------------------------------
 
 
 def channel_address(channel: str, number: str) -> str:
@@ -165,21 +160,15 @@ def lookup_start(since_epoch_s: float) -> datetime:
     return datetime.fromtimestamp(math.floor(since_epoch_s - CLOCK_SKEW_S), UTC)
 
 
-# ---- matching and errors -------------------------------------------------------------------------
-
-
 def is_same_message(record: Any, message: OutboundMessage, since_epoch_s: float) -> bool:
-    """Whether a listed Twilio message is the send of `message`.
-
-    Same To and From, created no earlier than `since` (less the skew allowance), and: for a body send
-    the same body (ignoring surrounding whitespace); for a template send no body check, because Twilio
-    stores the rendered template text, which only Twilio knows.
+    """Same To and From, created no earlier than `lookup_start`, and for a body send the same body (ignoring
+    surrounding whitespace). A template send has no body check: Twilio stores the rendered text, which only it knows.
     """
     to, from_ = addresses(message)
     if record.to != to or record.from_ != from_:
         return False
     created: datetime | None = record.date_created or record.date_sent
-    if created is not None and created.timestamp() < math.floor(since_epoch_s - CLOCK_SKEW_S):
+    if created is not None and created.timestamp() < lookup_start(since_epoch_s).timestamp():
         return False
     if message.channel == "whatsapp" and message.content_sid:
         return True
