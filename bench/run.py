@@ -102,6 +102,7 @@ async def open_stack(options: BenchOptions, exits: AsyncExitStack) -> Stack:
     base = load_settings(
         host="127.0.0.1",
         port=port,
+        metrics_port=free_port(),
         aws_endpoint_url=moto.url,
         consumer_concurrency=options.concurrency,
         consumer_queues="whatsapp",

@@ -33,6 +33,7 @@ class ServiceProcess:
         self.settings = settings
         self.log_path = log_path
         self.base_url = f"http://127.0.0.1:{settings.port}"
+        self.metrics_url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -66,8 +67,8 @@ class ServiceProcess:
         raise RuntimeError(f"service not ready within {timeout_s:.0f} s; see {self.log_path}")
 
     async def metrics(self) -> dict[str, float]:
-        """The service's /metrics as {"name{label=value,...}": value}."""
-        async with aiohttp.ClientSession() as session, session.get(f"{self.base_url}/metrics") as answer:
+        """The service's /metrics (on its metrics port) as {"name{label=value,...}": value}."""
+        async with aiohttp.ClientSession() as session, session.get(self.metrics_url) as answer:
             text = await answer.text()
         flat: dict[str, float] = {}
         for family in text_string_to_metric_families(text):

@@ -3,11 +3,14 @@ and a queue's RedrivePolicy."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 import structlog
+from botocore.exceptions import BotoCoreError, ClientError
 
 from consumers.contracts import QueueMessage
 from service.aws_failures import AWS_FAILURES, error_code
@@ -17,6 +20,8 @@ if TYPE_CHECKING:
     from types_aiobotocore_sqs.type_defs import MessageAttributeValueTypeDef, MessageTypeDef
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 def to_queue_message(raw: MessageTypeDef) -> QueueMessage:
@@ -77,11 +82,82 @@ async def find_redrive_policy(sqs: SQSClient, queue_url: str) -> RedrivePolicy:
     return RedrivePolicy(url, max_receives)
 
 
-async def read_redrive_policy(sqs: SQSClient, queue_url: str, queue: str) -> RedrivePolicy:
-    """`find_redrive_policy`, read once when the consumers are built; unreadable, none: no receive counts as the
+class StartupStopped(Exception):
+    """The process was told to stop while it waited for SQS at start-up."""
+
+
+def sqs_did_not_answer(exc: BaseException) -> bool:
+    """No answer from SQS: unreachable, timed out, throttled or failing on its side (worth waiting for), as
+    opposed to an answer such as AccessDenied or NonExistentQueue."""
+    if isinstance(exc, BotoCoreError):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or status == 429 or "Throttl" in (error_code(exc) or "")
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class StartupRetry:
+    """Start-up waits for SQS rather than exit: a call SQS does not answer is retried after a capped,
+    doubling delay (no jitter: one process, a few calls), until it answers or `stop` is set."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    base_s: float = 0.5
+    cap_s: float = 30.0
+
+    async def call(self, what: str, queue: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()` until SQS answers; raises `StartupStopped` as soon as `stop` is set (mid-call included)."""
+        delay = self.base_s
+        failures = 0
+        while True:
+            try:
+                return await self._unless_stopped(attempt())
+            except AWS_FAILURES as exc:
+                if not sqs_did_not_answer(exc):
+                    raise
+                failures += 1
+                log.warning(
+                    "sqs_unavailable_at_startup",
+                    call=what,
+                    queue=queue,
+                    failures=failures,
+                    code=error_code(exc) or type(exc).__name__,
+                    retry_in_s=delay,
+                )
+            await self._unless_stopped(self.sleep(delay))
+            delay = min(self.cap_s, delay * 2)
+
+    async def _unless_stopped(self, step: Awaitable[T]) -> T:
+        if self.stop.is_set():
+            if asyncio.iscoroutine(step):
+                step.close()
+            raise StartupStopped
+        task: asyncio.Future[T] = asyncio.ensure_future(step)
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(self.stop.wait())
+        either: set[asyncio.Future[Any]] = {task, stopped}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+            raise StartupStopped
+        return task.result()
+
+
+async def read_redrive_policy(
+    sqs: SQSClient, queue_url: str, queue: str, retry: StartupRetry | None = None
+) -> RedrivePolicy:
+    """`find_redrive_policy`, read once when the consumers are built. While SQS does not answer, `retry` waits
+    and asks again (without one: as unreadable). Unreadable (an error answer), none: no receive counts as the
     last (the processors keep retrying and SQS's own redrive still applies) and the runtime looks up the DLQ."""
     try:
-        return await find_redrive_policy(sqs, queue_url)
+        if retry is None:
+            return await find_redrive_policy(sqs, queue_url)
+        return await retry.call("read_redrive_policy", queue, lambda: find_redrive_policy(sqs, queue_url))
     except AWS_FAILURES as exc:
         log.warning("redrive_policy_unreadable", queue=queue, code=error_code(exc) or type(exc).__name__)
         return NO_REDRIVE_POLICY

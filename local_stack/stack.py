@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from local_stack.moto_server import MotoServer, start_moto_server
+from local_stack.moto_server import MotoServer, free_port, start_moto_server
 from local_stack.openai_sandbox import create_openai_sandbox
 from local_stack.sandbox_http import RunningServer, SandboxControl, serve
 from local_stack.seed import (
@@ -60,6 +60,8 @@ async def local_stack(base: Settings, *, ai_latency_s: float = 0.2) -> AsyncIter
                 "twilio_base_url": twilio.url,
                 "sendgrid_base_url": sendgrid.url,
                 "public_base_url": base.public_base_url or f"http://127.0.0.1:{base.port}",
+                # Two local runs must not collide on the default metrics port: a free one unless set.
+                "metrics_port": base.metrics_port if "metrics_port" in base.model_fields_set else free_port(),
             }
         )
         async with build(settings) as deps:
@@ -107,7 +109,8 @@ def ready_banner(stack: LocalStack) -> str:
         [
             "",
             "AI Multi-Comms Engine is running on the embedded local stack.",
-            f"  API              http://127.0.0.1:{port}  (health /healthz, readiness /readyz, metrics /metrics)",
+            f"  API              http://127.0.0.1:{port}  (health /healthz, readiness /readyz)",
+            f"  Metrics          http://127.0.0.1:{stack.settings.metrics_port}/metrics",
             f"  AWS (moto)       {stack.moto.url}",
             f"  OpenAI sandbox   {stack.openai.url}/v1",
             f"  Twilio sandbox   {stack.twilio.url}   (sent messages: {stack.twilio.url}/_sandbox/twilio/messages)",

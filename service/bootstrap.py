@@ -22,7 +22,7 @@ from consumers.contracts import Processor
 from consumers.metrics import ConsumerMetrics
 from consumers.reply_sender import ReplyPorts, ReplySender, ReplySenderConfig
 from consumers.runtime import ConsumerConfig, QueueConsumer
-from consumers.sqs_messages import read_redrive_policy
+from consumers.sqs_messages import StartupRetry, read_redrive_policy
 from consumers.template_sender import TemplatePorts, TemplateSender, TemplateSenderConfig
 from service.adapters.aws.api_key_store import DynamoApiKeyStore
 from service.adapters.aws.clients import AwsClients, open_aws_clients
@@ -41,7 +41,14 @@ from service.adapters.providers.sendgrid_sender import SendGridSender
 from service.adapters.providers.twilio_client import build_async_http_client
 from service.adapters.providers.twilio_sender import TwilioSender
 from service.adapters.providers.twilio_signature import TwilioSignatureVerifier
-from service.config import CHANNELS, ConfigurationError, Settings
+from service.config import (
+    CHANNELS,
+    FINISH_TIMEOUT_S,
+    PROTECTED_GRACE_S,
+    RECEIVE_MARGIN_S,
+    ConfigurationError,
+    Settings,
+)
 from service.domain.inbound_intake import InboundIntake, IntakeConfig, IntakePorts
 from service.domain.initiation import ConversationInitiator, InitiationPorts
 from service.domain.ports import (
@@ -144,9 +151,11 @@ def aws_adapters(settings: Settings, aws: AwsClients, clock: Callable[[], float]
 
 @asynccontextmanager
 async def build(
-    settings: Settings, *, expects_consumers: bool = False, **overrides: Any
+    settings: Settings, *, expects_consumers: bool = False, startup: StartupRetry | None = None, **overrides: Any
 ) -> AsyncIterator[Dependencies]:
-    """Every adapter and use case of one process; `overrides` replace adapters by their `Adapters` name."""
+    """Every adapter and use case of one process; `overrides` replace adapters by their `Adapters` name.
+    `startup` makes building the consumers wait for an SQS that does not answer (until its `stop` is set,
+    then `StartupStopped`); without it such a queue's RedrivePolicy counts as unreadable."""
     unknown = set(overrides) - ADAPTER_NAMES
     if unknown:
         raise TypeError(f"build() got adapters it does not know: {', '.join(sorted(unknown))}")
@@ -157,7 +166,7 @@ async def build(
         consumers: list[QueueConsumer] = []
         if expects_consumers:
             adapters = await _with_providers(settings, adapters, stack)
-            consumers = await build_consumers(settings, aws, adapters, registry)
+            consumers = await build_consumers(settings, aws, adapters, registry, startup)
         yield Dependencies(
             settings=settings,
             aws=aws,
@@ -224,9 +233,14 @@ async def _with_providers(settings: Settings, adapters: Adapters, stack: AsyncEx
 
 
 async def build_consumers(
-    settings: Settings, aws: AwsClients, adapters: Adapters, registry: CollectorRegistry
+    settings: Settings,
+    aws: AwsClients,
+    adapters: Adapters,
+    registry: CollectorRegistry,
+    startup: StartupRetry | None = None,
 ) -> list[QueueConsumer]:
-    """One `QueueConsumer` per consumed queue (channel queues and replies), each told its queue's redrive policy."""
+    """One `QueueConsumer` per consumed queue (channel queues and replies), each told its queue's redrive policy
+    (read through `startup`, which waits while SQS does not answer)."""
     queues = settings.consumed_queues
     missing = [q for q in queues if not settings.queue_url(q)]
     if missing:
@@ -236,17 +250,24 @@ async def build_consumers(
         )
     assert adapters.ai is not None and adapters.senders is not None  # `_with_providers` ran
     metrics = ConsumerMetrics(registry)
-    callback = f"{settings.public_base_url.rstrip('/')}/webhooks/twilio/status" if settings.public_base_url else None
+    callback = (
+        f"{settings.public_base_url.rstrip('/')}/webhooks/twilio/status"
+        if settings.public_base_url and settings.webhooks_enabled
+        else None
+    )
     consumer_config = ConsumerConfig(
         concurrency=settings.consumer_concurrency,
         visibility_timeout_s=settings.visibility_timeout_s,
         wait_time_s=settings.poll_wait_s,
+        receive_margin_s=RECEIVE_MARGIN_S,
+        protected_grace_s=PROTECTED_GRACE_S,
+        finish_timeout_s=FINISH_TIMEOUT_S,
     )
     consumers: list[QueueConsumer] = []
     for queue in queues:
         queue_url = settings.queue_url(queue)
         assert queue_url is not None  # checked above
-        redrive = await read_redrive_policy(aws.sqs, queue_url, queue)
+        redrive = await read_redrive_policy(aws.sqs, queue_url, queue, startup)
         processor: Processor
         if queue == "replies":
             processor = ReplySender(

@@ -12,7 +12,7 @@ import asyncio
 import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from service.adapters.aws.provisioning import provision_resources
 from service.config import ConfigurationError, Settings, load_settings
@@ -62,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _serving(serve: Callable[[], None]) -> int:
+    """Run the service; a configuration it cannot start with (found at start-up) exits 2 with the reason."""
+    try:
+        serve()
+    except ConfigurationError as exc:
+        print(f"comms: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -76,9 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if importlib.util.find_spec("local_stack") is None:  # the image ships the service only
             print("comms: `comms local` needs the embedded stack of a source checkout (make local)", file=sys.stderr)
             return EXIT_CONFIG
-        asyncio.run(_run_local(settings, args.role, args.ai_latency))
+        return _serving(lambda: asyncio.run(_run_local(settings, args.role, args.ai_latency)))
     elif args.command == "serve":
-        asyncio.run(run_service(settings, args.role))
+        return _serving(lambda: asyncio.run(run_service(settings, args.role)))
     elif args.command == "bootstrap":
         asyncio.run(_bootstrap(settings))
     elif args.command in OPERATOR_COMMANDS:

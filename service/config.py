@@ -15,6 +15,12 @@ Channel = Literal["whatsapp", "sms", "email"]
 CHANNELS: tuple[Channel, ...] = ("whatsapp", "sms", "email")
 CONSUMABLE_QUEUES = (*CHANNELS, "replies")
 
+# The stop path's fixed bounds (see `Settings.stop_budget_s`); the consumer runtime and the runner use these.
+PROTECTED_GRACE_S = 10.0  # ConsumerConfig.protected_grace_s: extra wait for work inside lease.protected()
+RECEIVE_MARGIN_S = 5.0  # ConsumerConfig.receive_margin_s: how long past poll_wait_s an open poll may run at stop
+FINISH_TIMEOUT_S = 30.0  # ConsumerConfig.finish_timeout_s: longest wait for finishing SQS calls
+HTTP_SHUTDOWN_S = 5.0  # the HTTP runner's shutdown timeout for in-flight requests
+
 
 class ConfigurationError(Exception):
     """The environment does not describe a runnable service."""
@@ -56,6 +62,14 @@ class Settings(BaseSettings):
     # HTTP API
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=0, le=65535)
+    metrics_port: int = Field(
+        9090, ge=1, le=65535, description="Port of the Prometheus /metrics listener (on `host`), never `port`"
+    )
+    webhooks_enabled: bool = Field(
+        True,
+        description="Mount the Twilio webhooks and ask for status callbacks; an api/all process then needs"
+        " public_base_url",
+    )
     cors_allow_origin: str = "*"
     max_body_bytes: int = Field(64 * 1024, gt=0)
     rate_limit_per_second: float = Field(10.0, gt=0)
@@ -76,7 +90,12 @@ class Settings(BaseSettings):
     # Consumers
     consumer_concurrency: int = Field(64, ge=1, le=2000)
     visibility_timeout_s: int = Field(60, ge=10, le=43200)
-    drain_grace_s: float = Field(25.0, ge=0)
+    drain_grace_s: float = Field(
+        110.0,
+        ge=0,
+        description="Time in-flight work gets on SIGTERM; at least ai_timeout_s + provider_timeout_s (one AI call"
+        " and one send), so a rollout does not cancel an AI call",
+    )
     poll_wait_s: int = Field(
         20, ge=1, le=20, description="SQS long-poll WaitTimeSeconds; a stop waits for the open poll up to this + 5 s"
     )
@@ -114,7 +133,23 @@ class Settings(BaseSettings):
         # A waiting duplicate must be able to answer 409 itself before the request deadline answers 503.
         if self.duplicate_wait_s >= self.request_deadline_s:
             raise ValueError("duplicate_wait_s must be shorter than request_deadline_s")
+        # A rollout must not cancel work that is inside its AI call and send: the drain outlasts both.
+        if self.drain_grace_s < self.ai_timeout_s + self.provider_timeout_s:
+            raise ValueError(
+                f"drain_grace_s ({self.drain_grace_s:g}) must be at least ai_timeout_s ({self.ai_timeout_s:g})"
+                f" + provider_timeout_s ({self.provider_timeout_s:g})"
+            )
+        if self.metrics_port == self.port:
+            raise ValueError(f"metrics_port must differ from port (both {self.port})")
         return self
+
+    def require_public_base_url(self) -> None:
+        """An HTTP API with webhooks needs the public URL Twilio calls back (status callbacks, signatures)."""
+        if self.webhooks_enabled and not self.public_base_url:
+            raise ConfigurationError(
+                "COMMS_PUBLIC_BASE_URL is not set: the Twilio webhooks need the public URL Twilio calls"
+                " (or set COMMS_WEBHOOKS_ENABLED=false)"
+            )
 
     def endpoint_url(self, service: str) -> str | None:
         """The endpoint for one AWS service: its own override, else the shared one, else AWS's."""
@@ -138,6 +173,21 @@ class Settings(BaseSettings):
     @property
     def consumed_channels(self) -> list[str]:
         return [q for q in self.consumed_queues if q in CHANNELS]
+
+    @property
+    def stop_budget_s(self) -> float:
+        """Worst-case seconds from SIGTERM to exit of a process running consumers (role worker/all), for the
+        pod's terminationGracePeriodSeconds and the ECS stopTimeout (both should be at least this):
+
+            max(drain_grace_s + PROTECTED_GRACE_S, poll_wait_s + RECEIVE_MARGIN_S) + HTTP_SHUTDOWN_S
+
+        with PROTECTED_GRACE_S = 10 (work inside `lease.protected()`, the send, gets that long past the grace),
+        RECEIVE_MARGIN_S = 5 (an open long poll is left to end by itself, at most poll_wait_s + 5 s; it runs
+        alongside the drain) and HTTP_SHUTDOWN_S = 5 (the HTTP server's shutdown timeout, after the
+        consumers). Defaults: max(110 + 10, 20 + 5) + 5 = 125. Not counted: the finishing SQS calls of
+        cancelled work, which wait longer only while SQS hangs (each stage bounded by 30 s, FINISH_TIMEOUT_S).
+        """
+        return max(self.drain_grace_s + PROTECTED_GRACE_S, self.poll_wait_s + RECEIVE_MARGIN_S) + HTTP_SHUTDOWN_S
 
     @property
     def aws_pool_size(self) -> int:

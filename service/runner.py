@@ -4,20 +4,25 @@ Shutdown order: readiness goes false, new work stops, in-flight work drains with
 the grace period, then the HTTP server and every client close (reverse of opening).
 A second SIGTERM/SIGINT during shutdown stops at once: open polls and in-flight work are cancelled
 (`QueueConsumer.abandon`), and messages in flight reappear after their visibility timeout.
+
+Two listeners on `host`: the service on `port` and Prometheus' `/metrics` alone on `metrics_port`, which the
+ingress never routes to. At start-up a worker waits for an SQS that does not answer (retrying with a capped,
+doubling delay) instead of exiting; a SIGTERM meanwhile ends the wait and the process, cleanly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import structlog
 from aiohttp import web
 
 from consumers.runtime import QueueConsumer
-from service.api.app import create_app, make_runner
+from consumers.sqs_messages import StartupRetry, StartupStopped
+from service.api.app import create_app, create_metrics_app, make_runner
 from service.bootstrap import Dependencies, build
 from service.config import Settings
 
@@ -48,34 +53,72 @@ async def start_http(deps: Dependencies) -> web.AppRunner:
     return runner
 
 
+async def start_metrics_http(deps: Dependencies) -> web.AppRunner:
+    """`/metrics` alone on `metrics_port` (same host), so the public listener never serves it."""
+    runner = web.AppRunner(create_metrics_app(deps), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, deps.settings.host, deps.settings.metrics_port, reuse_address=True)
+    await site.start()
+    return runner
+
+
 async def run_service(
     settings: Settings,
     role: Role,
     *,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[Dependencies], None] | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
+    """Serve until `stop` (or SIGTERM/SIGINT). `sleep` is the rest between start-up attempts while SQS does
+    not answer. Raises `ConfigurationError` when an api/all process has webhooks but no public base URL."""
+    if role in ("api", "all"):
+        settings.require_public_base_url()
     stop = stop or asyncio.Event()
     force = asyncio.Event()
     install_stop_signals(stop, force)
     runs_consumers = role in ("worker", "all")
-    async with build(settings, expects_consumers=runs_consumers) as deps:
-        http = await start_http(deps)
-        try:
-            for consumer in deps.consumers:
-                await consumer.start()
-            deps.readiness.consumers_running = lambda: all(c.running for c in deps.consumers)
-            log.info("service_started", role=role, port=settings.port, queues=[c.queue_name for c in deps.consumers])
-            if on_ready:
-                on_ready(deps)
-            await stop.wait()
-        finally:
-            # Readiness goes false first, so load balancers and KEDA stop counting on this process.
-            deps.readiness.draining = True
-            log.info("service_stopping", role=role, grace_s=settings.drain_grace_s)
-            await stop_consumers(deps.consumers, settings.drain_grace_s, force)
-            await http.cleanup()
+    try:
+        async with build(settings, expects_consumers=runs_consumers, startup=StartupRetry(stop, sleep)) as deps:
+            await _serve(deps, settings, role, stop, force, on_ready)
+    except StartupStopped:
+        log.info("service_stopped", role=role, during="startup")
+        return
     log.info("service_stopped", role=role)
+
+
+async def _serve(
+    deps: Dependencies,
+    settings: Settings,
+    role: Role,
+    stop: asyncio.Event,
+    force: asyncio.Event,
+    on_ready: Callable[[Dependencies], None] | None,
+) -> None:
+    http = await start_http(deps)
+    metrics_http: web.AppRunner | None = None
+    try:
+        metrics_http = await start_metrics_http(deps)
+        for consumer in deps.consumers:
+            await consumer.start()
+        deps.readiness.consumers_running = lambda: all(c.running for c in deps.consumers)
+        log.info(
+            "service_started",
+            role=role,
+            port=settings.port,
+            metrics_port=settings.metrics_port,
+            queues=[c.queue_name for c in deps.consumers],
+        )
+        if on_ready:
+            on_ready(deps)
+        await stop.wait()
+    finally:
+        # Readiness goes false first, so load balancers and KEDA stop counting on this process.
+        deps.readiness.draining = True
+        log.info("service_stopping", role=role, grace_s=settings.drain_grace_s)
+        await stop_consumers(deps.consumers, settings.drain_grace_s, force)
+        # Metrics stay scrapeable through the drain; both listeners close together (within HTTP_SHUTDOWN_S).
+        await asyncio.gather(http.cleanup(), *([metrics_http.cleanup()] if metrics_http else []))
 
 
 async def stop_consumers(consumers: Sequence[QueueConsumer], grace_s: float, force: asyncio.Event) -> None:

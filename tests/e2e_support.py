@@ -423,6 +423,7 @@ class DynamoGate:
 _SETTINGS_IN_ENV = (
     "aws_endpoint_url",
     "dynamodb_endpoint_url",
+    "secretsmanager_endpoint_url",
     "aws_max_attempts",
     "whatsapp_queue_url",
     "sms_queue_url",
@@ -437,6 +438,8 @@ _SETTINGS_IN_ENV = (
     "consumer_concurrency",
     "consumer_queues",
     "drain_grace_s",
+    "ai_timeout_s",
+    "provider_timeout_s",
     "openai_base_url",
     "twilio_base_url",
     "sendgrid_base_url",
@@ -444,8 +447,9 @@ _SETTINGS_IN_ENV = (
 )
 
 
-def worker_environment(settings: Settings, port: int) -> dict[str, str]:
-    """The process environment for `settings`: inherited variables minus any COMMS_*, plus ours."""
+def worker_environment(settings: Settings, port: int, metrics_port: int | None = None) -> dict[str, str]:
+    """The process environment for `settings`: inherited variables minus any COMMS_*, plus ours (the HTTP
+    and metrics listeners on free loopback ports, so workers side by side never collide)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMMS_")}
     env.update(LOCAL_CREDENTIALS)
     for name in _SETTINGS_IN_ENV:
@@ -453,6 +457,7 @@ def worker_environment(settings: Settings, port: int) -> dict[str, str]:
         if value is not None:
             env[f"COMMS_{name.upper()}"] = str(value)
     env.update({"COMMS_HOST": "127.0.0.1", "COMMS_PORT": str(port), "COMMS_LOG_LEVEL": "INFO"})
+    env["COMMS_METRICS_PORT"] = str(metrics_port or free_port())
     return env
 
 

@@ -1,13 +1,20 @@
-"""Liveness, readiness, metrics and the OpenAPI document."""
+"""Liveness, readiness, metrics and the OpenAPI document; the webhooks switch and its start-up rule."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from consumers.template_sender import TemplateSender
 from local_stack.moto_server import free_port
 from local_stack.seed import DemoTenant
+from service.api.app import create_metrics_app
+from service.bootstrap import Dependencies, build
 from service.config import Settings
 from service.domain.errors import ErrorCode
 from tests.conftest import initiate_body
@@ -50,10 +57,11 @@ async def test_readyz_is_not_ready_when_expected_consumers_are_not_running(setti
 
 
 async def test_metrics_count_requests_by_route_and_status_and_queue_sends(
-    api: TestClient[Any, Any], tenant: DemoTenant
+    api: TestClient[Any, Any], deps: Dependencies, tenant: DemoTenant
 ) -> None:
     await api.post("/initiate-conversation", json=initiate_body("sms"), headers={"x-api-key": tenant.api_key})
-    text = await (await api.get("/metrics")).text()
+    async with TestClient(TestServer(create_metrics_app(deps))) as scraper:
+        text = await (await scraper.get("/metrics")).text()
     assert 'comms_http_requests_total{route="/initiate-conversation",status="200"}' in text
     assert 'comms_http_request_duration_seconds_bucket{le="0.005",route="/initiate-conversation"}' in text
     assert 'comms_queue_sends_total{channel="sms",outcome="queued"}' in text
@@ -67,3 +75,38 @@ async def test_openapi_documents_every_error_code_of_the_endpoint(api: TestClien
     # 405 is the router's answer to another method on the path, never the POST operation's.
     answered_by_post = {code for code in ErrorCode if code is not ErrorCode.METHOD_NOT_ALLOWED}
     assert {str(code.http_status) for code in answered_by_post} <= set(responses)
+
+
+async def test_the_public_app_does_not_serve_metrics(api: TestClient[Any, Any]) -> None:
+    assert (await api.get("/metrics")).status == 404
+
+
+async def test_without_webhooks_no_route_is_mounted_and_no_status_callback_is_asked_for(settings: Settings) -> None:
+    async with api_client(settings, webhooks_enabled=False) as (client, _):
+        for path in ("/webhooks/twilio/status", "/webhooks/twilio/whatsapp", "/webhooks/twilio/sms"):
+            assert (await client.post(path, data={"Body": "hi"})).status == 404, path
+    disabled = settings.model_copy(update={"webhooks_enabled": False, "public_base_url": "https://comms.example.com"})
+    for current, callback in ((disabled, None), (disabled.model_copy(update={"webhooks_enabled": True}), True)):
+        async with build(current.model_copy(update={"consumer_queues": "sms"}), expects_consumers=True) as wired:
+            [consumer] = wired.consumers
+            processor = consumer._processor
+            assert isinstance(processor, TemplateSender)
+            url = processor._config.status_callback_url
+            assert (url == "https://comms.example.com/webhooks/twilio/status") if callback else url is None
+
+
+def test_serving_the_api_with_webhooks_but_no_public_base_url_exits_2_naming_the_setting() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMMS_")}
+    env.update({"COMMS_HOST": "127.0.0.1", "COMMS_PORT": str(free_port()), "COMMS_METRICS_PORT": str(free_port())})
+    for role in ("api", "all"):
+        result = subprocess.run(
+            [sys.executable, "-m", "service", "serve", "--role", role],
+            cwd=Path(__file__).resolve().parent.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, (role, result.stderr[-2000:])
+        assert "COMMS_PUBLIC_BASE_URL" in result.stderr

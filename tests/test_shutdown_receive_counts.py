@@ -3,14 +3,16 @@
 SQS cannot take back a ReceiveMessage: a long poll the stopping worker merely cancelled stays open at the
 endpoint (moto's server thread waits on, as SQS does) and takes the messages the drain makes visible again,
 hiding them for a visibility timeout and counting a receive; two rollouts during a slow AI call used to
-dead-letter healthy messages. Here the AI is slower than the drain grace, so every message is interrupted
-while the worker's next long poll is open; the next worker must find each one visible at once, one receive
-per real processing attempt, and send it exactly once.
+dead-letter healthy messages. Here Secrets Manager hangs (the AI cannot outlast the drain grace: the settings
+make the grace cover an AI call and a send), so every message is interrupted while the worker's next long poll
+is open; the next worker must find each one visible at once, one receive per real processing attempt, and send
+it exactly once.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -24,11 +26,11 @@ from tests.e2e_support import (
     recipient_of,
     worker_process,
 )
+from tests.fault_proxy import FaultProxy
 
 SENT = "initial_message_sent"
 VISIBILITY_S = 10  # the lowest COMMS_VISIBILITY_TIMEOUT_S allows
-GRACE_S = 1.0
-SLOW_AI_S = 30.0  # far past the grace: nothing the first worker starts can finish
+GRACE_S = 1.0  # covers the first worker's AI and provider timeouts (0.5 s each), far below its hung secrets fetch
 MESSAGES = 4
 SLOTS = 8  # more than MESSAGES: with every message in flight the worker's long poll is open
 
@@ -39,32 +41,40 @@ async def e2e_tenant(deps, tenant) -> Tenant:
     return await new_tenant(deps)
 
 
-async def ai_calls_started(env: E2EEnv) -> int:
-    """AI calls that reached the sandbox (each message's first one, while the latency holds the rest back)."""
-    return sum([len(await env.sandboxes.ai_requests("POST", path)) for path in ("/v1/conversations", "/v1/responses")])
-
-
 @pytest.mark.slow
-async def test_sigterm_during_slow_ai_costs_no_message_an_unused_receive(settings, deps, e2e_tenant, tmp_path):
-    async with e2e_env(
-        settings,
-        deps.aws,
-        visibility_s=VISIBILITY_S,
-        ai_latency_s=SLOW_AI_S,
-        consumer_queues="whatsapp",
-        consumer_concurrency=SLOTS,
-        drain_grace_s=GRACE_S,
-    ) as env:
+async def test_sigterm_during_stalled_work_costs_no_message_an_unused_receive(settings, deps, e2e_tenant, tmp_path):
+    moto = urlsplit(settings.aws_endpoint_url)
+    async with (
+        e2e_env(
+            settings,
+            deps.aws,
+            visibility_s=VISIBILITY_S,
+            consumer_queues="whatsapp",
+            consumer_concurrency=SLOTS,
+        ) as env,
+        FaultProxy(moto.hostname or "127.0.0.1", moto.port or 80) as secrets_proxy,
+    ):
         queue = env.queues["whatsapp"]
+        # The first worker's Secrets Manager never answers: nothing it starts can finish.
+        secrets_proxy.stall()
+        first_settings = env.settings.model_copy(
+            update={
+                "secretsmanager_endpoint_url": secrets_proxy.url,
+                "drain_grace_s": GRACE_S,
+                "ai_timeout_s": 0.5,
+                "provider_timeout_s": 0.5,
+            }
+        )
         bodies = [e2e_tenant.request("whatsapp") for _ in range(MESSAGES)]
         async with in_process_service(env.settings, start_consumers=False) as api:
-            async with worker_process(env.settings, tmp_path, "first") as first:
+            async with worker_process(first_settings, tmp_path, "first") as first:
                 conversations = {recipient_of(body): await api.initiate(e2e_tenant, body) for body in bodies}
                 await eventually(
-                    lambda: has_at_least(ai_calls_started(env), MESSAGES),
+                    lambda: has_depth(env, queue.url, (0, MESSAGES)),
                     timeout_s=30,
-                    what=f"all {MESSAGES} messages in flight, waiting for the AI",
+                    what=f"all {MESSAGES} messages in flight, waiting for their secrets",
                 )
+                await eventually(lambda: secrets_proxy.connections > 0, timeout_s=10, what="a secrets fetch is waiting")
                 first.terminate()
                 # The open long poll (20 s) ends by itself before anything is made visible again.
                 assert await first.exit_code(timeout_s=45) == 0
@@ -79,7 +89,6 @@ async def test_sigterm_during_slow_ai_costs_no_message_an_unused_receive(setting
             assert Counter(e["reason"] for e in interrupted) == {"shutdown": MESSAGES}
             assert all(e["retry_in_s"] == 0 for e in interrupted)
 
-            await env.sandboxes.set_ai_latency(0)
             async with worker_process(env.settings, tmp_path, "second") as second:
                 for tel, conversation_id in conversations.items():
                     await env.record_with_status(tel, conversation_id, SENT, timeout_s=30)

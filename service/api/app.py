@@ -21,11 +21,14 @@ from service.api.responses import cors_headers, http_error_response, json_respon
 from service.api.state import DEPS
 from service.api.webhooks import twilio_inbound, twilio_status
 from service.bootstrap import Dependencies
+from service.config import HTTP_SHUTDOWN_S
 
 log = structlog.get_logger("service.api")
 
 
 def create_app(deps: Dependencies) -> web.Application:
+    """The public app: API, webhooks (unless disabled), health and OpenAPI. `/metrics` is not here: it has its
+    own listener (`create_metrics_app`, on `metrics_port`), so the ingress never exposes it."""
     # client_max_size is a backstop; the initiate handler enforces the 64 KiB contract itself.
     app = web.Application(
         middlewares=[request_context, errors_as_json, request_deadline],
@@ -38,13 +41,21 @@ def create_app(deps: Dependencies) -> web.Application:
         return json_response(document)
 
     app.router.add_post("/initiate-conversation", initiate_conversation)
-    app.router.add_post("/webhooks/twilio/status", twilio_status)
-    app.router.add_post("/webhooks/twilio/{channel:whatsapp|sms}", twilio_inbound)
+    if deps.settings.webhooks_enabled:
+        app.router.add_post("/webhooks/twilio/status", twilio_status)
+        app.router.add_post("/webhooks/twilio/{channel:whatsapp|sms}", twilio_inbound)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     app.on_response_prepare.append(add_cors_headers)
+    return app
+
+
+def create_metrics_app(deps: Dependencies) -> web.Application:
+    """The Prometheus scrape endpoint alone, served on `metrics_port` (cluster-internal)."""
+    app = web.Application()
+    app[DEPS] = deps
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -93,5 +104,5 @@ class ServiceRunner(web.AppRunner):
         )
 
 
-def make_runner(app: web.Application, *, shutdown_timeout: float = 5.0) -> web.AppRunner:
+def make_runner(app: web.Application, *, shutdown_timeout: float = HTTP_SHUTDOWN_S) -> web.AppRunner:
     return ServiceRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)

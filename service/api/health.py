@@ -23,4 +23,5 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; mounted on the metrics listener only (`create_metrics_app`)."""
     return web.Response(body=generate_latest(request.app[DEPS].registry), content_type="text/plain", charset="utf-8")

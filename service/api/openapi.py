@@ -101,14 +101,6 @@ def openapi_document(version: str) -> dict[str, Any]:
                     },
                 }
             },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "responses": {
-                        "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}
-                    },
-                }
-            },
         },
         "components": {
             "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},

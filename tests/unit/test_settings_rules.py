@@ -15,3 +15,41 @@ def test_duplicate_wait_longer_than_the_request_deadline_is_refused() -> None:
 def test_duplicate_wait_shorter_than_the_request_deadline_is_accepted() -> None:
     settings = load_settings(duplicate_wait_s=1.5, request_deadline_s=4.0)
     assert (settings.duplicate_wait_s, settings.request_deadline_s) == (1.5, 4.0)
+
+
+def test_the_default_drain_grace_covers_an_ai_call_and_a_send() -> None:
+    settings = load_settings()
+    assert settings.drain_grace_s == 110.0
+    assert settings.drain_grace_s >= settings.ai_timeout_s + settings.provider_timeout_s
+
+
+def test_a_drain_grace_shorter_than_an_ai_call_and_a_send_is_refused() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"drain_grace_s \(25\).*ai_timeout_s \(90\).*provider_timeout_s \(15\)"
+    ):
+        load_settings(drain_grace_s=25.0)
+
+
+def test_a_short_drain_grace_with_short_timeouts_is_accepted() -> None:
+    settings = load_settings(drain_grace_s=3.0, ai_timeout_s=2.5, provider_timeout_s=0.5)
+    assert settings.drain_grace_s == 3.0
+
+
+def test_the_stop_budget_is_the_drain_and_protected_grace_or_the_open_poll_plus_the_http_shutdown() -> None:
+    assert load_settings().stop_budget_s == max(110 + 10, 20 + 5) + 5
+    assert load_settings(drain_grace_s=3.0, ai_timeout_s=2.0, provider_timeout_s=1.0).stop_budget_s == 20 + 5 + 5
+
+
+def test_the_metrics_port_defaults_to_9090_and_must_differ_from_the_port() -> None:
+    assert load_settings().metrics_port == 9090
+    with pytest.raises(ConfigurationError, match="metrics_port must differ from port"):
+        load_settings(port=9100, metrics_port=9100)
+    with pytest.raises(ConfigurationError, match="COMMS_METRICS_PORT"):
+        load_settings(metrics_port=0)
+
+
+def test_webhooks_need_a_public_base_url() -> None:
+    with pytest.raises(ConfigurationError, match="COMMS_PUBLIC_BASE_URL"):
+        load_settings().require_public_base_url()
+    load_settings(public_base_url="https://comms.example.com").require_public_base_url()
+    load_settings(webhooks_enabled=False).require_public_base_url()
