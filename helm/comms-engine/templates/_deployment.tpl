@@ -33,7 +33,7 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
     spec:
-      serviceAccountName: {{ include "comms.serviceAccountName" $root }}
+      serviceAccountName: {{ include "comms.serviceAccountName" (list $root $name) }}
       automountServiceAccountToken: {{ $root.Values.serviceAccount.automountToken }}
       terminationGracePeriodSeconds: {{ $grace }}
       {{- with $root.Values.imagePullSecrets }}
@@ -50,6 +50,9 @@ spec:
           ports:
             - name: http
               containerPort: {{ $root.Values.config.port }}
+              protocol: TCP
+            - name: metrics
+              containerPort: {{ $root.Values.config.metrics_port }}
               protocol: TCP
           envFrom:
             {{- include "comms.envFrom" $root | nindent 12 }}
@@ -106,9 +109,9 @@ spec:
       affinity:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with $component.topologySpreadConstraints }}
+      {{- with (include "comms.topologySpread" (list $root $name) | trim) }}
       topologySpreadConstraints:
-        {{- toYaml . | nindent 8 }}
+        {{- . | nindent 8 }}
       {{- end }}
 {{- end }}
 
