@@ -125,8 +125,9 @@ def test_healthcheck_probes_healthz_with_python_not_curl() -> None:
 def test_ecs_health_check_is_the_image_health_check() -> None:
     (healthcheck,) = final_stage().arguments("HEALTHCHECK")
     image_probe = exec_form(healthcheck.partition(" CMD ")[2])
-    (container,) = json.loads(TASK_DEFINITION.read_text())["containerDefinitions"]
-    assert container["healthCheck"]["command"] == ["CMD", *image_probe]
+    containers = json.loads(TASK_DEFINITION.read_text())["containerDefinitions"]
+    (service,) = [c for c in containers if c["name"] == "comms"]  # beside it, the one-shot /tmp permissions fixer
+    assert service["healthCheck"]["command"] == ["CMD", *image_probe]
 
 
 def test_build_context_is_only_what_the_package_is_built_from() -> None:
