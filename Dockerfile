@@ -5,7 +5,9 @@
 # The build stage installs the package into a virtualenv; the final stage copies only that
 # virtualenv onto a fresh slim base, so no compiler, pip cache or source tree ships.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# An exact patch release, so a rebuild does not move to another Python. To pin the very bytes, set the digest
+# too (docs/deploying.md, "Reproducible builds"): --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:...
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
@@ -14,11 +16,16 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/comms/bin:$PATH
 WORKDIR /src
 RUN python -m venv "$VIRTUAL_ENV"
-# Only what the wheel is built from: the packages and the metadata pyproject.toml names.
+# The locked dependency set first (its own layer: a code change does not reinstall it). Every file is checked
+# against the lock's hashes and nothing outside the lock is resolved (--no-deps); `make lock` refreshes it.
+COPY requirements/runtime.lock ./requirements/runtime.lock
+RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements/runtime.lock
+# Then the package itself, built with the locked setuptools (no isolated build env fetching its own).
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY consumers ./consumers
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && pip check \
     && python -m compileall -q "$VIRTUAL_ENV"
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -68,7 +68,8 @@ def test_image_is_built_in_stages_on_a_slim_python_base() -> None:
     assert len(stages()) >= 2
     default_base = re.search(r"ARG PYTHON_IMAGE=(\S+)", DOCKERFILE.read_text())
     assert default_base is not None
-    assert re.fullmatch(r"python:3\.1[1-9]-slim(-\w+)?", default_base[1])
+    # An exact patch release (optionally with its digest): `python:3.11-slim` moves with every release.
+    assert re.fullmatch(r"python:3\.1[1-9]\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", default_base[1])
     assert {stage.base for stage in stages()} == {"${PYTHON_IMAGE}"}
 
 
@@ -139,3 +140,14 @@ def test_build_context_is_only_what_the_package_is_built_from() -> None:
     sources = {source.rstrip("/") for copy in stages()[0].arguments("COPY") for source in copy.split()[:-1]}
     assert sources == allowed
     assert {"pyproject.toml", "service", "consumers"} <= allowed
+
+
+def test_build_stage_installs_the_runtime_lock_with_hashes_before_the_package_without_resolving() -> None:
+    runs = stages()[0].arguments("RUN")
+    lock_install = next(i for i, run in enumerate(runs) if "-r requirements/runtime.lock" in run)
+    package_install = next(i for i, run in enumerate(runs) if re.search(r"pip install .*\s\.(\s|$)", run))
+    assert "--require-hashes" in runs[lock_install]
+    assert "--no-deps" in runs[lock_install]
+    assert lock_install < package_install
+    assert "--no-deps" in runs[package_install], "the package must not pull anything the lock does not pin"
+    assert "--no-build-isolation" in runs[package_install], "an isolated build env would resolve setuptools afresh"
