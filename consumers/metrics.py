@@ -1,12 +1,18 @@
-"""Consumer metrics: received/succeeded/failed/retried by queue and reason, in-flight, step durations."""
+"""Consumer metrics: received/succeeded/failed/retried by queue and reason, in-flight, step durations.
+
+`step` is also where each step becomes a span (a child of the message's CONSUMER span) while tracing is on.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
+from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from service import tracing
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -51,10 +57,23 @@ class ConsumerMetrics:
             registry=registry,
         )
 
+    def step(self, queue: str, step: str) -> AbstractContextManager[None]:
+        """Time one step (claim, gather, secrets, ai, reconcile, send, final_update) and, while tracing is on,
+        make it a span; off, the only cost is looking at `active_tracer()`."""
+        tracer = tracing.active_tracer()
+        if tracer is None:
+            return self._timed(queue, step)
+        return self._traced(tracer, queue, step)
+
     @contextmanager
-    def step(self, queue: str, step: str) -> Iterator[None]:
+    def _timed(self, queue: str, step: str) -> Iterator[None]:
         started = time.perf_counter()
         try:
             yield
         finally:
             self.step_duration.labels(queue=queue, step=step).observe(time.perf_counter() - started)
+
+    @contextmanager
+    def _traced(self, tracer: Tracer, queue: str, step: str) -> Iterator[None]:
+        with self._timed(queue, step), tracing.step_span(tracer, step):
+            yield

@@ -43,6 +43,7 @@ from consumers.contracts import Disposition, Lease, Outcome, Processor
 from consumers.heartbeat import InFlight, VisibilityHeartbeat
 from consumers.metrics import ConsumerMetrics
 from consumers.sqs_messages import find_redrive_policy, resendable_attributes, to_queue_message
+from service import tracing
 from service.aws_failures import AWS_FAILURES, error_code
 
 if TYPE_CHECKING:
@@ -394,7 +395,7 @@ class QueueConsumer:
         started = time.perf_counter()
         outcome: Outcome | None = None
         try:
-            outcome = await self._processor.process(item.message, item.lease)
+            outcome = await self.process(item)
         except Exception:
             self.counts.failed += 1
             log.error("processor_raised", queue=self._queue_name, message_id=item.message.message_id, exc_info=True)
@@ -405,6 +406,24 @@ class QueueConsumer:
             finishing = self.finish_soon(item, outcome, time.perf_counter() - started)
             if item not in self._after_poll_end:
                 await asyncio.shield(finishing)
+
+    async def process(self, item: InFlight) -> Outcome:
+        """The processor's outcome; while tracing is on, under a CONSUMER span in the trace the message carries.
+        The span ends with the processing: settling on SQS (delete, retry, dead letter) is not part of it."""
+        tracer = tracing.active_tracer()
+        if tracer is None:
+            return await self._processor.process(item.message, item.lease)
+        message = item.message
+        with tracing.consumer_span(
+            tracer, self._queue_name, message.message_id, message.receive_count, message.attributes
+        ) as span:
+            try:
+                outcome = await self._processor.process(message, item.lease)
+            except Exception:
+                tracing.record_outcome(span, Disposition.RETRY, UNHANDLED_ERROR)
+                raise
+            tracing.record_outcome(span, outcome.disposition, outcome.reason)
+            return outcome
 
     def abandoned_outcome(self, item: InFlight) -> Outcome:
         """What a cancelled message's finish does: nothing after a lost lease, else visible again at once."""

@@ -24,6 +24,7 @@ from consumers.reply_sender import ReplyPorts, ReplySender, ReplySenderConfig
 from consumers.runtime import ConsumerConfig, QueueConsumer
 from consumers.sqs_messages import StartupRetry, read_redrive_policy
 from consumers.template_sender import TemplatePorts, TemplateSender, TemplateSenderConfig
+from service import tracing
 from service.adapters.aws.api_key_store import DynamoApiKeyStore
 from service.adapters.aws.clients import AwsClients, open_aws_clients
 from service.adapters.aws.company_directory import DynamoCompanyDirectory
@@ -161,6 +162,9 @@ async def build(
         raise TypeError(f"build() got adapters it does not know: {', '.join(sorted(unknown))}")
     async with AsyncExitStack() as stack:
         aws = await open_aws_clients(settings, stack)
+        if tracing.active_tracer() is not None:  # CLIENT spans for every AWS call (botocore events per client)
+            for client in (aws.dynamodb, aws.sqs, aws.secrets):
+                tracing.trace_aws_client(client)
         adapters = replace(aws_adapters(settings, aws), **overrides)
         registry = CollectorRegistry()
         consumers: list[QueueConsumer] = []
@@ -208,10 +212,13 @@ async def _with_providers(settings: Settings, adapters: Adapters, stack: AsyncEx
     pool = settings.consumer_concurrency * max(1, len(settings.consumed_queues))
     ai = adapters.ai
     if ai is None:
-        openai_http = httpx2.AsyncClient(
-            limits=httpx2.Limits(max_connections=pool, max_keepalive_connections=pool),
-            timeout=httpx2.Timeout(settings.ai_timeout_s, connect=5.0),
-        )
+        limits = httpx2.Limits(max_connections=pool, max_keepalive_connections=pool)
+        timeout = httpx2.Timeout(settings.ai_timeout_s, connect=5.0)
+        if tracing.active_tracer() is None:
+            openai_http = httpx2.AsyncClient(limits=limits, timeout=timeout)
+        else:  # the same pool behind a transport making a CLIENT span per attempt (no proxy from the environment)
+            transport = tracing.traced_transport(httpx2.AsyncHTTPTransport(limits=limits), "openai")
+            openai_http = httpx2.AsyncClient(timeout=timeout, transport=transport)
         stack.push_async_callback(openai_http.aclose)
         writer = OpenAiWriter(openai_http, settings.openai_base_url, settings.ai_max_attempts)
         stack.push_async_callback(writer.close)
@@ -225,7 +232,10 @@ async def _with_providers(settings: Settings, adapters: Adapters, stack: AsyncEx
             owns_http_client=True,
         )
         stack.push_async_callback(twilio.close)
-        email_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.consumer_concurrency))
+        email_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.consumer_concurrency),
+            trace_configs=tracing.aiohttp_trace_configs("sendgrid") or None,
+        )
         stack.push_async_callback(email_session.close)
         email = SendGridSender(email_session, settings.sendgrid_base_url, settings.provider_timeout_s)
         senders = {"whatsapp": twilio, "sms": twilio, "email": email}

@@ -8,6 +8,9 @@ A second SIGTERM/SIGINT during shutdown stops at once: open polls and in-flight 
 Two listeners on `host`: the service on `port` and Prometheus' `/metrics` alone on `metrics_port`, which the
 ingress never routes to. At start-up a worker waits for an SQS that does not answer (retrying with a capped,
 doubling delay) instead of exiting; a SIGTERM meanwhile ends the wait and the process, cleanly.
+
+Tracing (`service.tracing`, the OTEL_* variables) starts before anything is built and is flushed last, within
+`tracing.FLUSH_TIMEOUT_S`.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from consumers.sqs_messages import StartupRetry, StartupStopped
 from service.api.app import create_app, create_metrics_app, make_runner
 from service.bootstrap import Dependencies, build
 from service.config import Settings
+from service.tracing import start_from_environment
 
 Role = Literal["api", "worker", "all"]
 log = structlog.get_logger("service.runner")
+start_tracing = start_from_environment  # OTEL_* decide; tests replace it to keep the OpenTelemetry global untouched
 
 
 def install_stop_signals(stop: asyncio.Event, force: asyncio.Event) -> None:
@@ -74,6 +79,7 @@ async def run_service(
     not answer. Raises `ConfigurationError` when an api/all process has webhooks but no public base URL."""
     if role in ("api", "all"):
         settings.require_public_base_url()
+    traces = start_tracing(role=role)  # before `build`, which instruments the clients it opens while tracing is on
     stop = stop or asyncio.Event()
     force = asyncio.Event()
     install_stop_signals(stop, force)
@@ -84,6 +90,8 @@ async def run_service(
     except StartupStopped:
         log.info("service_stopped", role=role, during="startup")
         return
+    finally:
+        await traces.shutdown()  # the last spans leave (bounded: tracing.FLUSH_TIMEOUT_S) after every client closed
     log.info("service_stopped", role=role)
 
 

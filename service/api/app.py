@@ -12,10 +12,16 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from service import __version__
+from service import __version__, tracing
 from service.api.health import healthz, metrics, readyz
 from service.api.initiate_handler import initiate_conversation
-from service.api.middleware import add_cors_headers, errors_as_json, request_context, request_deadline
+from service.api.middleware import (
+    add_cors_headers,
+    errors_as_json,
+    request_context,
+    request_deadline,
+    trace_requests,
+)
 from service.api.openapi import openapi_document
 from service.api.responses import cors_headers, http_error_response, json_response
 from service.api.state import DEPS
@@ -29,9 +35,11 @@ log = structlog.get_logger("service.api")
 def create_app(deps: Dependencies) -> web.Application:
     """The public app: API, webhooks (unless disabled), health and OpenAPI. `/metrics` is not here: it has its
     own listener (`create_metrics_app`, on `metrics_port`), so the ingress never exposes it."""
-    # client_max_size is a backstop; the initiate handler enforces the 64 KiB contract itself.
+    # client_max_size is a backstop; the initiate handler enforces the 64 KiB contract itself. Tracing's
+    # middleware is there only while tracing is on (when the app is created), so an untraced request never pays it.
+    traced = [trace_requests] if tracing.active_tracer() is not None else []
     app = web.Application(
-        middlewares=[request_context, errors_as_json, request_deadline],
+        middlewares=[request_context, *traced, errors_as_json, request_deadline],
         client_max_size=deps.settings.max_body_bytes * 4,
     )
     app[DEPS] = deps

@@ -1,4 +1,4 @@
-"""Cross-cutting HTTP behaviour: request context, CORS on every response, errors as JSON, metrics.
+"""Cross-cutting HTTP behaviour: request context, tracing, CORS on every response, errors as JSON, metrics.
 
 Handlers raise `ApiError` (or let a dependency failure escape); `errors_as_json`
 is the one place that turns any exception into the SPEC §2 error body.
@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from service import tracing
 from service.api.responses import cors_headers, error_response, http_error_response
 from service.api.state import DEPS, PAYLOAD_REQUEST_ID, REQUEST_ID, TRACE_ID
 from service.domain.errors import ApiError, DependencyUnavailable, ErrorCode, InvalidStoredRecord
@@ -57,6 +58,32 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         if route not in ("/healthz", "/readyz", "/metrics"):
             log.info("http_request", method=request.method, route=route, status=status, ms=round(elapsed * 1000, 1))
         structlog.contextvars.clear_contextvars()
+
+
+# Probes and scrapes make no spans (as they make no log lines).
+UNTRACED_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+@web.middleware
+async def trace_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A SERVER span per request (registered only while tracing is on), continuing an incoming `traceparent`.
+    Inside `request_context` (which clears the log context) and outside `errors_as_json`, so the status is the
+    one the caller gets."""
+    tracer = tracing.active_tracer()
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource else None
+    if tracer is None or route in UNTRACED_ROUTES:
+        return await handler(request)
+    with tracing.server_span(tracer, request.method, route, request.headers) as span:
+        tracing.set_attributes(span, comms__request_id=request.get(REQUEST_ID))
+        tracing.bind_log_correlation(span)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # a redirect errors_as_json lets through
+            tracing.record_http_status(span, exc.status)
+            raise
+        tracing.record_http_status(span, response.status)
+        return response
 
 
 def _error_request_id(request: web.Request) -> str:

@@ -1,9 +1,15 @@
-"""Putting context messages on the SQS channel queues (retries: botocore standard mode, bounded)."""
+"""Putting context messages on the SQS queues (retries: botocore standard mode, bounded).
+
+While tracing is on, each message is sent under a PRODUCER span whose W3C trace context travels in the
+`traceparent` (and `tracestate`) message attributes, within SQS's ten attributes per message; the consumer
+continues that trace. Off, the attributes are sent as given.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from service import tracing
 from service.adapters.aws.errors import AWS_FAILURES, unavailable
 
 if TYPE_CHECKING:
@@ -15,6 +21,15 @@ class SqsPublisher:
         self._sqs = sqs
 
     async def publish(self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0) -> str:
+        tracer = tracing.active_tracer()
+        if tracer is None:
+            return await self._send(queue_url, body, attributes, delay_s)
+        with tracing.producer_span(tracer, queue_url) as span:
+            message_id = await self._send(queue_url, body, tracing.with_trace_context(attributes), delay_s)
+            tracing.set_attributes(span, messaging__message__id=message_id)
+            return message_id
+
+    async def _send(self, queue_url: str, body: str, attributes: dict[str, str], delay_s: int) -> str:
         try:
             answer = await self._sqs.send_message(
                 QueueUrl=queue_url,

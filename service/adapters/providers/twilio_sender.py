@@ -2,6 +2,7 @@
 
 One Twilio `Client` per account (cached), all on one shared pooled `AsyncTwilioHttpClient`. Every call runs
 under `asyncio.timeout`; failures become the provider ports' errors by HTTP status and Twilio error code.
+While tracing is on, each SDK call is a CLIENT span (channel, message sid and status, or the failure's kind).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 import structlog
+from opentelemetry.trace import Span
 from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 
+from service import tracing
 from service.adapters.providers.twilio_client import build_twilio_client
 from service.domain.provider_ports import (
     OutboundMessage,
@@ -75,10 +78,12 @@ class TwilioSender:
     async def send(self, message: OutboundMessage) -> SentMessage:
         client = self._client_for(message.credentials)
         params = create_params(message)
-        try:
-            created = await self._bounded(client.messages.create_async(**params))
-        except SEND_FAILURES as exc:
-            raise logged(send_failure(exc), message.channel) from exc
+        with tracing.client_span("twilio", "messages.create", comms__channel=message.channel) as span:
+            try:
+                created = await self._bounded(client.messages.create_async(**params))
+            except SEND_FAILURES as exc:
+                raise traced(span, logged(send_failure(exc), message.channel)) from exc
+            tracing.set_attributes(span, twilio__message_sid=str(created.sid), twilio__status=created.status)
         log.info("twilio.sent", channel=message.channel, message_sid=created.sid, status=created.status)
         return SentMessage(provider_message_id=str(created.sid), status=created.status)
 
@@ -87,12 +92,14 @@ class TwilioSender:
         client = self._client_for(message.credentials)
         to, from_ = addresses(message)
         start = lookup_start(since_epoch_s)
-        try:
-            records = await self._bounded(
-                client.messages.list_async(to=to, from_=from_, date_sent_after=start, limit=LOOKUP_LIMIT)
-            )
-        except LOOKUP_FAILURES as exc:
-            raise logged(lookup_failure(exc), message.channel) from exc
+        with tracing.client_span("twilio", "messages.list", comms__channel=message.channel) as span:
+            try:
+                records = await self._bounded(
+                    client.messages.list_async(to=to, from_=from_, date_sent_after=start, limit=LOOKUP_LIMIT)
+                )
+            except LOOKUP_FAILURES as exc:
+                raise traced(span, logged(lookup_failure(exc), message.channel)) from exc
+            tracing.set_attributes(span, twilio__candidates=len(records))
         found = next((record for record in records if is_same_message(record, message, since_epoch_s)), None)
         log.info("twilio.lookup", channel=message.channel, candidates=len(records), found=found is not None)
         return None if found is None else SentMessage(provider_message_id=str(found.sid), status=found.status)
@@ -220,6 +227,13 @@ def page_status(exc: TwilioException) -> int | None:
     response = exc.args[1] if len(exc.args) > 1 else None
     status = getattr(response, "status_code", None)
     return status if isinstance(status, int) else None
+
+
+def traced(span: Span | None, failure: ProviderError) -> ProviderError:
+    """The failure on the call's span by kind, reason and Twilio code (never Twilio's text: it quotes numbers)."""
+    tracing.set_attributes(span, comms__failure_reason=failure.reason, twilio__error_code=failure.code)
+    tracing.mark_failed(span, type(failure).__name__)
+    return failure
 
 
 def logged(failure: ProviderError, channel: str) -> ProviderError:
