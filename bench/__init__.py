@@ -1,4 +1,5 @@
-"""The consumer benchmark: one service process against the embedded stack, figures vs the SPEC §8 budget.
+"""Benchmarks of the service on the embedded stack, figures beside the targets of issue 13 / SPEC §8: the template
+sender (and its growth row), the initiate endpoint (open loop) and the replies path.
 
-Run `python -m bench --help`; bench/README.md explains each figure.
+Run `python -m bench --help`; bench/README.md explains each mode and figure.
 """

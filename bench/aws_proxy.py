@@ -2,7 +2,8 @@
 
 The service's `COMMS_AWS_ENDPOINT_URL` points here; each request is forwarded unchanged to moto and
 counted as `<service>.<Operation>` (service from the SigV4 credential scope, operation from `X-Amz-Target`
-or the query protocol's `Action` parameter), with its upstream time and any error status.
+or the query protocol's `Action` parameter), with its upstream time and any error status. DynamoDB writes are
+also charged in write units (`bench.write_units`), from the request and moto's answer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from bench.write_units import WriteUnitLedger
 from local_stack.sandbox_http import RunningServer, serve
 
 # Hop-by-hop headers and the ones aiohttp recomputes for the forwarded message.
@@ -31,6 +33,7 @@ class CountsSnapshot:
     requests: Counter[str]
     errors: Counter[str]
     upstream_s: dict[str, float]
+    write_units: Counter[str] = field(default_factory=Counter)  # DynamoDB write units, by table and table / index
 
     @property
     def total(self) -> int:
@@ -38,7 +41,20 @@ class CountsSnapshot:
 
     def since(self, earlier: CountsSnapshot) -> CountsSnapshot:
         upstream = {op: s - earlier.upstream_s.get(op, 0.0) for op, s in self.upstream_s.items()}
-        return CountsSnapshot(self.requests - earlier.requests, self.errors - earlier.errors, upstream)
+        return CountsSnapshot(
+            self.requests - earlier.requests,
+            self.errors - earlier.errors,
+            upstream,
+            self.write_units - earlier.write_units,
+        )
+
+    def plus(self, other: CountsSnapshot) -> CountsSnapshot:
+        """Two proxies' counts together (the replies mode runs one per service process)."""
+        operations = self.upstream_s.keys() | other.upstream_s.keys()
+        upstream = {op: self.upstream_s.get(op, 0.0) + other.upstream_s.get(op, 0.0) for op in operations}
+        return CountsSnapshot(
+            self.requests + other.requests, self.errors + other.errors, upstream, self.write_units + other.write_units
+        )
 
 
 @dataclass(slots=True)
@@ -47,8 +63,13 @@ class RequestCounter:
     errors: Counter[str] = field(default_factory=Counter)  # "<op> <status>" for answers >= 400
     upstream_s: dict[str, float] = field(default_factory=dict)
 
+    write_units: Counter[str] = field(default_factory=Counter)
+    ledger: WriteUnitLedger | None = None  # shared by every proxy of a run: the item images are the tables'
+
     def snapshot(self) -> CountsSnapshot:
-        return CountsSnapshot(Counter(self.requests), Counter(self.errors), dict(self.upstream_s))
+        return CountsSnapshot(
+            Counter(self.requests), Counter(self.errors), dict(self.upstream_s), Counter(self.write_units)
+        )
 
     def record(self, operation: str, status: int, seconds: float) -> None:
         self.requests[operation] += 1
@@ -74,11 +95,11 @@ def operation_of(headers: CIMultiDictProxy[str], body: bytes) -> str:
 
 
 class CountingProxy:
-    """Forwards every request to `upstream_url` and counts it in `counter`."""
+    """Forwards every request to `upstream_url` and counts it in `counter` (DynamoDB writes in `ledger` too)."""
 
-    def __init__(self, upstream_url: str) -> None:
+    def __init__(self, upstream_url: str, ledger: WriteUnitLedger | None = None) -> None:
         self.upstream_url = upstream_url.rstrip("/")
-        self.counter = RequestCounter()
+        self.counter = RequestCounter(ledger=ledger)
         self._session: aiohttp.ClientSession | None = None
         self._server: RunningServer | None = None
 
@@ -114,7 +135,14 @@ class CountingProxy:
             ) as upstream:
                 payload = await upstream.read()
                 status = upstream.status
+                if self.counter.ledger is not None and operation.startswith("dynamodb."):
+                    charged = self.counter.ledger.record(operation.partition(".")[2], body, status, payload)
+                    self.counter.write_units.update(charged)
                 kept = {k: v for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP}
                 return web.Response(status=status, body=payload, headers=kept)
+        except aiohttp.ClientError:
+            # moto dropped the connection (its listen queue overflows under load): a 502, which the SDK retries.
+            status = 502
+            return web.Response(status=status, text="upstream connection failed")
         finally:
             self.counter.record(operation, status, time.perf_counter() - started)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from bench.aws_proxy import CountingProxy, CountsSnapshot
 from bench.procfs import ProcessSample, cpu_seconds, machine_cpu_seconds, own_cpu_seconds, sample_process
 from bench.sandboxes import Sandboxes
+from bench.write_units import per_unit_of_work
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +84,15 @@ class WindowFigures:
     aws_upstream_ms: dict[str, float]  # mean time moto took per request, through the proxy
     aws_errors: dict[str, int]
     ai_in_flight_mean: float
+    write_units: dict[str, float]  # DynamoDB write units per conversation: total, base tables, GSIs, each
 
 
 def steady_window(samples: Sequence[Sample], base_sent: int, n: int, c: int) -> tuple[Sample, Sample]:
+    """From the sample where `lo` conversations were sent to the one where `n - lo` were; a load that timed out
+    (the verification says so) ends at its last sample, one that never reached `lo` starts at its first."""
     lo = max(1, min(c, n // 4))
-    first = next(s for s in samples if s.sent - base_sent >= lo)
-    last = next(s for s in samples if s.sent - base_sent >= n - lo)
+    first = next((s for s in samples if s.sent - base_sent >= lo), samples[0])
+    last = next((s for s in samples if s.sent - base_sent >= n - lo), samples[-1])
     if last.at <= first.at:
         raise RuntimeError("the steady-state window is empty: raise --conversations")
     return first, last
@@ -119,6 +123,7 @@ def window_figures(samples: Sequence[Sample], first: Sample, last: Sample) -> Wi
         aws_upstream_ms={op: aws.upstream_s[op] * 1000 / n for op, n in sorted(aws.requests.items()) if n},
         aws_errors=dict(aws.errors),
         ai_in_flight_mean=sum(inside) / max(1, len(inside)),
+        write_units=per_unit_of_work(aws.write_units, done),
     )
 
 

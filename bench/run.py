@@ -1,9 +1,8 @@
-"""One benchmark run: set up the stack, run the service as a subprocess, load it, measure, verify.
+"""The template mode: one run of the template sender (worker role), loaded through its queue, measured, verified.
 
-This process hosts the counting AWS proxy and the provider sandboxes and spawns moto and the service, so
-the service process's CPU and memory are its own. Phases: setup (moto, proxy, tables and queues, sandboxes,
-demo tenant, endpoint ceiling, N context messages built by the initiate path) → service start → warm-up
-(a few conversations, then the idle RSS) → load (N messages made visible at once, sampled until all are
+Phases: setup (`bench.stack`: moto, proxy, tables and queues, sandboxes, demo tenant, endpoint ceiling; N context
+messages built by the initiate path; the write-unit ledger primed) → service start → warm-up (a few
+conversations, then the idle RSS) → load (steady feed or N messages made visible at once, sampled until all are
 sent) → stop and verify.
 """
 
@@ -11,16 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import platform
-import sys
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from bench.aws_proxy import CountingProxy
-from bench.ceiling import Ceiling, measure_ceiling
+from bench.ceiling import Ceiling
 from bench.measure import (
     Probe,
     Sample,
@@ -32,27 +27,25 @@ from bench.measure import (
     window_figures,
 )
 from bench.options import RESULTS_DIR, BenchOptions
+from bench.otlp_collector import CollectorCounts
 from bench.procfs import ProcessSample
-from bench.sandboxes import Sandboxes, start_sandboxes
-from bench.service_process import ServiceProcess
+from bench.stack import (
+    Stack,
+    StackConfig,
+    machine,
+    measure_ceilings,
+    open_stack,
+    prime_write_units,
+    say,
+    shadow_drift,
+    start_service,
+)
 from bench.verify import Verification, verify
 from bench.workload import ContextMessage, build_messages, enqueue, feed
-from local_stack.moto_server import LOCAL_CREDENTIALS, MotoServer, free_port, start_moto_server
-from local_stack.seed import DemoTenant, seed_demo_tenant
-from service.adapters.aws.provisioning import provision_resources
-from service.bootstrap import Dependencies, build
-from service.config import Settings, load_settings
-
-if TYPE_CHECKING:
-    pass
 
 SETTLE_S = 3.0  # after the last send: final updates, batched deletes, then the RSS reading
 IDLE_S = 5.0  # the idle service's own CPU use (long polls, heartbeat ticks) is measured over this
 ENQUEUE_RATE_PER_S = 100.0  # a cautious guess of SendMessageBatch entries moto takes per second
-
-
-def say(text: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,73 +65,9 @@ class BenchRun:
     resent_lost: int  # messages moto lost (send/delete race) that the benchmark queued again
     service_exit_code: int | None
     verification: Verification
-
-
-@dataclass(slots=True)
-class Stack:
-    moto: MotoServer
-    proxy: CountingProxy
-    sandboxes: Sandboxes
-    settings: Settings  # pointing at moto directly (the benchmark's own calls)
-    deps: Dependencies
-    tenant: DemoTenant
-
-    @property
-    def queue_url(self) -> str:
-        url = self.settings.whatsapp_queue_url
-        assert url is not None
-        return url
-
-
-async def open_stack(options: BenchOptions, exits: AsyncExitStack) -> Stack:
-    for name, value in LOCAL_CREDENTIALS.items():
-        os.environ.setdefault(name, value)
-    moto = await asyncio.to_thread(start_moto_server)
-    exits.callback(moto.stop)
-    proxy = CountingProxy(moto.url)
-    await proxy.start()
-    exits.push_async_callback(proxy.close)
-    port = free_port()
-    base = load_settings(
-        host="127.0.0.1",
-        port=port,
-        metrics_port=free_port(),
-        aws_endpoint_url=moto.url,
-        consumer_concurrency=options.concurrency,
-        consumer_queues="whatsapp",
-        log_level=options.log_level,
-    )
-    settings = await provision_resources(base)
-    sandboxes = await start_sandboxes(options.ai_latency_s, options.thread_latency_s)
-    exits.push_async_callback(sandboxes.close)
-    settings = settings.model_copy(
-        update={
-            "openai_base_url": f"{sandboxes.openai.url}/v1",
-            "twilio_base_url": sandboxes.twilio.url,
-            "sendgrid_base_url": sandboxes.sendgrid.url,
-            "public_base_url": f"http://127.0.0.1:{port}",
-        }
-    )
-    deps = await exits.enter_async_context(build(settings))
-    tenant = await seed_demo_tenant(deps.aws, settings)
-    say(f"moto {moto.url} (pid {moto.process.pid}), counting proxy {proxy.url}, sandboxes up, tenant seeded")
-    return Stack(moto, proxy, sandboxes, settings, deps, tenant)
-
-
-async def measure_ceilings(stack: Stack, options: BenchOptions) -> list[Ceiling]:
-    key = (stack.tenant.company_id, stack.tenant.project_id)
-    queue = stack.settings.replies_queue_url or stack.queue_url
-    ceilings = []
-    for endpoint in (stack.moto.url, stack.proxy.url):
-        ceiling = await measure_ceiling(
-            stack.settings, endpoint, key, queue, stack.moto.process.pid, duration_s=options.ceiling_s
-        )
-        say(
-            f"endpoint ceiling {endpoint}: {ceiling.requests_per_s:.0f} req/s, "
-            f"moto {ceiling.moto_cpu_ms_per_request:.1f} ms CPU per request ({ceiling.moto_cpu_share:.0%} of a core)"
-        )
-        ceilings.append(ceiling)
-    return ceilings
+    tracing: CollectorCounts | None  # what the service exported over the load (None: tracing off)
+    write_units_unmodelled: dict[str, int]  # DynamoDB writes the write-unit ledger could not charge
+    write_units_drift: dict[str, int]  # the ledger's item images against moto's items at the end
 
 
 async def warm_up(stack: Stack, probe: Probe, messages: list[ContextMessage], options: BenchOptions) -> None:
@@ -221,7 +150,7 @@ async def load(
     outcome = LoadOutcome([], await enqueue_upfront(stack, messages) if upfront else 0.0)
     feeder = None if upfront else start_feeder(stack, messages, base_sent, options)
     target = base_sent + len(messages)
-    deadline = time.monotonic() + 120 + 4 * len(messages) / options.ideal_per_s
+    deadline = time.monotonic() + 120 + 6 * len(messages) / options.ideal_per_s  # a guard against a hang only
     stall_s = max(15.0, 2 * options.ai_latency_s)
     say(f"load running; ideal C/L = {options.ideal_per_s:.1f} conv/s")
     try:
@@ -245,29 +174,29 @@ async def load(
     return outcome
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-    }
+def template_stack(options: BenchOptions) -> StackConfig:
+    return StackConfig(
+        concurrency=options.concurrency,
+        ai_latency_s=options.ai_latency_s,
+        thread_latency_s=options.thread_latency_s,
+        log_level=options.log_level,
+        tracing=options.tracing,
+    )
 
 
 async def run_bench(options: BenchOptions) -> BenchRun:
     async with AsyncExitStack() as exits:
-        stack = await open_stack(options, exits)
-        ceilings = await measure_ceilings(stack, options)
+        stack = await open_stack(template_stack(options), exits)
+        ceilings = await measure_ceilings(stack, options.ceiling_s)
         tenant = (stack.settings, stack.tenant.company_id, stack.tenant.project_id)
         warm = await build_messages(*tenant, range(options.warmup))
         messages = await build_messages(*tenant, range(options.warmup, options.warmup + options.conversations))
         say(f"{len(warm)} warm-up and {len(messages)} load context messages built by the initiate path")
+        await prime_write_units(stack)
 
-        service_settings = stack.settings.model_copy(update={"aws_endpoint_url": stack.proxy.url})
-        service = ServiceProcess(service_settings, RESULTS_DIR / "service.log")
-        service.start()
-        exits.callback(service.stop)
-        await service.wait_ready()
+        suffix = "-traced" if options.tracing else ""
+        log_path = RESULTS_DIR / f"template-c{options.concurrency}-l{options.ai_latency_s:g}{suffix}-service.log"
+        service = await start_service(stack, exits, stack.service_settings(), "worker", log_path)
         say(f"service pid {service.pid} ready (worker role, C={options.concurrency}); log {service.log_path}")
         probe = Probe(service.pid, stack.moto.process.pid, stack.sandboxes, stack.proxy)
 
@@ -279,6 +208,7 @@ async def run_bench(options: BenchOptions) -> BenchRun:
         metrics_before = await service.metrics()
         say(f"warm-up done; idle RSS {idle.service.rss_kb / 1024:.1f} MB, idle CPU {idle_cpu_share:.1%} of a core")
 
+        traced_before = stack.collector.counts.snapshot() if stack.collector else None
         outcome = await load(stack, probe, messages, idle.sent, options)
         samples = outcome.samples
         await asyncio.sleep(SETTLE_S)
@@ -286,7 +216,9 @@ async def run_bench(options: BenchOptions) -> BenchRun:
         metrics_after = await service.metrics()
         exit_code = service.stop()
         say(f"load done; service stopped with exit code {exit_code}")
+        traced = stack.collector.counts.since(traced_before) if stack.collector and traced_before else None
 
+        drift = await shadow_drift(stack)
         verification = await verify(
             stack.deps.aws.dynamodb,
             stack.settings.conversations_table,
@@ -314,5 +246,8 @@ async def run_bench(options: BenchOptions) -> BenchRun:
             resent_lost=outcome.resent_lost,
             service_exit_code=exit_code,
             verification=verification,
+            tracing=traced,
+            write_units_unmodelled=dict(stack.ledger.unmodelled),
+            write_units_drift=drift,
         )
     raise AssertionError("unreachable")  # pragma: no cover - the stack always yields
