@@ -28,7 +28,7 @@ from consumers.contracts import Disposition, Lease, Outcome, QueueMessage
 from consumers.metrics import ConsumerMetrics
 from consumers.sqs_messages import RedrivePolicy
 from service.domain.claims import RETRIES_EXHAUSTED
-from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus, Failure
+from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus, Failure, Message
 from service.domain.errors import DependencyUnavailable
 from service.domain.ports import AiWriter, ClaimedWorkStore, MessageSender, SecretStore
 from service.domain.provider_ports import (
@@ -164,7 +164,8 @@ class Claimed(Generic[JobT]):
 
 @dataclass(frozen=True, slots=True)
 class Prompt(Generic[DraftT]):
-    """What the AI is asked to write, and how its answer becomes the ledger entry: `draft(thread_id, result)`."""
+    """What the AI is asked to write, and how its answer becomes the ledger entry: `draft(result)` (which keeps
+    `result.thread_id`, the continuation the final update stores)."""
 
     api_key_reference: str | None  # the secret holding `ai_api_key`
     model: str
@@ -172,8 +173,10 @@ class Prompt(Generic[DraftT]):
     input_text: str
     output_keys: tuple[str, ...]
     background: bool
-    draft: Callable[[str, AiResult], DraftT]
+    draft: Callable[[AiResult], DraftT]
     metadata: dict[str, str] = field(default_factory=dict)
+    thread_id: str | None = None  # the conversation's stored continuation; None starts a new one
+    history: tuple[Message, ...] = ()  # the conversation as recorded, for a continuation OpenAI no longer holds
 
 
 class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
@@ -395,9 +398,6 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
             return transient_retry("secrets", exc)
         try:
             with self.step("ai"):
-                thread_id = claimed.record.thread_id or await self._ports.ai.start_thread(
-                    api_key, {"conversation_id": claimed.key.conversation_id[:512]}
-                )
                 result = await self._ports.ai.write(
                     AiRequest(
                         api_key=api_key,
@@ -405,17 +405,18 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
                         instructions=prompt.instructions,
                         input_text=prompt.input_text,
                         output_keys=prompt.output_keys,
-                        thread_id=thread_id,
+                        thread_id=prompt.thread_id,
+                        history=prompt.history,
                         background=prompt.background,
                         timeout_s=self._config.ai_timeout_s,
-                        metadata=prompt.metadata,
+                        metadata={"conversation_id": claimed.key.conversation_id[:512], **prompt.metadata},
                     )
                 )
         except PermanentProviderError as exc:
             return await self.fail(claimed, ConversationStatus.FAILED_TO_PROCESS_AI, exc)
         except TransientProviderError as exc:
             return transient_retry("ai", exc)
-        return prompt.draft(thread_id, result)
+        return prompt.draft(result)
 
     async def _reconcile(
         self, claimed: Claimed[JobT], outbound: OutboundMessage, draft: DraftT

@@ -161,7 +161,7 @@ class ReplySender(ClaimedWork[ReplyTrigger, ReplyAttempt, ReplySenderConfig, Rep
         finalised = await self.final_update(
             claimed,
             sent,
-            lambda ms: claims.finalise(key, owner, messages, sids, ms),
+            lambda ms: claims.finalise(key, owner, messages, sids, draft.thread_id, ms),
             messages=[asdict(m) for m in messages],
             answered_sids=sids,
             repair=REPAIR,
@@ -191,11 +191,13 @@ class ReplySender(ClaimedWork[ReplyTrigger, ReplyAttempt, ReplySenderConfig, Rep
             output_keys=("content",),
             background=record.ai.background,
             draft=partial(self._attempt, batch),
+            thread_id=record.thread_id,
+            history=record.messages,
         )
 
-    def _attempt(self, batch: Batch, thread_id: str, result: AiResult) -> ReplyAttempt:
+    def _attempt(self, batch: Batch, result: AiResult) -> ReplyAttempt:
         first_received_at = batch.fragments[0].received_at
-        content = result.output["content"]
+        content, thread_id = result.output["content"], result.thread_id
         return ReplyAttempt(
             tuple(batch.message_sids), batch.text, first_received_at, content, result.usage, thread_id, self._clock()
         )

@@ -130,8 +130,11 @@ class TemplateSender(ClaimedWork[TemplateJob, TemplateDraft, TemplateSenderConfi
         return Outcome.done("sent" if applied else "already_finalised")
 
     def _prompt(self, job: TemplateJob) -> Prompt[TemplateDraft]:
-        def draft(thread_id: str, result: AiResult) -> TemplateDraft:
-            return TemplateDraft(thread_id, result.output, result.usage, self._clock())
+        """The first exchange of a conversation: no continuation (an AI call that was never sent leaves nothing
+        the template should follow), its response the one a reply chains from."""
+
+        def draft(result: AiResult) -> TemplateDraft:
+            return TemplateDraft(result.thread_id, result.output, result.usage, self._clock())
 
         return Prompt(
             api_key_reference=job.ai.api_key_reference,

@@ -2,6 +2,11 @@
 
 Owns the `/v1/responses*` and `/v1/conversations*` routes, their in-memory objects, the deterministic
 canned generation, background-mode timing and `/_sandbox/openai/*`; latency and faults come from `sandbox_http`.
+
+Conversation state as the real API keeps it: a response created with `conversation` reads and extends that
+conversation; one created with `previous_response_id` sees the chain of stored responses before it (their input
+and output, not their instructions). A `previous_response_id` the sandbox does not hold (never stored, deleted,
+or `store: false`) is refused with OpenAI's 400 `previous_response_not_found`; giving both is refused too.
 """
 
 from __future__ import annotations
@@ -262,6 +267,7 @@ class ResponseRequest:
     instructions: str | None
     input_items: list[JSONObject]
     conversation_id: str | None
+    previous_response_id: str | None
     text: JSONObject
     background: bool
     store: bool
@@ -284,6 +290,7 @@ def parse_response_request(body: JSONObject) -> ResponseRequest:
         instructions=optional_string(body, "instructions"),
         input_items=normalise_items(body.get("input"), "input"),
         conversation_id=parse_conversation_ref(body.get("conversation")),
+        previous_response_id=optional_string(body, "previous_response_id") or None,
         text=parse_text_config(body.get("text")),
         background=optional_bool(body, "background", False),
         store=optional_bool(body, "store", True),
@@ -294,6 +301,13 @@ def parse_response_request(body: JSONObject) -> ResponseRequest:
     )
     if request.background and not request.store:
         raise invalid("background", "Background mode requires 'store': true.")
+    if request.conversation_id and request.previous_response_id:
+        raise ApiFailure(
+            400,
+            "Mutually exclusive parameters: Ensure you are only providing one of: 'previous_response_id' or "
+            "'conversation'.",
+            code="mutually_exclusive_parameters",
+        )
     return request
 
 
@@ -490,6 +504,12 @@ class StoredResponse:
     def pending(self) -> bool:
         return self.body["status"] in PENDING_STATUSES
 
+    @property
+    def context_items(self) -> list[JSONObject]:
+        """What a response chained after this one sees of it: its input, then its output."""
+        output: list[JSONObject] = self.body["output"]
+        return [*self.input_items, *output]
+
     def stop_timers(self) -> None:
         for timer in self.timers:
             timer.cancel()
@@ -589,7 +609,7 @@ def new_response_body(request: ResponseRequest) -> JSONObject:
         "model": request.model,
         "output": [],
         "parallel_tool_calls": True,
-        "previous_response_id": None,
+        "previous_response_id": request.previous_response_id,
         "reasoning": {"effort": None, "summary": None},
         "service_tier": "default",
         "store": request.store,
@@ -608,11 +628,31 @@ def assistant_message(text: str) -> JSONObject:
     return message_item("assistant", [{"type": "output_text", "text": text, "annotations": []}])
 
 
-def generate(request: ResponseRequest, conversation: StoredConversation | None) -> Generation:
-    prompt = build_prompt(request, conversation.first_name if conversation else None)
+@dataclass(frozen=True, slots=True)
+class History:
+    """What a response sees before its own input: the conversation's items, or the chain of previous responses."""
+
+    token_count: int = 0
+    first_name: str | None = None
+
+
+def chain_history(state: OpenAISandboxState, previous: StoredResponse) -> History:
+    """The input and output of every stored response in the chain ending at `previous`, oldest first; a link that
+    was deleted ends the walk there (the real API loses that part of the context silently too)."""
+    chain: list[StoredResponse] = []
+    link: StoredResponse | None = previous
+    while link is not None:
+        chain.append(link)
+        previous_id = link.body["previous_response_id"]
+        link = state.responses.get(previous_id) if previous_id else None
+    texts = [text for stored in reversed(chain) for item in stored.context_items for text in item_texts(item)]
+    return History(sum(estimate_tokens(text) for text in texts), find_first_name(texts))
+
+
+def generate(request: ResponseRequest, history: History) -> Generation:
+    prompt = build_prompt(request, history.first_name)
     input_texts = [request.instructions or ""] + [text for item in request.input_items for text in item_texts(item)]
-    history_tokens = conversation.token_count if conversation else 0
-    input_tokens = history_tokens + sum(estimate_tokens(text) for text in input_texts)
+    input_tokens = history.token_count + sum(estimate_tokens(text) for text in input_texts)
     return Generation(generate_text(request.text_format, prompt), input_tokens)
 
 
@@ -698,7 +738,19 @@ def page_positions(conversation: StoredConversation, after: str | None, limit: i
 
 
 async def list_conversation_items(request: web.Request) -> web.Response:
-    conversation = sandbox_state(request).conversation(request.match_info["conversation_id"])
+    return item_page(request, sandbox_state(request).conversation(request.match_info["conversation_id"]))
+
+
+async def list_response_input_items(request: web.Request) -> web.Response:
+    """The input items the response was created with (its own, not those of the responses it chains after)."""
+    stored = sandbox_state(request).response(request.match_info["response_id"])
+    items = StoredConversation({"id": stored.id})
+    items.append(stored.input_items)
+    return item_page(request, items)
+
+
+def item_page(request: web.Request, conversation: StoredConversation) -> web.Response:
+    """One page of `conversation`'s items as the list endpoints answer (`order`, `after`, `limit`)."""
     order = request.query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise invalid("order", "Invalid 'order': expected 'asc' or 'desc'.")
@@ -716,11 +768,27 @@ async def list_conversation_items(request: web.Request) -> web.Response:
     )
 
 
+def previous_response(state: OpenAISandboxState, response_id: str) -> StoredResponse:
+    found = state.responses.get(response_id)
+    if found is None:
+        message = f"Previous response with id '{response_id}' not found."
+        raise ApiFailure(400, message, param="previous_response_id", code="previous_response_not_found")
+    return found
+
+
+def history_for(state: OpenAISandboxState, ask: ResponseRequest) -> History:
+    if ask.conversation_id:
+        conversation = state.conversation(ask.conversation_id)
+        return History(conversation.token_count, conversation.first_name)
+    if ask.previous_response_id:
+        return chain_history(state, previous_response(state, ask.previous_response_id))
+    return History()
+
+
 async def create_response(request: web.Request) -> web.Response:
     state = sandbox_state(request)
     ask = parse_response_request(await read_json_object(request))
-    conversation = state.conversation(ask.conversation_id) if ask.conversation_id else None
-    stored = StoredResponse(new_response_body(ask), ask.input_items, generate(ask, conversation))
+    stored = StoredResponse(new_response_body(ask), ask.input_items, generate(ask, history_for(state, ask)))
     state.stats.responses_created += 1
     if ask.store:
         state.responses[stored.id] = stored
@@ -866,6 +934,7 @@ def add_api_routes(app: web.Application) -> None:
     app.router.add_get("/v1/conversations/{conversation_id}/items", list_conversation_items)
     app.router.add_post("/v1/responses", create_response, name=CREATE_RESPONSE)
     app.router.add_get("/v1/responses/{response_id}", retrieve_response, name=RETRIEVE_RESPONSE)
+    app.router.add_get("/v1/responses/{response_id}/input_items", list_response_input_items)
     app.router.add_delete("/v1/responses/{response_id}", delete_response)
     app.router.add_post("/v1/responses/{response_id}/cancel", cancel_response, name=CANCEL_RESPONSE)
 

@@ -10,6 +10,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
+from functools import lru_cache
 from typing import Any, TextIO
 
 import orjson
@@ -35,9 +36,13 @@ def mask_phone(match: re.Match[str]) -> str:
 
 
 def mask_text(text: str) -> str:
-    return _EMAIL.sub(r"\1***@\2", _PHONE.sub(mask_phone, text))
+    masked = _PHONE.sub(mask_phone, text)
+    # Most values hold no "@": skip the email pattern, whose scan is quadratic in a long run of word characters.
+    return _EMAIL.sub(r"\1***@\2", masked) if "@" in masked else masked
 
 
+# Field names come from the code and from logged mappings (headers, usage): a bounded cache covers them.
+@lru_cache(maxsize=1024)
 def is_secret_key(key: str) -> bool:
     """Whether a field or header of this name carries a secret, whatever its spelling (snake, kebab, camel)."""
     words = [word for word in _NON_WORD.split(_CAMEL.sub(r"\1_\2", key).lower()) if word]

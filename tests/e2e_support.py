@@ -144,10 +144,11 @@ class Sandboxes:
         seen = await self._call("GET", f"{self.openai.url}/_sandbox/requests")
         return [r for r in seen if r["method"] == method and r["path"] == path]
 
-    async def ai_conversation(self, thread_id: str) -> dict[str, Any]:
+    async def ai_response(self, response_id: str) -> dict[str, Any]:
+        """A stored OpenAI response (GET /v1/responses/{id}), e.g. the one a conversation's thread_id names."""
         return dict(
             await self._call(
-                "GET", f"{self.openai.url}/v1/conversations/{thread_id}", Authorization=f"Bearer {DEMO_OPENAI_KEY}"
+                "GET", f"{self.openai.url}/v1/responses/{response_id}", Authorization=f"Bearer {DEMO_OPENAI_KEY}"
             )
         )
 

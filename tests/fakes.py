@@ -454,28 +454,17 @@ AiAnswer = Mapping[str, str] | AiResult | BaseException
 
 class FakeAiWriter(FakePort):
     """Answers each `write` with the next scripted answer (`answer_next`), else a default output naming each
-    key. Like the adapter, an output whose keys are not exactly `output_keys` is a PermanentProviderError.
-    `requests` holds every AiRequest; `threads` every (thread id, metadata) started."""
+    key. Like the adapter, an output whose keys are not exactly `output_keys` is a PermanentProviderError, and a
+    result's `thread_id` (the continuation to store) is its response id. `requests` holds every AiRequest."""
 
     def __init__(self) -> None:
         super().__init__(provider_failure)
         self.requests: list[AiRequest] = []
-        self.threads: list[tuple[str, dict[str, str]]] = []
         self._script: deque[AiAnswer] = deque()
-
-    @property
-    def threads_started(self) -> int:
-        return len(self.threads)
 
     def answer_next(self, *answers: AiAnswer) -> None:
         """Queue answers for the next `write` calls: an output mapping, a whole AiResult, or an exception."""
         self._script.extend(answers)
-
-    @port_call
-    async def start_thread(self, api_key: str, metadata: dict[str, str]) -> str:
-        thread_id = f"conv_fake_{len(self.threads) + 1}"
-        self.threads.append((thread_id, dict(metadata)))
-        return thread_id
 
     @port_call
     async def write(self, request: AiRequest) -> AiResult:
@@ -486,7 +475,8 @@ class FakeAiWriter(FakePort):
         )
         if isinstance(answer, BaseException):
             raise answer
-        result = answer if isinstance(answer, AiResult) else AiResult(dict(answer), f"resp_fake_{number}", 10, 5, 15)
+        response_id = f"resp_fake_{number}"
+        result = answer if isinstance(answer, AiResult) else AiResult(dict(answer), response_id, 10, 5, 15, response_id)
         if set(result.output) != set(request.output_keys):
             raise PermanentProviderError("ai_output_keys_mismatch")
         return result
@@ -1008,6 +998,7 @@ class FakeReplyClaims(FakePort):
         owner: str,
         messages: Sequence[Message],
         answered_sids: Sequence[str],
+        thread_id: str,
         processing_time_ms: int,
     ) -> ConversationRecord | None:
         """reply_sent; or, when an opt-out or hand-off replaced processing_reply while sending, that status kept
@@ -1025,6 +1016,7 @@ class FakeReplyClaims(FakePort):
         finished = replace(
             self._unclaimed(record, status),
             messages=(*record.messages, *messages),
+            thread_id=thread_id,
             replied_sids=record.replied_sids | frozenset(answered_sids),
             reply_attempt=None,
         )
@@ -1217,7 +1209,7 @@ def conversation_record(
     if status is not ConversationStatus.PROCESSING:  # the first message sent and recorded
         first = Message("SM0", "assistant", "Hello from the agency", utc_iso(START_EPOCH_S))
         ledger = SendLedger(SendState.SENT, generated={"1": "Hello"}, provider_message_id="SM0")
-        record = replace(record, thread_id="conv_seeded", ledger=ledger, messages=(first,))
+        record = replace(record, thread_id="resp_seeded", ledger=ledger, messages=(first,))
     return replace(record, **overrides)
 
 

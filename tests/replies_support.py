@@ -157,7 +157,8 @@ class Providers:
         return sum(1 for r in seen if r["method"] == "POST" and r["path"] == "/v1/responses")
 
     async def new_thread(self) -> str:
-        """An OpenAI conversation, as the template sender starts one for a new conversation."""
+        """An OpenAI conversation (Conversations API), the continuation of a conversation started before the
+        template sender chained responses by id; the reply sender still writes in it."""
         created = await self._call(
             "POST", f"{self.openai.url}/v1/conversations", {}, Authorization=f"Bearer {DEMO_OPENAI_KEY}"
         )
@@ -174,6 +175,20 @@ class Providers:
             (str(item.get("role")), "".join(str(part.get("text", "")) for part in item.get("content") or []))
             for item in listed["data"]
         ]
+
+    async def exchange(self, response_id: str) -> tuple[str | None, list[tuple[str, str]], str]:
+        """One stored response: the response it was chained to, the (role, text) input items it was given (oldest
+        first; OpenAI holds what came before), and its output text."""
+        auth = {"Authorization": f"Bearer {DEMO_OPENAI_KEY}"}
+        response = await self._call("GET", f"{self.openai.url}/v1/responses/{response_id}", **auth)
+        url = f"{self.openai.url}/v1/responses/{response_id}/input_items?order=asc&limit=100"
+        listed = await self._call("GET", url, **auth)
+        given = [
+            (str(item.get("role")), "".join(str(part.get("text", "")) for part in item.get("content") or []))
+            for item in listed["data"]
+        ]
+        output = "".join(str(part.get("text", "")) for item in response["output"] for part in item.get("content") or [])
+        return response["previous_response_id"], given, output
 
     # Twilio
     async def set_twilio_latency(self, seconds: float) -> None:

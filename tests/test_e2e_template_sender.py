@@ -60,7 +60,7 @@ def assert_initial_message_recorded(
     assert message["prompt_tokens"] > 0
     assert message["completion_tokens"] > 0
     assert message["total_tokens"] == message["prompt_tokens"] + message["completion_tokens"]
-    assert record["thread_id"].startswith("conv_")
+    assert record["thread_id"].startswith("resp_")  # the continuation a reply chains from: the template's response
     assert record["task_complete"] == 0
     assert record["hand_off_to_human"] is False
     assert isinstance(record["processing_time_ms"], int)
@@ -72,6 +72,15 @@ def assert_initial_message_recorded(
     assert record["recipient_first_name"] == "Lee"
     assert record["created_at"].endswith("Z")
     assert record["updated_at"].endswith("Z")
+
+
+async def assert_one_ai_call_stored_as_the_thread(env: E2EEnv, record: dict[str, Any]) -> None:
+    """One OpenAI call per conversation (no Conversations API object), stored so that a reply can chain from it."""
+    assert [r["path"] for r in await env.sandboxes.ai_requests("POST", "/v1/conversations")] == []
+    assert len(await env.sandboxes.ai_requests()) == 1
+    stored = await env.sandboxes.ai_response(record["thread_id"])
+    assert (stored["status"], stored["store"]) == ("completed", True)
+    assert stored["metadata"]["conversation_id"] == record["conversation_id"]
 
 
 # -- happy paths ----------------------------------------------------------------------------------------------------
@@ -95,7 +104,7 @@ async def test_whatsapp_request_is_sent_once_as_a_template_and_recorded(env, e2e
     assert "Lee" in variables["1"]
     assert_initial_message_recorded(record, body, message["sid"], orjson.dumps(variables).decode())
     assert record["generated_content"] == variables
-    assert (await env.sandboxes.ai_conversation(record["thread_id"]))["id"] == record["thread_id"]
+    await assert_one_ai_call_stored_as_the_thread(env, record)
     assert service.received == 1
 
 
@@ -114,7 +123,7 @@ async def test_sms_request_is_sent_once_as_a_body_and_recorded(env, e2e_tenant):
     assert message["body"].startswith("Hi Lee")
     assert message["status_callback"] == STATUS_CALLBACK_URL
     assert_initial_message_recorded(record, body, message["sid"], message["body"])
-    assert (await env.sandboxes.ai_conversation(record["thread_id"]))["id"] == record["thread_id"]
+    await assert_one_ai_call_stored_as_the_thread(env, record)
     assert service.received == 1
 
 
@@ -134,7 +143,7 @@ async def test_email_request_is_sent_once_with_subject_and_body_and_recorded(env
     assert text.strip()
     assert mail["custom_args"] == {"conversation_id": conversation_id}
     assert_initial_message_recorded(record, body, mail["message_id"], f"{mail['subject']}\n\n{text}")
-    assert (await env.sandboxes.ai_conversation(record["thread_id"]))["id"] == record["thread_id"]
+    await assert_one_ai_call_stored_as_the_thread(env, record)
     assert service.received == 1
 
 
@@ -383,9 +392,9 @@ async def test_redrive_does_not_reopen_a_conversation_that_failed_permanently(en
 async def test_heartbeat_keeps_the_message_invisible_through_an_ai_call_three_times_its_visibility(
     settings, deps, e2e_tenant
 ):
-    # Scaled down from a 30 s visibility and a 90 s AI call: 4 s visibility, an AI step of 2 x 6 s
-    # (conversation, then response). A second consumer on the same queue must never see the message.
-    async with e2e_env(settings, deps.aws, visibility_s=4, ai_latency_s=6) as env:
+    # Scaled down from a 30 s visibility and a 90 s AI call: 4 s visibility, one 12 s AI call.
+    # A second consumer on the same queue must never see the message.
+    async with e2e_env(settings, deps.aws, visibility_s=4, ai_latency_s=12) as env:
         body = e2e_tenant.request("whatsapp")
         tel = recipient_of(body)
         async with in_process_service(env.settings) as worker, in_process_service(env.settings) as rival:
@@ -394,7 +403,6 @@ async def test_heartbeat_keeps_the_message_invisible_through_an_ai_call_three_ti
             await eventually(lambda: env.is_empty("whatsapp"), timeout_s=5, what="the message is deleted")
 
         assert worker.received + rival.received == 1
-        assert len(await env.sandboxes.ai_requests("POST", "/v1/conversations")) == 1
         assert len(await env.sandboxes.ai_requests()) == 1
         [message] = await env.sandboxes.twilio_messages()
         assert_initial_message_recorded(

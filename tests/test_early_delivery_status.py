@@ -88,7 +88,7 @@ async def sending_reply(world: RepliesWorld) -> tuple[str, ConversationKey]:
 async def finalise_reply(world: RepliesWorld, key: ConversationKey, reply: Message) -> ConversationRecord | None:
     user_sid = new_sid()
     user = Message(user_sid, "user", "Hello?", utc_iso(time.time()))
-    return await reply_claims(world).finalise(key, OWNER, [user, reply], [user_sid], 5)
+    return await reply_claims(world).finalise(key, OWNER, [user, reply], [user_sid], "resp_test", 5)
 
 
 async def message_named(world: RepliesWorld, key: ConversationKey, sid: str) -> dict[str, Any]:

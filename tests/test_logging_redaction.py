@@ -87,3 +87,16 @@ def test_secret_headers_are_redacted_whatever_their_spelling(capsys: pytest.Capt
 def test_numbers_and_booleans_under_secret_looking_keys_are_kept(capsys: pytest.CaptureFixture[str]) -> None:
     line = _log_line(capsys, signature_valid=True, has_api_key=False, token_count=3)
     assert (line["signature_valid"], line["has_api_key"], line["token_count"]) == (True, False, 3)
+
+
+def test_a_value_without_an_email_keeps_everything_but_its_phone_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    conversation_id = "ci-demo-001#pi-demo-001#0e4f5a6b-1234-4abc-8def-0123456789ab#447700900001"
+    line = _log_line(capsys, conversation_id=conversation_id)
+    assert line["conversation_id"] == "ci-demo-001#pi-demo-001#0e4f5a6b-1234-4abc-8def-0123456789ab#447******001"
+
+
+def test_a_secret_key_is_redacted_every_time_it_is_logged(capsys: pytest.CaptureFixture[str]) -> None:
+    first = _log_line(capsys, api_key="mce_abc", request_id="r1")
+    again = _log_line(capsys, api_key="mce_def", request_id="r2")
+    assert (first["api_key"], again["api_key"]) == ("[REDACTED]", "[REDACTED]")
+    assert (first["request_id"], again["request_id"]) == ("r1", "r2")

@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 from openai.types.conversations import ConversationItem, Message
-from openai.types.responses import Response, ResponseFormatTextJSONSchemaConfigParam
+from openai.types.responses import Response, ResponseFormatTextJSONSchemaConfigParam, ResponseInputMessageItem
 from pydantic import BaseModel
 
 from local_stack.openai_sandbox import create_openai_sandbox
@@ -203,6 +203,74 @@ async def test_reply_in_a_conversation_still_greets_the_first_name(client: Async
     )
     content = json.loads(reply.output_text)["content"]
     assert content.startswith("Hi Lee") and "Is Saturday still fine?" in content
+
+
+# ---- previous_response_id ---------------------------------------------------------------------------------------
+
+
+async def reply_after(client: AsyncOpenAI, previous_id: str, text: str = "Is Saturday still fine?") -> Response:
+    return await client.responses.create(
+        model=MODEL,
+        instructions="Answer the customer.",
+        input=text,
+        previous_response_id=previous_id,
+        text={"format": {"type": "json_object"}},
+    )
+
+
+async def test_a_chained_response_sees_the_previous_responses(client: AsyncOpenAI) -> None:
+    first = await template_response(client)
+    reply = await reply_after(client, first.id)
+    assert reply.previous_response_id == first.id and reply.conversation is None
+    content = json.loads(reply.output_text)["content"]
+    assert content.startswith("Hi Lee") and "Is Saturday still fine?" in content  # the name came from `first`
+    assert first.usage is not None and reply.usage is not None
+    assert reply.usage.input_tokens > first.usage.total_tokens  # the chain's input and output count as input
+
+
+async def test_a_chain_reaches_back_through_every_stored_response(client: AsyncOpenAI) -> None:
+    first = await template_response(client)
+    second = await reply_after(client, first.id, "When is it?")
+    third = await reply_after(client, second.id, "Thanks")
+    assert json.loads(third.output_text)["content"].startswith("Hi Lee")
+
+
+async def test_a_response_lists_only_its_own_input_items(client: AsyncOpenAI) -> None:
+    first = await template_response(client)
+    reply = await reply_after(client, first.id)
+    items = await client.responses.input_items.list(reply.id, order="asc")
+    [item] = items.data
+    assert isinstance(item, ResponseInputMessageItem) and item.role == "user"
+    assert [part.text for part in item.content if part.type == "input_text"] == ["Is Saturday still fine?"]
+
+
+async def test_an_unknown_previous_response_is_a_bad_request_named_previous_response_not_found(
+    client: AsyncOpenAI,
+) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        await reply_after(client, "resp_missing")
+    assert (raised.value.code, raised.value.param) == ("previous_response_not_found", "previous_response_id")
+    assert raised.value.message.endswith("Previous response with id 'resp_missing' not found.")
+
+
+async def test_a_deleted_or_unstored_response_cannot_be_chained_from(client: AsyncOpenAI) -> None:
+    deleted = await template_response(client)
+    await client.responses.delete(deleted.id)
+    unstored = await client.responses.create(model=MODEL, input="hi", store=False)
+    for previous in (deleted, unstored):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await reply_after(client, previous.id)
+        assert raised.value.code == "previous_response_not_found"
+
+
+async def test_previous_response_and_conversation_together_are_a_bad_request(client: AsyncOpenAI) -> None:
+    conversation = await client.conversations.create()
+    first = await template_response(client)
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.responses.create(
+            model=MODEL, input="hi", previous_response_id=first.id, conversation=conversation.id
+        )
+    assert raised.value.code == "mutually_exclusive_parameters"
 
 
 async def test_json_object_format_answers_with_a_content_key(client: AsyncOpenAI) -> None:

@@ -343,9 +343,11 @@ async def test_initiated_conversation_is_answered_in_its_ai_thread_and_delivery_
         template, reply = await world.providers.twilio_messages(to=f"whatsapp:{tel}")
         assert template["content_sid"] is not None
         assert [m["message_id"] for m in record["messages"]] == [template["sid"], report["message_sid"], reply["sid"]]
-        [(_, given), (_, answered)] = (await world.providers.thread_items(record["thread_id"]))[-2:]
-        assert given == "Is Saturday still OK?"
+        previous, given, answered = await world.providers.exchange(record["thread_id"])
+        assert previous is not None and previous.startswith("resp_")  # the template's response: one AI call each
+        assert given == [("user", "Is Saturday still OK?")]
         assert orjson.loads(answered) == {"content": reply["body"]}
+        assert await world.providers.ai_responses_created() == 2
 
         async def delivered() -> bool:
             messages = (await world.conversation(key))["messages"]

@@ -98,18 +98,17 @@ class ConversationInitiator:
         return await asyncio.shield(self._queue(request, company, conversation_id, key, queue_url, trace_id))
 
     async def _checked_company(self, request: InitiateRequest) -> CompanyRecord:
-        """Opt-out first (a validation rule), then the tenant rules, in SPEC §2 order."""
-        opted_out, company = await asyncio.gather(
-            self._ports.opt_outs.is_opted_out(
-                request.company_id, request.project_id, request.channel, request.recipient
-            ),
-            self._ports.companies.get(request.company_id, request.project_id),
-            return_exceptions=True,
-        )
-        for result in (opted_out, company):
-            if isinstance(result, BaseException):
-                raise result
-        if opted_out is True:
+        """Opt-out first (a validation rule), then the tenant rules, in SPEC §2 order.
+
+        The company is read first and alone: the handler has just read it for the rate limit, so it comes from the
+        directory's cache, and running the two reads side by side would only cost two tasks per request. A failed
+        opt-out read still outranks a failed company read."""
+        try:
+            company = await self._ports.companies.get(request.company_id, request.project_id)
+        except Exception:
+            await self._opted_out(request)
+            raise
+        if await self._opted_out(request):
             raise ApiError(ErrorCode.RECIPIENT_OPTED_OUT, f"the recipient has opted out of {request.channel}")
         if not isinstance(company, CompanyRecord):
             raise ApiError(ErrorCode.COMPANY_NOT_FOUND, "company/project not found")
@@ -118,6 +117,11 @@ class ConversationInitiator:
         if not company.allows(request.channel):
             raise ApiError(ErrorCode.CHANNEL_NOT_ALLOWED, f"channel {request.channel} is not allowed for this project")
         return company
+
+    async def _opted_out(self, request: InitiateRequest) -> bool:
+        return await self._ports.opt_outs.is_opted_out(
+            request.company_id, request.project_id, request.channel, request.recipient
+        )
 
     async def _claim_or_follow(self, key: str, conversation_id: str, body_hash: str) -> InitiateOutcome | None:
         """Claim the request_id (None: it is ours, go and queue), or the answer a repeat of it gets.

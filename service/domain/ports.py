@@ -94,12 +94,9 @@ class SecretStore(Protocol):
 
 
 class AiWriter(Protocol):
-    async def start_thread(self, api_key: str, metadata: dict[str, str]) -> str:
-        """Create an OpenAI conversation and return its id (stored as the conversation's thread id)."""
-        ...
-
     async def write(self, request: AiRequest) -> AiResult:
-        """A JSON object with exactly `output_keys` (string values) in `thread_id`. Retries transient errors
+        """A JSON object with exactly `output_keys` (string values), continuing from `request.thread_id`; the
+        result's `thread_id` is what the conversation stores for the next exchange. Retries transient errors
         within `timeout_s`, then raises TransientProviderError; PermanentProviderError for 4xx other than
         408/409/429 and for an answer that is not a JSON object with the requested keys."""
         ...
@@ -185,9 +182,11 @@ class ReplyClaims(ClaimedWorkStore[ReplyAttempt], Protocol):
         owner: str,
         messages: Sequence[Message],
         answered_sids: Sequence[str],
+        thread_id: str,
         processing_time_ms: int,
     ) -> ConversationRecord | None:
-        """reply_sent, the messages appended, the fragments marked answered, the claim dropped: one write.
+        """reply_sent, the messages appended, the fragments marked answered, `thread_id` (the AI continuation the
+        next reply chains from) stored, the claim dropped: one write.
         An opt-out or hand-off that landed while sending keeps its status (the reply is still recorded).
         None when `owner` no longer holds the claim (a takeover reconciles and finalises)."""
         ...

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from service.domain.conversation import TokenUsage
+from service.domain.conversation import Message, TokenUsage
 
 
 class ProviderError(Exception):
@@ -38,12 +38,18 @@ class SendOutcomeUnknown(TransientProviderError):
 
 @dataclass(frozen=True, slots=True)
 class AiRequest:
+    """One exchange with the model. `thread_id` is the continuation the previous exchange returned
+    (`AiResult.thread_id`, opaque outside the adapter), None for a conversation's first exchange; `history` is the
+    conversation as recorded, which the adapter sends when the provider no longer holds (or never held) the
+    continuation, so the model still sees what was said."""
+
     api_key: str
     model: str
     instructions: str
     input_text: str
     output_keys: tuple[str, ...]  # the JSON object keys the answer must have, e.g. ("1", "2") or ("content",)
-    thread_id: str  # the OpenAI conversation the exchange is stored in
+    thread_id: str | None = None
+    history: tuple[Message, ...] = ()
     background: bool = False  # long-running models: create in background mode, poll until terminal
     timeout_s: float = 60.0  # hard limit for the whole call, retries and polling included
     metadata: dict[str, str] = field(default_factory=dict)
@@ -51,11 +57,14 @@ class AiRequest:
 
 @dataclass(frozen=True, slots=True)
 class AiResult:
+    """The answer, and `thread_id`: the continuation the conversation stores for its next exchange."""
+
     output: dict[str, str]
     response_id: str
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    thread_id: str
 
     @property
     def usage(self) -> TokenUsage:

@@ -487,7 +487,7 @@ async def test_the_reply_final_update_has_a_stopped_variant_that_keeps_the_statu
     messages = [Message("SM1", "user", "hi", "t")]
     dynamodb = RecordingDynamoDB(refuse=1)  # the claim is no longer processing_reply: the stopped variant follows
 
-    await reply_claims(dynamodb).finalise(KEY, "r-1", messages, ["SM1"], 5)
+    await reply_claims(dynamodb).finalise(KEY, "r-1", messages, ["SM1"], "resp_2", 5)
 
     normal, stopped = dynamodb.sent(0), dynamodb.sent(1)
     assert normal["ConditionExpression"] == "reply_owner = :owner AND #status = :replying"
@@ -496,6 +496,7 @@ async def test_the_reply_final_update_has_a_stopped_variant_that_keeps_the_statu
     assert stopped["UpdateExpression"].startswith("SET #messages = list_append(")
     assert stopped["UpdateExpression"].endswith("ADD replied_message_sids :sids")
     assert dynamodb.values(0)[":sids"] == ["SM1"] == dynamodb.values(1)[":sids"]
+    assert dynamodb.values(0)[":thread"] == "resp_2" == dynamodb.values(1)[":thread"]  # the next reply chains on
 
 
 async def test_an_exhausted_reply_failure_goes_back_to_the_status_before_the_claim_with_the_failure_noted():

@@ -124,7 +124,7 @@ async def crashed_after_recording_the_reply(rig: Rig, *, reached_the_provider: b
     fragment = await rig.inbound("SMin1", "Is Saturday still fine?")
     await rig.claim_elsewhere("crashed")
     now = rig.world.clock.now()
-    attempt = ReplyAttempt(("SMin1",), fragment.body, fragment.received_at, REPLY, USAGE, "conv_seeded", now)
+    attempt = ReplyAttempt(("SMin1",), fragment.body, fragment.received_at, REPLY, USAGE, "resp_crashed", now)
     assert await rig.world.reply_claims.record_attempt(rig.key, "crashed", attempt)
     if reached_the_provider:
         sender = rig.record.company_address or ""
@@ -146,9 +146,10 @@ async def test_fragments_staged_in_order_are_answered_with_one_reply_in_received
     [request] = rig.world.ai.requests
     assert (request.input_text, request.thread_id, request.output_keys) == (
         "Hello\nIs Saturday still fine?",
-        "conv_seeded",
+        "resp_seeded",
         ("content",),
     )
+    assert request.history == (Message("SM0", "assistant", "Hello from the agency", rig.record.messages[0].timestamp),)
     assert request.instructions == "Answer briefly."
     [sent] = rig.sent
     assert (sent.message.body, sent.message.sender, sent.message.recipient) == (
@@ -157,6 +158,7 @@ async def test_fragments_staged_in_order_are_answered_with_one_reply_in_received
         rig.key.primary_channel,
     )
     record = rig.record
+    assert record.thread_id == "resp_fake_1"  # the next reply chains from this one
     assert record.messages[-2:] == (
         Message("SMb", "user", "Hello\nIs Saturday still fine?", first.received_at),
         Message(sent.provider_message_id, "assistant", REPLY, rig.world.clock.stamp(), USAGE, "queued"),
@@ -314,6 +316,7 @@ async def test_a_pending_reply_the_provider_shows_sent_is_finalised_without_a_ne
     record = rig.record
     assert (record.messages[-1].message_id, record.messages[-1].delivery_status) == (sent.provider_message_id, "sent")
     assert record.messages[-2].message_id == "SMin1"
+    assert record.thread_id == "resp_crashed"  # the recorded attempt's continuation
     assert (record.status, record.replied_sids, record.reply_attempt) == (
         ConversationStatus.REPLY_SENT,
         frozenset({"SMin1"}),

@@ -200,7 +200,9 @@ async def test_a_first_delivery_generates_records_the_attempt_sends_once_and_fin
     outcome = await rig.deliver()
 
     assert outcome == Outcome.done("sent")
-    assert len(rig.world.ai.requests) == 1 and rig.world.ai.threads_started == 1
+    [request] = rig.world.ai.requests
+    assert (request.thread_id, request.history) == (None, ())  # a new conversation: one AI call, nothing before
+    assert request.metadata["conversation_id"] == rig.key.conversation_id  # findable at OpenAI by conversation
     assert ledger_at_send[0].state is SendState.ATTEMPTING  # written before the provider was called
     assert ledger_at_send[0].generated == {"body": SMS_TEXT}
     assert_sent_once_and_finalised(rig)
@@ -208,7 +210,7 @@ async def test_a_first_delivery_generates_records_the_attempt_sends_once_and_fin
     assert record.messages[0] == Message(
         rig.sent[0].provider_message_id, "assistant", SMS_TEXT, rig.world.clock.stamp(), USAGE
     )
-    assert record.thread_id == "conv_fake_1"
+    assert record.thread_id == "resp_fake_1"  # the continuation a reply chains from
     assert record.claim.expires_at == 0.0  # the claim dropped with the final update
     assert "processing_time_ms" in rig.world.table.notes[rig.key]
     sent = rig.sent[0].message

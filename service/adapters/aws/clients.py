@@ -29,7 +29,12 @@ class AwsClients:
 
 
 def client_config(settings: Settings, *, max_attempts: int | None = None) -> AioConfig:
-    """Timeouts, standard retry mode (bounded, jittered backoff on throttling/5xx/network) and pool size."""
+    """Timeouts, standard retry mode (bounded, jittered backoff on throttling/5xx/network) and pool size.
+
+    Client-side parameter validation is off: every request is built by this service's adapters (tested against
+    moto, which validates as AWS does), and walking each request against the service model cost a tenth to a
+    fifth of each request's client CPU. A malformed request now fails at AWS (ValidationException) or while
+    serialising, rather than as botocore's ParamValidationError, which nothing here catches."""
     return AioConfig(
         max_pool_connections=settings.aws_pool_size,
         connect_timeout=settings.aws_connect_timeout_s,
@@ -37,6 +42,7 @@ def client_config(settings: Settings, *, max_attempts: int | None = None) -> Aio
         # total_max_attempts counts the first call too (botocore's max_attempts counts only retries).
         retries={"mode": "standard", "total_max_attempts": max_attempts or settings.aws_max_attempts},
         tcp_keepalive=True,
+        parameter_validation=False,
     )
 
 

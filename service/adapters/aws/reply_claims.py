@@ -47,9 +47,10 @@ OWNED = "reply_owner = :owner AND #status = :replying"
 # An opt-out or hand-off that landed while the owner was sending: its reply went out and must still be recorded.
 OWNED_BUT_STOPPED = "reply_owner = :owner AND #status IN (:opted_out, :handed_off)"
 DROP_CLAIM = "REMOVE reply_owner, reply_lease_expires, status_before_reply"
-# The final update, after the status it sets (if any): the messages appended, the fragments marked answered.
+# The final update, after the status it sets (if any): the messages appended, the AI continuation the next reply
+# chains from, the fragments marked answered.
 RECORD_REPLY = (
-    "#messages = list_append(if_not_exists(#messages, :empty), :messages), "
+    "#messages = list_append(if_not_exists(#messages, :empty), :messages), thread_id = :thread, "
     "processing_time_ms = :ms, updated_at = :stamp "
     "REMOVE reply_attempt, reply_owner, reply_lease_expires, status_before_reply "
     "ADD replied_message_sids :sids"
@@ -129,12 +130,14 @@ class DynamoReplyClaims:
         owner: str,
         messages: Sequence[Message],
         answered_sids: Sequence[str],
+        thread_id: str,
         processing_time_ms: int,
     ) -> ConversationRecord | None:
         shared = {
             ":owner": owner,
             ":empty": [],
             ":messages": [codec.message_element(message) for message in messages],
+            ":thread": thread_id,
             ":ms": processing_time_ms,
             ":stamp": self._stamp(),
             ":sids": set(answered_sids),

@@ -1,7 +1,16 @@
-"""The AI writer over OpenAI's Responses and Conversations APIs: structured JSON output, retries, background polls.
+"""The AI writer over OpenAI's Responses API: structured JSON output, retries, background polls.
 
 One `AsyncOpenAI` per API key, all sharing one httpx2 connection pool. The SDK's own retries are off; this
 module retries transient failures with jittered backoff honouring Retry-After, inside each request's time budget.
+Creates and polls go through the SDK's client (auth, headers, errors as `openai.APIStatusError`) with a body this
+module builds and an answer it reads itself (`ResponseView`): the SDK's parameter transform and its pydantic
+`Response` model cost about a quarter of each call's client CPU, for the handful of fields read here.
+
+Conversation state (docs/ai.md): one `responses.create` per exchange, chained with `previous_response_id`. The
+continuation a conversation stores (`AiRequest.thread_id` / `AiResult.thread_id`) is the id of its last response;
+an id from the Conversations API (`conv_…`, conversations started before chaining) is still passed as
+`conversation` and stays the continuation. A chained response OpenAI no longer holds (stored responses expire) is
+asked for once more without the link, with the conversation's recorded messages as input.
 """
 
 from __future__ import annotations
@@ -11,16 +20,18 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
+import aiohttp
 import httpx2
 import openai
 import orjson
 import structlog
-from openai import AsyncOpenAI, omit
-from openai.types.responses import Response, ResponseFormatTextJSONSchemaConfigParam
+from openai import AsyncOpenAI, RequestOptions
+from openai.types.responses import ResponseFormatTextJSONSchemaConfigParam, ResponseInputParam
+from openai.types.responses.response_create_params import ResponseCreateParamsNonStreaming
 
 from service.domain.provider_ports import (
     AiRequest,
@@ -30,7 +41,7 @@ from service.domain.provider_ports import (
     TransientProviderError,
 )
 
-__all__ = ["OpenAiWriter", "classify_openai_failure"]
+__all__ = ["AiohttpTransport", "OpenAiWriter", "classify_openai_failure", "pooled_http_client"]
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +52,23 @@ TRANSIENT_HTTP_STATUSES = frozenset({408, 409, 429})
 # `failed` background responses whose cause is on OpenAI's side: a new attempt can succeed.
 TRANSIENT_RESPONSE_ERRORS = frozenset({"server_error", "rate_limit_exceeded", "vector_store_timeout"})
 OUTPUT_FORMAT_NAME = "message"
+BEARER_AUTH: RequestOptions = {"security": {"bearer_auth": True}}  # what the SDK's own Responses calls ask for
+CONVERSATION_ID_PREFIX = "conv_"  # a Conversations API id: a continuation stored before chaining by response id
+PREVIOUS_RESPONSE_NOT_FOUND = "previous_response_not_found"
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseView:
+    """The fields of a Responses API object this writer reads (`output_text` as the SDK's property joins it)."""
+
+    id: str
+    status: str | None
+    output_text: str
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    error_code: str | None
+    incomplete_reason: str | None
 
 
 @dataclass(slots=True)
@@ -71,7 +99,6 @@ class OpenAiWriter:
         backoff_cap_s: float = 8.0,
         poll_first_s: float = 0.5,
         poll_cap_s: float = 5.0,
-        thread_timeout_s: float = 30.0,
         cancel_timeout_s: float = 5.0,
         max_clients: int = 1_000,
         jitter: Callable[[], float] = random.random,
@@ -87,27 +114,12 @@ class OpenAiWriter:
         self._backoff_cap_s = backoff_cap_s
         self._poll_first_s = poll_first_s
         self._poll_cap_s = poll_cap_s
-        self._thread_timeout_s = thread_timeout_s
         self._cancel_timeout_s = cancel_timeout_s
         self._max_clients = max_clients
         self._jitter = jitter
         self._sleep = sleep
         self._clients: OrderedDict[str, AsyncOpenAI] = OrderedDict()
         self._cleanup_tasks: set[asyncio.Task[None]] = set()
-
-    async def start_thread(self, api_key: str, metadata: dict[str, str]) -> str:
-        client = self._client_for(api_key)
-        deadline = asyncio.get_running_loop().time() + self._thread_timeout_s
-        try:
-            async with asyncio.timeout_at(deadline):
-                conversation = await self._call(
-                    "conversations.create",
-                    lambda: client.conversations.create(metadata=dict(metadata) or omit),
-                    deadline,
-                )
-        except TimeoutError:
-            raise TransientProviderError("ai_timeout", code="conversations.create") from None
-        return conversation.id
 
     async def write(self, request: AiRequest) -> AiResult:
         client = self._client_for(request.api_key)
@@ -126,7 +138,7 @@ class OpenAiWriter:
         except asyncio.CancelledError:
             self._cancel_in_background(client, run)
             raise
-        result = result_from(response, request.output_keys)
+        result = result_from(response, request)
         log.info(
             "ai.written",
             response_id=result.response_id,
@@ -146,19 +158,31 @@ class OpenAiWriter:
 
     async def _generate(
         self, client: AsyncOpenAI, request: AiRequest, deadline: float, run: _BackgroundRun
-    ) -> Response:
-        response = await self._call("responses.create", lambda: create_response(client, request), deadline)
+    ) -> ResponseView:
+        response = await self._create(client, request, deadline)
         if response.status not in TERMINAL_STATUSES and response.status is not None:
             run.pending_id = response.id
             response = await self._poll_until_terminal(client, response.id, deadline)
             run.pending_id = None
         return finished(response)
 
-    async def _poll_until_terminal(self, client: AsyncOpenAI, response_id: str, deadline: float) -> Response:
+    async def _create(self, client: AsyncOpenAI, request: AiRequest, deadline: float) -> ResponseView:
+        """The response, chained to `request.thread_id`; when OpenAI no longer holds that response (expired or
+        deleted), once more unchained with the recorded history, which the new chain then starts from."""
+        try:
+            return await self._call("responses.create", lambda: create_response(client, request), deadline)
+        except PermanentProviderError as exc:
+            if not is_previous_response_gone(exc.__cause__):
+                raise
+        log.warning("ai.previous_response_not_found", history_messages=len(request.history))
+        unchained = replace(request, thread_id=None)
+        return await self._call("responses.create", lambda: create_response(client, unchained), deadline)
+
+    async def _poll_until_terminal(self, client: AsyncOpenAI, response_id: str, deadline: float) -> ResponseView:
         delay = self._poll_first_s
         while True:
             await self._sleep(delay)
-            response = await self._call("responses.retrieve", lambda: client.responses.retrieve(response_id), deadline)
+            response = await self._call("responses.retrieve", lambda: retrieve_response(client, response_id), deadline)
             if response.status in TERMINAL_STATUSES:
                 return response
             delay = min(delay * 2, self._poll_cap_s)
@@ -235,6 +259,79 @@ def default_http_client() -> httpx2.AsyncClient:
     )
 
 
+def pooled_http_client(max_connections: int, timeout_s: float, connect_timeout_s: float = 5.0) -> httpx2.AsyncClient:
+    """The shared OpenAI pool for a worker: httpx2's client (what the SDK takes) over `AiohttpTransport`."""
+    return httpx2.AsyncClient(
+        transport=AiohttpTransport(max_connections), timeout=httpx2.Timeout(timeout_s, connect=connect_timeout_s)
+    )
+
+
+# Hop-by-hop and length headers aiohttp sets itself from the URL and the body.
+_HEADERS_AIOHTTP_SETS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
+
+
+class AiohttpTransport(httpx2.AsyncBaseTransport):
+    """httpx2 requests sent over one aiohttp connection pool.
+
+    httpcore2's pool walks every pooled connection on each request it adds or removes (probing idle ones'
+    sockets), so its cost per request grows with the pool, which is sized for the consumer slots; aiohttp's
+    connector takes an idle connection in constant time. Timeouts come from the request (httpx2's `timeout`
+    extension); failures become httpx2's exceptions (timeouts `TimeoutException`), which the SDK turns into
+    `APITimeoutError` / `APIConnectionError` as it does for its own transport. Bodies are passed through
+    undecoded: httpx2 decodes what it asked for (`Accept-Encoding`). The session is made on the first request,
+    inside the running loop.
+    """
+
+    def __init__(self, max_connections: int) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+            )
+        return self._session
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        timeouts = request.extensions.get("timeout", {})
+        connect = timeouts.get("connect")
+        pool = timeouts.get("pool")
+        timeout = aiohttp.ClientTimeout(
+            connect=None if connect is None or pool is None else connect + pool,
+            sock_connect=connect,
+            sock_read=timeouts.get("read"),
+        )
+        headers = [(name, value) for name, value in request.headers.raw if name.lower() not in _HEADERS_AIOHTTP_SETS]
+        try:
+            async with self._client().request(
+                request.method,
+                str(request.url),
+                headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers],
+                data=await request.aread(),
+                timeout=timeout,
+                allow_redirects=False,
+            ) as answer:
+                content = await answer.read()
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise httpx2.ConnectTimeout(str(exc) or "connect timeout", request=request) from exc
+        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+            raise httpx2.ReadTimeout(str(exc) or "read timeout", request=request) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise httpx2.ConnectError(str(exc), request=request) from exc
+        except aiohttp.ClientError as exc:
+            raise httpx2.ReadError(str(exc) or type(exc).__name__, request=request) from exc
+        return httpx2.Response(answer.status, headers=list(answer.raw_headers), content=content, request=request)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 def output_format(keys: tuple[str, ...]) -> ResponseFormatTextJSONSchemaConfigParam:
     """A strict JSON schema: an object with exactly `keys`, each a string."""
     return {
@@ -250,43 +347,119 @@ def output_format(keys: tuple[str, ...]) -> ResponseFormatTextJSONSchemaConfigPa
     }
 
 
-async def create_response(client: AsyncOpenAI, request: AiRequest) -> Response:
-    return await client.responses.create(
-        model=request.model,
-        instructions=request.instructions,
-        input=request.input_text,
-        conversation=request.thread_id or omit,
-        text={"format": output_format(request.output_keys)},
-        metadata=dict(request.metadata) or omit,
-        store=True,
-        background=True if request.background else omit,
+def is_conversation(thread_id: str | None) -> bool:
+    return thread_id is not None and thread_id.startswith(CONVERSATION_ID_PREFIX)
+
+
+def response_input(request: AiRequest) -> str | ResponseInputParam:
+    """The new input alone when OpenAI holds the context (a chained response, a Conversations API id, or a first
+    exchange); else the recorded messages first, so an unchained reply still sees the conversation."""
+    if request.thread_id or not request.history:
+        return request.input_text
+    items: ResponseInputParam = [
+        {"role": "assistant" if message.role == "assistant" else "user", "content": message.content}
+        for message in request.history
+    ]
+    items.append({"role": "user", "content": request.input_text})
+    return items
+
+
+def create_body(request: AiRequest) -> ResponseCreateParamsNonStreaming:
+    """The `POST /responses` body. `instructions` are sent every time: a chained response does not inherit the
+    previous one's."""
+    body: ResponseCreateParamsNonStreaming = {
+        "model": request.model,
+        "instructions": request.instructions,
+        "input": response_input(request),
+        "text": {"format": output_format(request.output_keys)},
+        "store": True,  # the next exchange chains from this response
+    }
+    thread_id = request.thread_id or None
+    if is_conversation(thread_id):
+        body["conversation"] = thread_id
+    elif thread_id is not None:
+        body["previous_response_id"] = thread_id
+    if request.metadata:
+        body["metadata"] = dict(request.metadata)
+    if request.background:
+        body["background"] = True
+    return body
+
+
+async def create_response(client: AsyncOpenAI, request: AiRequest) -> ResponseView:
+    answer = await client.post("/responses", body=create_body(request), cast_to=httpx2.Response, options=BEARER_AUTH)
+    return response_view(answer)
+
+
+async def retrieve_response(client: AsyncOpenAI, response_id: str) -> ResponseView:
+    answer = await client.get(f"/responses/{response_id}", cast_to=httpx2.Response, options=BEARER_AUTH)
+    return response_view(answer)
+
+
+def response_view(answer: httpx2.Response) -> ResponseView:
+    """The fields read here of a 2xx answer's Response object; a body that is not one is a permanent failure."""
+    try:
+        body = orjson.loads(answer.content)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+        raise PermanentProviderError("ai_client_error", code="invalid_response_body")
+    usage = body.get("usage") or {}
+    error = body.get("error") or {}
+    incomplete = body.get("incomplete_details") or {}
+    return ResponseView(
+        id=body["id"],
+        status=body.get("status"),
+        output_text="".join(
+            part["text"]
+            for item in body.get("output") or ()
+            if item.get("type") == "message"
+            for part in item.get("content") or ()
+            if part.get("type") == "output_text"
+        ),
+        input_tokens=usage.get("input_tokens") or 0,
+        output_tokens=usage.get("output_tokens") or 0,
+        total_tokens=usage.get("total_tokens") or 0,
+        error_code=error.get("code"),
+        incomplete_reason=incomplete.get("reason"),
     )
 
 
-def finished(response: Response) -> Response:
+def is_previous_response_gone(exc: BaseException | None) -> bool:
+    """OpenAI's answer to a `previous_response_id` it does not hold: 400 `previous_response_not_found` (404 on
+    an unknown id is accepted too, when it names that parameter)."""
+    if not isinstance(exc, openai.APIStatusError):
+        return False
+    if exc.code == PREVIOUS_RESPONSE_NOT_FOUND:
+        return True
+    return exc.status_code in (400, 404) and exc.param == "previous_response_id"
+
+
+def finished(response: ResponseView) -> ResponseView:
     """The response if it completed; otherwise the error its terminal status stands for."""
     status = response.status
     if status == "completed" or status is None:
         return response
     if status == "failed":
-        code = response.error.code if response.error is not None else None
+        code = response.error_code
         if code in TRANSIENT_RESPONSE_ERRORS:
             raise TransientProviderError("ai_response_failed", code=code)
         raise PermanentProviderError("ai_response_failed", code=code)
     if status == "incomplete":
-        details = response.incomplete_details
-        raise PermanentProviderError("ai_response_incomplete", code=details.reason if details else None)
+        raise PermanentProviderError("ai_response_incomplete", code=response.incomplete_reason)
     raise TransientProviderError("ai_response_cancelled", code=status)
 
 
-def result_from(response: Response, output_keys: tuple[str, ...]) -> AiResult:
-    usage = response.usage
+def result_from(response: ResponseView, request: AiRequest) -> AiResult:
+    """The answer, and the continuation to store: the Conversations API id it was written in, else this response."""
+    thread_id = request.thread_id if is_conversation(request.thread_id) else None
     return AiResult(
-        output=parse_output(response.output_text, output_keys),
+        output=parse_output(response.output_text, request.output_keys),
         response_id=response.id,
-        prompt_tokens=usage.input_tokens if usage else 0,
-        completion_tokens=usage.output_tokens if usage else 0,
-        total_tokens=usage.total_tokens if usage else 0,
+        prompt_tokens=response.input_tokens,
+        completion_tokens=response.output_tokens,
+        total_tokens=response.total_tokens,
+        thread_id=thread_id or response.id,
     )
 
 
