@@ -1,7 +1,10 @@
 """An async read-through cache with a TTL and single-flight loads.
 
 Concurrent misses for one key share one load, so a burst of requests for a cold
-company costs one DynamoDB read, not one per request.
+company costs one DynamoDB read, not one per request. The load runs as its own task
+that every caller awaits through a shield: a caller that is cancelled (its request hit
+its deadline, the client went away) leaves the load running for the others instead of
+handing its cancellation to every request waiting on the same key.
 """
 
 from __future__ import annotations
@@ -22,26 +25,24 @@ class TtlCache(Generic[K, V]):
         self._max_entries = max_entries
         self._clock = clock
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
-        self._loading: dict[K, asyncio.Future[V]] = {}
+        self._loading: dict[K, asyncio.Task[V]] = {}
 
     async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
         entry = self._entries.get(key)
         if entry is not None and entry[0] > self._clock():
             return entry[1]
-        pending = self._loading.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
-        self._loading[key] = future
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(key, load))
+            self._loading[key] = task
+            task.add_done_callback(_retrieve_exception)
+        return await asyncio.shield(task)
+
+    async def _load(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
         try:
             value = await load()
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters, if any, re-raise it themselves
-            raise
         finally:
             self._loading.pop(key, None)
-        future.set_result(value)
         self.put(key, value)
         return value
 
@@ -55,3 +56,9 @@ class TtlCache(Generic[K, V]):
 
     def invalidate(self, key: K) -> None:
         self._entries.pop(key, None)
+
+
+def _retrieve_exception(task: asyncio.Task[object]) -> None:
+    """Mark a failed load's exception retrieved: when every caller was cancelled, nobody else reads it."""
+    if not task.cancelled():
+        task.exception()
