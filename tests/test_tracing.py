@@ -19,8 +19,7 @@ import pytest
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -34,6 +33,7 @@ from tests.conftest import initiate_body
 from tests.e2e_support import E2EEnv, Tenant, e2e_env, eventually, in_process_service, new_tenant, recipient_of
 from tests.replies_support import replies_world
 from tests.replies_support import unique_tel as unique_reply_tel
+from tests.span_capture import spans_in_memory
 from tests.support import api_client, queued_messages
 
 INCOMING_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -44,15 +44,8 @@ STEPS = {"claim", "secrets", "ai", "send", "final_update"}
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
     """Tracing on, every ended span kept in memory; off again (and nothing kept) after the test."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    try:
+    with spans_in_memory() as exporter:
         yield exporter
-    finally:
-        tracing.uninstall()
-        provider.shutdown()
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ from typing import Any
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -18,6 +16,7 @@ from consumers.metrics import ConsumerMetrics
 from service import tracing
 from service.adapters.aws.queue_publisher import SqsPublisher
 from service.domain.provider_ports import PermanentProviderError
+from tests.span_capture import spans_in_memory
 
 QUEUE_URL = "https://sqs.eu-west-2.amazonaws.com/000000000000/comms-sms"
 CALLER = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "tracestate": "vendor=1"}
@@ -25,15 +24,8 @@ CALLER = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    try:
+    with spans_in_memory() as exporter:
         yield exporter
-    finally:
-        tracing.uninstall()
-        provider.shutdown()
 
 
 def tracer() -> Tracer:
