@@ -1,6 +1,7 @@
 """A moto server in its own process on 127.0.0.1: the local AWS endpoint for `comms local` and the tests.
 
-A separate process, so the service's CPU figures exclude the endpoint's, as on real AWS.
+A separate process, so the service's CPU figures exclude the endpoint's, as on real AWS; moto runs with the exact
+speed-ups of `local_stack.moto_speedups` (its per-request costs otherwise grow with the queue).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def start_moto_server(host: str = "127.0.0.1", port: int = 0, timeout_s: float =
     port = port or free_port(host)
     env = {**os.environ, **LOCAL_CREDENTIALS}
     process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+        [sys.executable, "-m", "local_stack.moto_speedups", "-H", host, "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,

@@ -1,0 +1,91 @@
+"""Exact speed-ups for the moto server process of the local stack (never imported by the service).
+
+moto 5.2 does per-request work that grows with the queue, and it does it under one server-wide lock:
+- `DomainDispatcherApplication.get_application` lists moto's package directory (listdir + isdir on ~190
+  entries) for every request, inside the lock every request thread takes;
+- every received message asks `get_queue_attributes` for the retention period, which computes *all* of a queue's
+  attributes, three of them counts over every message in the queue (O(queue length) per message received);
+- `Message.visible`/`delayed` read the clock through `utcnow() - utcfromtimestamp(0)` (two datetimes a call), once
+  per queued message on every receive.
+
+The local AWS endpoint bound the benchmarks at about a third of the rate it reached with fewer queued messages.
+Each replacement returns what the original returns; a moto without the patched names keeps its own code (the
+local stack is then slower, never wrong), and `tests/unit/test_moto_speedups.py` pins the equivalences.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+from moto import backends
+from moto.server import main as moto_main
+from moto.sqs import models as sqs_models
+from moto.sqs.models import SQSBackend
+
+PATCHES = ("backend module list", "retention check", "message clock")
+
+
+def apply() -> list[str]:
+    """Patch the loaded moto modules in place; return the names of the patches applied."""
+    applied: list[str] = []
+    for name, patch in zip(PATCHES, (_cache_module_list, _constant_time_retention, _cheap_message_clock), strict=True):
+        try:
+            patch()
+        except AttributeError as missing:  # another moto version: keep its own (slower) code
+            print(f"local_stack: moto speed-up '{name}' not applied: {missing!r}", file=sys.stderr)
+        else:
+            applied.append(name)
+    return applied
+
+
+def _cache_module_list() -> None:
+    listed = backends.list_of_moto_modules
+    modules = tuple(listed())  # the installed package's directories: fixed for the life of the process
+
+    def list_of_moto_modules() -> Iterable[str]:
+        return iter(modules)
+
+    functools.update_wrapper(list_of_moto_modules, listed)
+    backends.list_of_moto_modules = list_of_moto_modules
+
+
+def _constant_time_retention() -> None:
+    getattr(SQSBackend, "is_message_valid_based_on_retention_period")  # noqa: B009 - raises when moto renamed it
+
+    def is_message_valid_based_on_retention_period(self: Any, queue_name: str, message: Any) -> bool:
+        # The same attribute `get_queue_attributes(queue_name, ["MessageRetentionPeriod"])` reads, without
+        # computing the queue's other attributes (counts over every queued message) to find it.
+        retention_period: int = self.get_queue(queue_name).message_retention_period
+        return bool(retention_period + message.sent_timestamp / 1000 > time.time())
+
+    setattr(SQSBackend, "is_message_valid_based_on_retention_period", is_message_valid_based_on_retention_period)  # noqa: B010
+
+
+def _cheap_message_clock() -> None:
+    for name, scale in (("unix_time_millis", 1000.0), ("unix_time", 1.0)):
+        setattr(sqs_models, name, _now_or(getattr(sqs_models, name), scale))
+
+
+def _now_or(original: Callable[..., float], scale: float) -> Callable[..., float]:
+    """`original()` with no argument is the current POSIX time (naive UTC now minus the epoch): read it directly."""
+
+    def clock(dt: datetime | None = None) -> float:
+        return time.time() * scale if dt is None else original(dt)
+
+    functools.update_wrapper(clock, original)
+    return clock
+
+
+def main() -> None:
+    """`python -m local_stack.moto_speedups [moto.server options]`: moto's own server, patched."""
+    apply()
+    moto_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
