@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from moto import backends
+from moto.dynamodb.models import DynamoDBBackend
 from moto.sqs import models as sqs_models
 from moto.sqs.models import SQSBackend
 
@@ -31,6 +35,8 @@ def originals(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
     )
     monkeypatch.setattr(sqs_models, "unix_time_millis", saved["unix_time_millis"])
     monkeypatch.setattr(sqs_models, "unix_time", saved["unix_time"])
+    for name in moto_speedups.DYNAMODB_ITEM_OPERATIONS:
+        monkeypatch.setattr(DynamoDBBackend, name, getattr(DynamoDBBackend, name))
     yield saved
 
 
@@ -81,3 +87,37 @@ def test_messages_are_received_visible_and_hidden_as_before(originals: dict[str,
     received = backend.receive_message("q", count=10, wait_seconds_timeout=0, visibility_timeout=30)
     assert [m.body for m in received] == ["one"]
     assert backend.receive_message("q", count=10, wait_seconds_timeout=0, visibility_timeout=30) == []
+
+
+def _lock_of(operation: object) -> Any:
+    return inspect.getclosurevars(operation).nonlocals["lock"]  # type: ignore[arg-type]
+
+
+def test_every_dynamodb_item_operation_takes_the_same_lock(originals: dict[str, object]) -> None:
+    moto_speedups.apply()
+    locks = {id(_lock_of(getattr(DynamoDBBackend, name))) for name in moto_speedups.DYNAMODB_ITEM_OPERATIONS}
+    assert len(locks) == 1
+
+
+def test_a_dynamodb_item_operation_holds_the_lock_until_it_returns(
+    originals: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_update_item(*args: object, **kwargs: object) -> None:
+        inside.set()
+        release.wait(10)
+
+    monkeypatch.setattr(DynamoDBBackend, "update_item", slow_update_item)
+    moto_speedups.apply()
+    backend = DynamoDBBackend(region_name=REGION, account_id=ACCOUNT)
+    worker = threading.Thread(target=backend.update_item)
+    worker.start()
+    inside.wait(10)
+    lock = _lock_of(DynamoDBBackend.get_item)
+    held_by_the_update = not lock.acquire(blocking=False)  # from this thread: another operation would wait
+    release.set()
+    worker.join(10)
+    assert held_by_the_update
+    assert lock.acquire(blocking=False)
+    lock.release()
