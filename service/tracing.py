@@ -13,7 +13,7 @@ exporter reads its endpoint, headers, timeout and compression from `OTEL_EXPORTE
 
 The spans: SERVER per HTTP request (`service.api.middleware.trace_requests`), PRODUCER per queued message with
 its context in the `traceparent`/`tracestate` message attributes, CONSUMER per received message continuing that
-context, an INTERNAL child per consumer step, and CLIENT spans for AWS (botocore events on each client), OpenAI
+context, an INTERNAL child per consumer step, and CLIENT spans for AWS (around each call of each client, cancellation included), OpenAI
 (an httpx2 transport), Twilio (around the SDK call) and SendGrid (an aiohttp trace config). Client spans are made
 only under a recording span, so background calls (long polls, heartbeats, batched deletes) start no trace.
 
@@ -30,6 +30,7 @@ import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -350,26 +351,27 @@ def step_span(tracer: Tracer, step: str) -> AbstractContextManager[Span]:
 
 # ---- clients: AWS (botocore events), OpenAI (httpx2), SendGrid (aiohttp), Twilio (around the SDK call) -------
 
-_AWS_SPAN = "comms_span"  # where the span waits in botocore's per-call context between the two events
+# The span of the AWS call in progress in this task: the wrapper around the call sets it, botocore's `after-call`
+# event (same task) adds what only the answer tells.
+_AWS_CALL_SPAN: ContextVar[Span | None] = ContextVar("comms_aws_call_span", default=None)
 
 
 class _AwsCallTracer:
-    """botocore event handlers: a CLIENT span from `provide-client-params` (so it covers validation and
-    serialisation too) to `after-call` / `after-call-error`. A call cancelled mid-flight fires neither: its span
-    is never ended and never exported."""
+    """A CLIENT span around each call of one aiobotocore client: started before the call is validated and
+    serialised, ended when the call returns, fails or is cancelled (a cancelled call is an error span typed
+    `cancelled`, never a span left open)."""
 
-    def __init__(self, tracer: Tracer, region: str | None) -> None:
+    def __init__(self, tracer: Tracer, region: str | None, service: str) -> None:
         self._tracer = tracer
         self._region = region
+        self._service = service
 
-    def start(self, model: Any, params: Mapping[str, Any], context: dict[str, Any], **_: Any) -> None:
+    def start(self, operation: str, params: Mapping[str, Any]) -> Span | None:
         if _STATE.tracer is not self._tracer or not _under_recording_span():
-            return
-        service = model.service_model.service_id
-        operation = model.name
+            return None
         attributes: dict[str, AttributeValue | None] = {
             "rpc.system": "aws-api",
-            "rpc.service": str(service),
+            "rpc.service": self._service,
             "rpc.method": operation,
             "cloud.region": self._region,
         }
@@ -377,12 +379,13 @@ class _AwsCallTracer:
             attributes["aws.dynamodb.table_names"] = params["TableName"]
         if isinstance(params.get("QueueUrl"), str):
             attributes["messaging.destination.name"] = queue_name(params["QueueUrl"])
-        context[_AWS_SPAN] = self._tracer.start_span(
-            f"{service}.{operation}", kind=SpanKind.CLIENT, attributes=safe_attributes(attributes)
+        return self._tracer.start_span(
+            f"{self._service}.{operation}", kind=SpanKind.CLIENT, attributes=safe_attributes(attributes)
         )
 
-    def after_call(self, http_response: Any, parsed: Mapping[str, Any], context: dict[str, Any], **_: Any) -> None:
-        span: Span | None = context.pop(_AWS_SPAN, None)
+    @staticmethod
+    def after_call(http_response: Any, parsed: Mapping[str, Any], **_: Any) -> None:
+        span = _AWS_CALL_SPAN.get()
         if span is None:
             return
         metadata = parsed.get("ResponseMetadata", {})
@@ -395,26 +398,45 @@ class _AwsCallTracer:
         )
         if status >= 300:
             mark_failed(span, str(parsed.get("Error", {}).get("Code") or status))
-        span.end()
-
-    def after_call_error(self, exception: BaseException, context: dict[str, Any], **_: Any) -> None:
-        span: Span | None = context.pop(_AWS_SPAN, None)
-        if span is None:
-            return
-        mark_failed(span, error_type(exception))
-        span.end()
 
 
 def trace_aws_client(client: Any) -> None:
-    """CLIENT spans for every call of an aiobotocore client (its own event emitter: no other client is touched)."""
+    """CLIENT spans for every call of an aiobotocore client: its `_make_api_call` (the coroutine every operation
+    method awaits) is wrapped on this client object only, so no other client is touched."""
     tracer = _STATE.tracer
     if tracer is None:
         return
-    handlers = _AwsCallTracer(tracer, client.meta.region_name)
-    events = client.meta.events
-    events.register("provide-client-params", handlers.start, unique_id="comms-trace-start")
-    events.register("after-call", handlers.after_call, unique_id="comms-trace-end")
-    events.register("after-call-error", handlers.after_call_error, unique_id="comms-trace-error")
+    calls = _AwsCallTracer(tracer, client.meta.region_name, str(client.meta.service_model.service_id))
+    make_api_call = client._make_api_call
+
+    async def traced_api_call(operation_name: str, api_params: Mapping[str, Any]) -> Any:
+        span = calls.start(operation_name, api_params)
+        if span is None:
+            return await make_api_call(operation_name, api_params)
+        token = _AWS_CALL_SPAN.set(span)
+        try:
+            return await make_api_call(operation_name, api_params)
+        except BaseException as exc:  # cancellation included: the span ends either way
+            if span.is_recording() and not _has_error(span):
+                mark_failed(span, _aws_error_type(exc))
+            raise
+        finally:
+            _AWS_CALL_SPAN.reset(token)
+            span.end()
+
+    client._make_api_call = traced_api_call
+    client.meta.events.register("after-call", calls.after_call, unique_id="comms-trace-answer")
+
+
+def _has_error(span: Span) -> bool:
+    status = getattr(span, "status", None)
+    return status is not None and status.status_code is StatusCode.ERROR
+
+
+def _aws_error_type(exc: BaseException) -> str:
+    """The AWS error code of a refused call (what `after-call` named), else the exception's type."""
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+    return str(code) if code else error_type(exc)
 
 
 def _path_template(path: str) -> str:

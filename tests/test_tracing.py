@@ -31,6 +31,7 @@ from service.config import Settings
 from service.runner import run_service
 from tests.conftest import initiate_body
 from tests.e2e_support import E2EEnv, Tenant, e2e_env, eventually, in_process_service, new_tenant, recipient_of
+from tests.fault_proxy import FaultProxy
 from tests.replies_support import replies_world
 from tests.replies_support import unique_tel as unique_reply_tel
 from tests.span_capture import spans_in_memory
@@ -176,6 +177,33 @@ async def test_a_failed_aws_call_is_an_error_span_naming_its_code(settings, span
     assert call.attributes is not None
     assert call.attributes["error.type"] == "ResourceNotFoundException"
     assert call.attributes["http.response.status_code"] == 400
+
+
+async def test_an_aws_call_cancelled_mid_flight_ends_its_span_as_cancelled(settings, spans):
+    tracer = tracing.active_tracer()
+    assert tracer is not None
+    moto_port = int(settings.aws_endpoint_url.rsplit(":", 1)[1])
+    async with (
+        FaultProxy("127.0.0.1", moto_port) as proxy,
+        api_client(settings, aws_endpoint_url=proxy.url) as (
+            _,
+            deps,
+        ),
+    ):
+        proxy.stall()
+        with tracer.start_as_current_span("operation"):
+            call = asyncio.create_task(
+                deps.aws.dynamodb.get_item(TableName=settings.company_table, Key={"company_id": {"S": "x"}})
+            )
+            await eventually(lambda: proxy.connections > 0, timeout_s=10, what="the call reached the proxy")
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    cancelled = named(spans.get_finished_spans(), "DynamoDB.GetItem")
+    assert cancelled.status.status_code is StatusCode.ERROR
+    assert cancelled.attributes is not None
+    assert cancelled.attributes["error.type"] == "cancelled"
 
 
 async def test_aws_calls_outside_any_traced_work_make_no_spans(settings, spans):
