@@ -13,9 +13,10 @@ exporter reads its endpoint, headers, timeout and compression from `OTEL_EXPORTE
 
 The spans: SERVER per HTTP request (`service.api.middleware.trace_requests`), PRODUCER per queued message with
 its context in the `traceparent`/`tracestate` message attributes, CONSUMER per received message continuing that
-context, an INTERNAL child per consumer step, and CLIENT spans for AWS (around each call of each client, cancellation included), OpenAI
-(an httpx2 transport), Twilio (around the SDK call) and SendGrid (an aiohttp trace config). Client spans are made
-only under a recording span, so background calls (long polls, heartbeats, batched deletes) start no trace.
+context, an INTERNAL child per consumer step, and CLIENT spans for AWS (around each call of each client, a
+cancelled call included), OpenAI (an httpx2 transport), Twilio (around the SDK call) and SendGrid (an aiohttp trace
+config). Client spans are made only under a recording span, so background calls (long polls, heartbeats, batched
+deletes) start no trace.
 
 Attributes follow the logging rule (`service.logging`): values under secret-looking keys are dropped and phone
 numbers and emails are masked; exceptions are recorded by type only (their text may quote a recipient).
