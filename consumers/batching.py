@@ -120,6 +120,12 @@ class DeleteBatcher:
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
 
+    def hurry(self) -> None:
+        """Flush now, and from now on send each delete at the next loop turn (with those of the same turn): a
+        stopping consumer does not wait out the interval for the deletes of its last finished messages."""
+        self._flush_interval_s = 0.0
+        self.flush()
+
     async def close(self) -> None:
         """Flush and wait for every call in progress."""
         self.flush()

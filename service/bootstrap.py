@@ -15,7 +15,6 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import aiohttp
-import httpx2
 from prometheus_client import CollectorRegistry
 
 from consumers.contracts import Processor
@@ -37,7 +36,7 @@ from service.adapters.aws.reply_claims import DynamoReplyClaims
 from service.adapters.aws.request_ledger import DynamoRequestLedger
 from service.adapters.aws.secrets_store import SecretsManagerStore
 from service.adapters.aws.stage_store import DynamoReplyStage
-from service.adapters.providers.openai_writer import OpenAiWriter
+from service.adapters.providers.openai_writer import OpenAiWriter, pooled_http_client
 from service.adapters.providers.sendgrid_sender import SendGridSender
 from service.adapters.providers.twilio_client import build_async_http_client
 from service.adapters.providers.twilio_sender import TwilioSender
@@ -70,6 +69,8 @@ from service.domain.ports import (
 from service.domain.rate_limit import RateLimit, RateLimiter
 from service.metrics import ApiMetrics
 from service.readiness import Readiness
+
+OPENAI_CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,14 +213,15 @@ async def _with_providers(settings: Settings, adapters: Adapters, stack: AsyncEx
     pool = settings.consumer_concurrency * max(1, len(settings.consumed_queues))
     ai = adapters.ai
     if ai is None:
-        limits = httpx2.Limits(max_connections=pool, max_keepalive_connections=pool)
-        timeout = httpx2.Timeout(settings.ai_timeout_s, connect=5.0)
-        if tracing.active_tracer() is None:
-            openai_http = httpx2.AsyncClient(limits=limits, timeout=timeout)
-        else:  # the same pool behind a transport making a CLIENT span per attempt (no proxy from the environment)
-            transport = tracing.traced_transport(httpx2.AsyncHTTPTransport(limits=limits), "openai")
-            openai_http = httpx2.AsyncClient(timeout=timeout, transport=transport)
-        stack.push_async_callback(openai_http.aclose)
+        # One aiohttp pool (httpcore2's costs CPU per request in proportion to its size), proxies from the
+        # environment as before; tracing puts a transport making a CLIENT span per attempt in front of it.
+        openai_http = pooled_http_client(
+            pool,
+            settings.ai_timeout_s,
+            connect_timeout_s=OPENAI_CONNECT_TIMEOUT_S,
+            wrap=lambda transport: tracing.traced_transport(transport, "openai"),
+        )
+        stack.push_async_callback(openai_http.aclose)  # closes the aiohttp session
         writer = OpenAiWriter(openai_http, settings.openai_base_url, settings.ai_max_attempts)
         stack.push_async_callback(writer.close)
         ai = writer

@@ -20,7 +20,7 @@ from service.logging import configure_logging
 from service.operator import COMMANDS as OPERATOR_COMMANDS
 from service.operator import register as register_operator
 from service.operator import run as run_operator
-from service.runner import Role, run_service
+from service.runner import Role, run_on, run_service
 
 EXIT_CONFIG = 2
 
@@ -86,9 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if importlib.util.find_spec("local_stack") is None:  # the image ships the service only
             print("comms: `comms local` needs the embedded stack of a source checkout (make local)", file=sys.stderr)
             return EXIT_CONFIG
-        return _serving(lambda: asyncio.run(_run_local(settings, args.role, args.ai_latency)))
+        return _serving(lambda: run_on(settings.event_loop, _run_local(settings, args.role, args.ai_latency)))
     elif args.command == "serve":
-        return _serving(lambda: asyncio.run(run_service(settings, args.role)))
+        return _serving(lambda: run_on(settings.event_loop, run_service(settings, args.role)))
     elif args.command == "bootstrap":
         asyncio.run(_bootstrap(settings))
     elif args.command in OPERATOR_COMMANDS:

@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Channel = Literal["whatsapp", "sms", "email"]
+EventLoop = Literal["uvloop", "asyncio"]
 CHANNELS: tuple[Channel, ...] = ("whatsapp", "sms", "email")
 CONSUMABLE_QUEUES = (*CHANNELS, "replies")
 
@@ -33,6 +34,9 @@ class Settings(BaseSettings):
 
     environment: str = Field("dev", description="Environment name, used in secret names and logs")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    event_loop: EventLoop = Field(
+        "uvloop", description="Event loop of `comms serve` / `comms local`: uvloop (less CPU), or asyncio's own"
+    )
 
     # AWS
     aws_region: str = "eu-west-2"

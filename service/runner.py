@@ -17,22 +17,35 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Literal, TypeVar
 
 import structlog
+import uvloop
 from aiohttp import web
 
 from consumers.runtime import QueueConsumer
 from consumers.sqs_messages import StartupRetry, StartupStopped
 from service.api.app import create_app, create_metrics_app, make_runner
 from service.bootstrap import Dependencies, build
-from service.config import Settings
+from service.config import EventLoop, Settings
 from service.tracing import start_from_environment
 
 Role = Literal["api", "worker", "all"]
 log = structlog.get_logger("service.runner")
 start_tracing = start_from_environment  # OTEL_* decide; tests replace it to keep the OpenTelemetry global untouched
+T = TypeVar("T")
+
+LOOP_FACTORIES: dict[EventLoop, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,  # libuv's loop: a few percent less CPU per request than asyncio's
+    "asyncio": asyncio.new_event_loop,  # the fallback (COMMS_EVENT_LOOP=asyncio)
+}
+
+
+def run_on(event_loop: EventLoop, main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` to completion on a new event loop of the kind named, closed afterwards (as `asyncio.run`)."""
+    with asyncio.Runner(loop_factory=LOOP_FACTORIES[event_loop]) as runner:
+        return runner.run(main)
 
 
 def install_stop_signals(stop: asyncio.Event, force: asyncio.Event) -> None:
@@ -116,6 +129,7 @@ async def _serve(
             port=settings.port,
             metrics_port=settings.metrics_port,
             queues=[c.queue_name for c in deps.consumers],
+            event_loop=type(asyncio.get_running_loop()).__module__,  # uvloop or asyncio.unix_events
         )
         if on_ready:
             on_ready(deps)

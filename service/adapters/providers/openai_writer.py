@@ -29,6 +29,8 @@ import httpx2
 import openai
 import orjson
 import structlog
+import yarl
+from aiohttp.helpers import get_env_proxy_for_url
 from openai import AsyncOpenAI, RequestOptions
 from openai.types.responses import ResponseFormatTextJSONSchemaConfigParam, ResponseInputParam
 from openai.types.responses.response_create_params import ResponseCreateParamsNonStreaming
@@ -259,11 +261,30 @@ def default_http_client() -> httpx2.AsyncClient:
     )
 
 
-def pooled_http_client(max_connections: int, timeout_s: float, connect_timeout_s: float = 5.0) -> httpx2.AsyncClient:
-    """The shared OpenAI pool for a worker: httpx2's client (what the SDK takes) over `AiohttpTransport`."""
-    return httpx2.AsyncClient(
-        transport=AiohttpTransport(max_connections), timeout=httpx2.Timeout(timeout_s, connect=connect_timeout_s)
-    )
+def pooled_http_client(
+    max_connections: int,
+    timeout_s: float,
+    connect_timeout_s: float = 5.0,
+    wrap: Callable[[httpx2.AsyncBaseTransport], httpx2.AsyncBaseTransport] | None = None,
+) -> httpx2.AsyncClient:
+    """The shared OpenAI pool for a worker: httpx2's client (what the SDK takes) over `AiohttpTransport`, which
+    `wrap` may put behind another transport (tracing). Closing the client closes the aiohttp session."""
+    transport: httpx2.AsyncBaseTransport = AiohttpTransport(max_connections)
+    if wrap is not None:
+        transport = wrap(transport)
+    return httpx2.AsyncClient(transport=transport, timeout=httpx2.Timeout(timeout_s, connect=connect_timeout_s))
+
+
+_Proxy = tuple[yarl.URL | None, aiohttp.BasicAuth | None]
+_NO_PROXY: _Proxy = (None, None)
+
+
+def _environment_proxy(url: yarl.URL) -> _Proxy:
+    """What aiohttp's `trust_env` would pick for `url`: a proxy from the environment unless NO_PROXY exempts it."""
+    try:
+        return get_env_proxy_for_url(url)
+    except LookupError:
+        return _NO_PROXY
 
 
 # Hop-by-hop and length headers aiohttp sets itself from the URL and the body.
@@ -280,12 +301,19 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
     `APITimeoutError` / `APIConnectionError` as it does for its own transport. Bodies are passed through
     undecoded: httpx2 decodes what it asked for (`Accept-Encoding`). The session is made on the first request,
     inside the running loop.
+
+    `trust_env` (on by default, as in httpx2's own client): HTTP_PROXY / HTTPS_PROXY / NO_PROXY (and a proxy's
+    credentials in ~/.netrc) choose the proxy, so a worker behind an egress proxy reaches OpenAI as it did over
+    httpx2's transport. They are read once per origin, as httpx2 reads them once per client: aiohttp's own
+    `trust_env` would read them, and ~/.netrc, in a worker thread on every request.
     """
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, *, trust_env: bool = True) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         self._max_connections = max_connections
+        self._trust_env = trust_env
+        self._proxies: dict[tuple[str, str, int | None], _Proxy] = {}
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -295,6 +323,15 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
                 connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
             )
         return self._session
+
+    async def _proxy(self, url: httpx2.URL) -> _Proxy:
+        """The proxy the environment names for `url`'s origin (`_NO_PROXY` when none, or `trust_env` is off)."""
+        origin = (url.scheme, url.host, url.port)
+        proxy = self._proxies.get(origin)
+        if proxy is None:
+            proxy = await asyncio.to_thread(_environment_proxy, yarl.URL(str(url))) if self._trust_env else _NO_PROXY
+            self._proxies[origin] = proxy
+        return proxy
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         timeouts = request.extensions.get("timeout", {})
@@ -306,6 +343,7 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
             sock_read=timeouts.get("read"),
         )
         headers = [(name, value) for name, value in request.headers.raw if name.lower() not in _HEADERS_AIOHTTP_SETS]
+        proxy, proxy_auth = await self._proxy(request.url)
         try:
             async with self._client().request(
                 request.method,
@@ -314,6 +352,8 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
                 data=await request.aread(),
                 timeout=timeout,
                 allow_redirects=False,
+                proxy=proxy,
+                proxy_auth=proxy_auth,
             ) as answer:
                 content = await answer.read()
         except aiohttp.ConnectionTimeoutError as exc:
