@@ -30,12 +30,14 @@ from consumers.sqs_messages import RedrivePolicy
 from service.domain.claims import RETRIES_EXHAUSTED
 from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus, Failure, Message
 from service.domain.errors import DependencyUnavailable
+from service.domain.pacing import SendPacing
 from service.domain.ports import AiWriter, ClaimedWorkStore, MessageSender, SecretStore
 from service.domain.provider_ports import (
     AiRequest,
     AiResult,
     OutboundMessage,
     PermanentProviderError,
+    ProviderRateLimited,
     SendOutcomeUnknown,
     SentMessage,
     TransientProviderError,
@@ -189,8 +191,10 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
         metrics: ConsumerMetrics,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,  # the final update's backoff
+        pacing: SendPacing | None = None,  # per-sender pace across the fleet (None: send as slots allow)
     ) -> None:
         self._config = config
+        self._pacing = pacing
         self._ports = ports
         self._claims: ClaimedWorkStore[DraftT] = ports.claims
         self._metrics = metrics
@@ -439,6 +443,8 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
     async def _send(self, claimed: Claimed[JobT], outbound: OutboundMessage, draft: DraftT) -> Outcome:
         if claimed.lease.lost.is_set():
             return Outcome.retry("lease_lost")
+        if self._pacing is not None and (wait := await self._pacing.wait_turn(outbound)):
+            return Outcome.retry("paced", math.ceil(wait))  # this sender's queue of sends is too long to wait in
         with claimed.lease.protected():  # from the ledger entry on, the runtime never cancels this task
             if not await self._claims.record_attempt(claimed.key, claimed.owner, draft):
                 return Outcome.retry("claim_lost", 1)
@@ -452,5 +458,7 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
                 return Outcome.retry("send_outcome_unknown", detail=failure_detail(exc))
             except TransientProviderError as exc:
                 await self._claims.clear_attempt(claimed.key, claimed.owner)
+                if isinstance(exc, ProviderRateLimited) and self._pacing is not None:
+                    await self._pacing.rate_limited(outbound, exc.retry_after_s)
                 return transient_retry("send", exc)
             return await self.finalise(claimed, draft, sent)

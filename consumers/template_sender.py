@@ -106,6 +106,7 @@ class TemplateSender(ClaimedWork[TemplateJob, TemplateDraft, TemplateSenderConfi
             status_callback_url=self._config.status_callback_url if job.channel in ("whatsapp", "sms") else None,
             reference=job.conversation_id,
             sender_name=email.from_name if email else None,
+            sends_per_second=job.company.channel_config.sends_per_second(job.channel),
         )
         if job.channel == "whatsapp":
             template = job.content_sid or credentials.get("twilio_template_sid")

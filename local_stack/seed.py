@@ -102,6 +102,8 @@ def demo_company(prefix: str, env: str, now: float) -> CompanyRecord:
                 "sms": {
                     "company_sms_number": "+447700900002",
                     "sms_credentials_id": credentials_secret_name(prefix, "sms", company, project, "twilio", env),
+                    # the sandbox's number: not a US long code held to 1 message a second
+                    "sends_per_second": 100,
                 },
                 "email": {
                     "company_email": "hello@demo-homes.example",

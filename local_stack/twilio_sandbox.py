@@ -7,6 +7,9 @@ Controls (on top of sandbox_http's latency/faults/requests/reset):
     POST   /_sandbox/twilio/recipients {"number": "+447700900999", "status": 400, "code": 63016, "message": "..."}
     DELETE /_sandbox/twilio/recipients                  (forget every programmed failure)
     POST   /_sandbox/twilio/callbacks  {"enabled": true, "delay_s": 0.05}
+    POST   /_sandbox/twilio/sender-limit {"per_second": 80}  each sender's rate (null: none); past it, sends
+                                        from that sender answer 429 with error 20429, as Twilio's do
+                                        (or {"max_sends": 2, "window_s": 600}: that many per window)
     POST   /_sandbox/twilio/inbound    {"url", "from", "to", "body", "account_sid"; optional "auth_token",
                                         "profile_name", "message_sid", "extra": {...}}
     GET    /_sandbox/twilio/messages   [?to=...]          every message created, plus what the resource hides
@@ -22,7 +25,9 @@ import binascii
 import hmac
 import math
 import re
+import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
@@ -230,6 +235,7 @@ class TwilioCounts:
     callbacks_delivered: int = 0
     callbacks_failed: int = 0
     inbound_posted: int = 0
+    rate_limited: int = 0
 
 
 @dataclass(slots=True)
@@ -245,6 +251,21 @@ class TwilioSandboxState:
     gauge: RequestGauge = field(default_factory=RequestGauge)
     session: aiohttp.ClientSession | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    sender_limit: tuple[int, float] | None = None  # (sends, per window_s) for each sender; None: no limit
+    recent_sends: dict[str, deque[float]] = field(default_factory=dict)  # sender -> its send times in the window
+
+    def over_sender_limit(self, sender: str, now: float) -> bool:
+        """Whether one more send from `sender` at `now` exceeds `sender_limit` over the window before it."""
+        if self.sender_limit is None:
+            return False
+        most, window_s = self.sender_limit
+        times = self.recent_sends.setdefault(sender, deque())
+        while times and times[0] <= now - window_s:
+            times.popleft()
+        if len(times) >= most:
+            return True
+        times.append(now)
+        return False
 
     def token_for(self, account_sid: str) -> str | None:
         return None if self.accounts is None else self.accounts.get(account_sid)
@@ -277,6 +298,8 @@ class TwilioSandboxState:
     def reset(self) -> None:
         self.messages.clear()
         self.failures.clear()
+        self.recent_sends.clear()
+        self.sender_limit = None
         self.counts = TwilioCounts()
         self.gauge.reset_peak()
 
@@ -681,6 +704,7 @@ async def create_message(request: web.Request) -> web.Response:
     try:
         message = message_from_form(form, account_sid, auth_token)
         check_programmed_failure(state, message.to)
+        check_sender_limit(state, message)
     except TwilioApiError:
         state.counts.rejected += 1
         raise
@@ -733,6 +757,34 @@ async def program_recipient_failure(request: web.Request) -> web.Response:
 async def clear_recipient_failures(request: web.Request) -> web.Response:
     request.app[TWILIO_STATE_KEY].failures.clear()
     return json_response({"cleared": True})
+
+
+def check_sender_limit(state: TwilioSandboxState, message: TwilioMessage) -> None:
+    sender = message.from_ or message.messaging_service_sid or ""
+    if state.over_sender_limit(sender, time.monotonic()):
+        state.counts.rate_limited += 1
+        raise TwilioApiError(429, 20429, "Too Many Requests")
+
+
+async def configure_sender_limit(request: web.Request) -> web.Response:
+    data = await read_json_object(request)
+    state = request.app[TWILIO_STATE_KEY]
+
+    def positive(name: str) -> float:
+        value = data.get(name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise web.HTTPBadRequest(text=f"'{name}' must be a positive number")
+        return float(value)
+
+    if "max_sends" in data:
+        state.sender_limit = (int(positive("max_sends")), positive("window_s"))
+    elif data.get("per_second") is None:
+        state.sender_limit = None
+    else:
+        state.sender_limit = (max(1, int(positive("per_second"))), 1.0)
+    state.recent_sends.clear()
+    limit = state.sender_limit
+    return json_response(None if limit is None else {"max_sends": limit[0], "window_s": limit[1]})
 
 
 async def configure_callbacks(request: web.Request) -> web.Response:
@@ -824,6 +876,7 @@ def add_twilio_routes(app: web.Application) -> None:
     app.router.add_post("/_sandbox/twilio/recipients", program_recipient_failure)
     app.router.add_delete("/_sandbox/twilio/recipients", clear_recipient_failures)
     app.router.add_post("/_sandbox/twilio/callbacks", configure_callbacks)
+    app.router.add_post("/_sandbox/twilio/sender-limit", configure_sender_limit)
     app.router.add_post("/_sandbox/twilio/inbound", simulate_inbound)
     app.router.add_get("/_sandbox/twilio/messages", list_created_messages)
     app.router.add_get("/_sandbox/twilio/stats", show_stats)

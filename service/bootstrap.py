@@ -8,6 +8,7 @@ and the benchmark wire nothing by hand. The HTTP app, the runner and the operato
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -36,6 +37,7 @@ from service.adapters.aws.reply_claims import DynamoReplyClaims
 from service.adapters.aws.request_ledger import DynamoRequestLedger
 from service.adapters.aws.secrets_store import SecretsManagerStore
 from service.adapters.aws.stage_store import DynamoReplyStage
+from service.adapters.aws.token_leases import DynamoTokenLeases
 from service.adapters.providers.openai_writer import OpenAiWriter, pooled_http_client
 from service.adapters.providers.sendgrid_sender import SendGridSender
 from service.adapters.providers.twilio_client import build_async_http_client
@@ -49,8 +51,10 @@ from service.config import (
     ConfigurationError,
     Settings,
 )
+from service.domain.fleet_rate_limit import FleetRateLimiter
 from service.domain.inbound_intake import InboundIntake, IntakeConfig, IntakePorts
 from service.domain.initiation import ConversationInitiator, InitiationPorts
+from service.domain.pacing import SendPacing
 from service.domain.ports import (
     AiWriter,
     ApiKeyStore,
@@ -65,8 +69,9 @@ from service.domain.ports import (
     RequestLedger,
     SecretStore,
     SignatureVerifier,
+    TokenLeases,
 )
-from service.domain.rate_limit import RateLimit, RateLimiter
+from service.domain.rate_limit import KeyRateLimit, RateLimit, ReplicaRateLimiter
 from service.metrics import ApiMetrics
 from service.readiness import Readiness
 
@@ -88,6 +93,7 @@ class Adapters:
     conversations: ConversationLookup
     stage: ReplyStage
     signatures: SignatureVerifier
+    token_leases: TokenLeases
     ai: AiWriter | None = None  # built with the consumers (their connection pools are sized for them)
     senders: Mapping[str, MessageSender] | None = None
 
@@ -102,7 +108,7 @@ class Dependencies:
     adapters: Adapters
     initiator: ConversationInitiator
     intake: InboundIntake
-    rate_limiter: RateLimiter
+    rate_limiter: KeyRateLimit
     default_rate_limit: RateLimit
     registry: CollectorRegistry
     api_metrics: ApiMetrics
@@ -148,7 +154,26 @@ def aws_adapters(settings: Settings, aws: AwsClients, clock: Callable[[], float]
         conversations=DynamoConversationLookup(dynamodb, settings.conversations_table, clock=clock),
         stage=DynamoReplyStage(dynamodb, settings.stage_table, settings.lock_table),
         signatures=TwilioSignatureVerifier(),
+        token_leases=DynamoTokenLeases(dynamodb, settings.rate_limits_table),
     )
+
+
+def send_pacing(settings: Settings, leases: TokenLeases) -> SendPacing:
+    """Each sender number's pace, shared by every worker (the rate-limits table); channels at 0 are not paced."""
+    defaults = {"whatsapp": settings.whatsapp_sends_per_second, "sms": settings.sms_sends_per_second}
+    return SendPacing(
+        FleetRateLimiter(leases, time.time),
+        {channel: rate for channel, rate in defaults.items() if rate > 0},
+        asyncio.sleep,
+        max_wait_s=settings.send_pace_max_wait_s,
+    )
+
+
+def key_rate_limit(settings: Settings, leases: TokenLeases) -> KeyRateLimit:
+    """The per-API-key limit: shared by the fleet (tokens leased from the rate-limits table), or per replica."""
+    if settings.rate_limit_scope == "replica":
+        return ReplicaRateLimiter(time.monotonic)
+    return FleetRateLimiter(leases, time.time, horizon_s=settings.rate_limit_lease_horizon_s)
 
 
 @asynccontextmanager
@@ -195,7 +220,7 @@ async def build(
                 ),
                 IntakeConfig(settings.replies_queue_url, settings.handoff_queue_url, settings.batching_window_s),
             ),
-            rate_limiter=RateLimiter(),
+            rate_limiter=key_rate_limit(settings, adapters.token_leases),
             default_rate_limit=RateLimit(settings.rate_limit_per_second, settings.rate_limit_burst),
             registry=registry,
             api_metrics=ApiMetrics(registry),
@@ -276,6 +301,7 @@ async def build_consumers(
         finish_timeout_s=FINISH_TIMEOUT_S,
     )
     consumers: list[QueueConsumer] = []
+    pacing = send_pacing(settings, adapters.token_leases)  # one per process: its shares serve every consumer
     for queue in queues:
         queue_url = settings.queue_url(queue)
         assert queue_url is not None  # checked above
@@ -301,6 +327,7 @@ async def build_consumers(
                     publisher=adapters.publisher,
                 ),
                 metrics,
+                pacing=pacing,
             )
         else:
             processor = TemplateSender(
@@ -318,6 +345,7 @@ async def build_consumers(
                     senders=adapters.senders,
                 ),
                 metrics,
+                pacing=pacing,
             )
         queue_config = consumer_config.model_copy(update={"dead_letter_queue_url": redrive.dead_letter_url})
         consumers.append(QueueConsumer(aws.sqs, queue_url, queue, processor, metrics, queue_config))

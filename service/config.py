@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     idempotency_table: str = "comms-idempotency"
     api_keys_table: str = "comms-api-keys"
     opt_out_table: str = "comms-opt-outs"
+    rate_limits_table: str = "comms-rate-limits"
     whatsapp_queue_url: str | None = None
     sms_queue_url: str | None = None
     email_queue_url: str | None = None
@@ -78,6 +79,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, gt=0)
     rate_limit_per_second: float = Field(10.0, gt=0)
     rate_limit_burst: int = Field(20, ge=1)
+    rate_limit_scope: Literal["fleet", "replica"] = Field(
+        "fleet",
+        description="fleet: one limit per API key across every api replica (tokens leased from the rate-limits"
+        " table in chunks); replica: each process enforces the limit on its own (N replicas allow N times it)",
+    )
+    rate_limit_lease_horizon_s: float = Field(
+        1.0, gt=0, le=10, description="A replica leases about this many seconds of its own demand at a time"
+    )
     company_cache_ttl_s: float = Field(30.0, ge=0)
     api_key_cache_ttl_s: float = Field(60.0, ge=0)
     request_claim_lease_s: int = Field(30, ge=1, description="How long an in-flight initiate owns its request_id")
@@ -109,6 +118,15 @@ class Settings(BaseSettings):
     ai_timeout_s: float = Field(90.0, gt=0, description="Whole AI call, retries and background polling included")
     ai_max_attempts: int = Field(4, ge=1, le=10)
     provider_timeout_s: float = Field(15.0, gt=0, description="One Twilio/SendGrid call")
+    whatsapp_sends_per_second: float = Field(
+        80.0, ge=0, description="Default pace of one WhatsApp sender, fleet-wide (Twilio's default); 0: not paced"
+    )
+    sms_sends_per_second: float = Field(
+        1.0, ge=0, description="Default pace of one SMS sender, fleet-wide (a US long code: 1/s); 0: not paced"
+    )
+    send_pace_max_wait_s: float = Field(
+        30.0, ge=0, le=300, description="Longest a worker slot waits for its sender's turn; past it, later"
+    )
 
     # Providers (empty means the real public endpoints)
     openai_base_url: str | None = None

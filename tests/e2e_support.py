@@ -165,6 +165,10 @@ class Sandboxes:
             "POST", f"{self.twilio.url}/_sandbox/twilio/recipients", {"number": number, "code": code, "status": status}
         )
 
+    async def limit_twilio_senders(self, **limit: float) -> None:
+        """Each sender's limit (`per_second`, or `max_sends` per `window_s`); past it Twilio answers 429/20429."""
+        await self._call("POST", f"{self.twilio.url}/_sandbox/twilio/sender-limit", dict(limit))
+
     # SendGrid
     async def sendgrid_mails(self) -> list[dict[str, Any]]:
         return list(await self._call("GET", f"{self.sendgrid.url}/_sandbox/sendgrid/messages"))
@@ -445,6 +449,7 @@ _SETTINGS_IN_ENV = (
     "twilio_base_url",
     "sendgrid_base_url",
     "public_base_url",
+    "rate_limit_scope",
 )
 
 
@@ -514,8 +519,11 @@ class WorkerProcess:
 
 
 @asynccontextmanager
-async def worker_process(settings: Settings, log_dir: Path, name: str = "worker") -> AsyncIterator[WorkerProcess]:
-    """Start a worker on `settings` and wait until it is ready; kill it on the way out if it still runs."""
+async def worker_process(
+    settings: Settings, log_dir: Path, name: str = "worker", role: str = "worker"
+) -> AsyncIterator[WorkerProcess]:
+    """Start a worker (or another `role`) on `settings` and wait until it is ready; kill it on the way out if it
+    still runs."""
     port = free_port()
     log_path = log_dir / f"{name}.log"
     with log_path.open("wb") as log_file:
@@ -525,7 +533,7 @@ async def worker_process(settings: Settings, log_dir: Path, name: str = "worker"
             "service",
             "serve",
             "--role",
-            "worker",
+            role,
             cwd=REPO_ROOT,
             env=worker_environment(settings, port),
             stdout=log_file,

@@ -77,6 +77,7 @@ from service.domain.provider_ports import (
     SentMessage,
     TransientProviderError,
 )
+from service.domain.rate_limit import MICROS, Grant, RateLimit, held_off_tat, take_tokens
 from service.domain.timefmt import utc_iso
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ if TYPE_CHECKING:
         RequestLedger,
         SecretStore,
         SignatureVerifier,
+        TokenLeases,
     )
 
 P = ParamSpec("P")
@@ -392,6 +394,29 @@ class FakeRequestLedger(FakePort):
             del self.records[key]
 
 
+class FakeTokenLeases(FakePort):
+    """The shared rate-limit buckets: one `tat` per key under `rate_limit.take_tokens`, as the adapter keeps it;
+    `calls` counts leases (each is one UpdateItem or more on the adapter)."""
+
+    def __init__(self) -> None:
+        super().__init__(store_failure("dynamodb"))
+        self.tat_us: dict[str, int] = {}
+        self.calls = 0
+
+    @port_call
+    async def lease(self, key: str, limit: RateLimit, wanted: int, now: float) -> Grant:
+        self.calls += 1
+        take = take_tokens(self.tat_us.get(key), int(now * MICROS), limit, wanted)
+        if take.granted < 1:
+            return Grant(0, take.retry_after_us / MICROS)
+        self.tat_us[key] = take.tat_us
+        return Grant(take.granted)
+
+    @port_call
+    async def hold_off(self, key: str, limit: RateLimit, until: float) -> None:
+        self.tat_us[key] = max(self.tat_us.get(key, 0), held_off_tat(limit, int(until * MICROS)))
+
+
 @dataclass(frozen=True, slots=True)
 class PublishedMessage:
     queue_url: str
@@ -400,6 +425,7 @@ class PublishedMessage:
     delay_s: int
     message_id: str
     published_at: float
+    group: str | None = None
 
     @property
     def visible_at(self) -> float:
@@ -415,10 +441,14 @@ class FakePublisher(FakePort):
         self.messages: list[PublishedMessage] = []
 
     @port_call
-    async def publish(self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0) -> str:
+    async def publish(
+        self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0, group: str | None = None
+    ) -> str:
         message_id = f"msg-{len(self.messages) + 1:06d}"
         delay = max(0, min(900, delay_s))
-        self.messages.append(PublishedMessage(queue_url, body, dict(attributes), delay, message_id, self._clock.now()))
+        self.messages.append(
+            PublishedMessage(queue_url, body, dict(attributes), delay, message_id, self._clock.now(), group)
+        )
         return message_id
 
     def on(self, queue_url: str) -> list[PublishedMessage]:
@@ -1294,5 +1324,7 @@ if TYPE_CHECKING:  # what mypy checks when run on this file: every fake implemen
         replies: ReplyClaims = world.reply_claims
         lookup: ConversationLookup = world.lookup
         stage: ReplyStage = world.stage
+        token_leases: TokenLeases = FakeTokenLeases()
+        del token_leases
         del companies, api_keys, opt_outs, requests, publisher, secrets, ai, sender, signatures
         del claims, replies, lookup, stage

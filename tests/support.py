@@ -36,18 +36,23 @@ async def add_tenant(
 
 
 async def drained_messages(deps: Dependencies, queue_url: str) -> list[dict[str, Any]]:
-    """Every message that was on the queue, received and deleted: its parsed body and string attributes."""
+    """Every message that was on the queue, received and deleted: its parsed body, string attributes and group."""
     found: list[dict[str, Any]] = []
     while True:
         answer = await deps.aws.sqs.receive_message(
-            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
+            QueueUrl=queue_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=1,
+            MessageAttributeNames=["All"],
+            MessageSystemAttributeNames=["MessageGroupId"],
         )
         messages = answer.get("Messages", [])
         if not messages:
             return found
         for message in messages:
             attributes = {k: v["StringValue"] for k, v in message.get("MessageAttributes", {}).items()}
-            found.append({"body": orjson.loads(message["Body"]), "attributes": attributes})
+            group = message.get("Attributes", {}).get("MessageGroupId")
+            found.append({"body": orjson.loads(message["Body"]), "attributes": attributes, "group": group})
             await deps.aws.sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
 
 

@@ -22,6 +22,15 @@ async def _post(api, key, body):
 
 
 @pytest.mark.parametrize("channel", ["whatsapp", "sms", "email"])
+async def test_a_queued_message_names_its_tenant_as_its_message_group(api, deps, tenant, channel):
+    body = initiate_body(channel)
+    status, answer = await _post(api, tenant.api_key, body)
+    [message] = await queued_messages(deps, deps.settings.queue_url(channel), answer["conversation_id"])
+    assert status == 200
+    assert message["group"] == "ci-demo-001#pi-demo-001"
+
+
+@pytest.mark.parametrize("channel", ["whatsapp", "sms", "email"])
 async def test_valid_request_queues_one_context_message_on_its_channel_queue(api, deps, tenant, channel):
     body = initiate_body(channel)
     status, answer = await _post(api, tenant.api_key, body)

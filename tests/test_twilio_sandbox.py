@@ -192,6 +192,28 @@ async def test_programmed_recipient_failure_raises_its_code(twilio: Any, control
     assert "outside the 24h window" in caught.value.msg
 
 
+async def test_a_sender_past_its_limit_is_refused_with_429_and_20429(
+    twilio: Any, control: aiohttp.ClientSession
+) -> None:
+    await post_json(control, "/_sandbox/twilio/sender-limit", {"max_sends": 2, "window_s": 600})
+    for tel in ("+447700900131", "+447700900132"):
+        await twilio.messages.create_async(to=tel, from_=SMS_FROM, body="hi")
+
+    with pytest.raises(TwilioRestException) as caught:
+        await twilio.messages.create_async(to="+447700900133", from_=SMS_FROM, body="hi")
+
+    assert (caught.value.code, caught.value.status) == (20429, 429)
+
+
+async def test_a_sender_s_limit_leaves_other_senders_alone(twilio: Any, control: aiohttp.ClientSession) -> None:
+    await post_json(control, "/_sandbox/twilio/sender-limit", {"max_sends": 1, "window_s": 600})
+    await twilio.messages.create_async(to="+447700900131", from_=SMS_FROM, body="hi")
+
+    message = await twilio.messages.create_async(to="+447700900132", from_="+447700900003", body="hi")
+
+    assert message.status == "queued"
+
+
 async def test_wrong_auth_token_is_rejected_with_401_and_20003(
     sandbox: RunningServer, http_client: AsyncTwilioHttpClient
 ) -> None:

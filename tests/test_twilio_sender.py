@@ -19,6 +19,7 @@ from service.adapters.providers.twilio_sender import TwilioSender
 from service.domain.provider_ports import (
     OutboundMessage,
     PermanentProviderError,
+    ProviderRateLimited,
     SendOutcomeUnknown,
     TransientProviderError,
 )
@@ -173,6 +174,16 @@ async def test_rate_limit_429_is_transient(sender: TwilioSender, control: aiohtt
     with pytest.raises(TransientProviderError) as caught:
         await sender.send(sms())
     assert not isinstance(caught.value, SendOutcomeUnknown)
+
+
+async def test_a_sender_over_its_rate_is_a_rate_limited_failure_naming_20429(
+    sender: TwilioSender, control: aiohttp.ClientSession
+) -> None:
+    await post_json(control, "/_sandbox/twilio/sender-limit", {"max_sends": 1, "window_s": 600})
+    await sender.send(sms())
+    with pytest.raises(ProviderRateLimited) as caught:
+        await sender.send(sms())
+    assert (caught.value.reason, caught.value.code) == ("twilio_rate_limited", "20429")
 
 
 async def test_hang_is_send_outcome_unknown_within_the_timeout(

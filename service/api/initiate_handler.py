@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -47,7 +46,7 @@ async def initiate_conversation(request: web.Request) -> web.Response:
     key = await authenticate(request.headers.get("x-api-key"), deps.api_keys)
     structlog.contextvars.bind_contextvars(company_id=key.company_id, project_id=key.project_id)
     own_company = await deps.companies.get(key.company_id, key.project_id)
-    wait = deps.rate_limiter.check(key.key_id, rate_limit_for(own_company, deps.default_rate_limit), time.monotonic())
+    wait = await deps.rate_limiter.check(key.key_id, rate_limit_for(own_company, deps.default_rate_limit))
     if wait:
         raise ApiError(ErrorCode.RATE_LIMIT_EXCEEDED, "rate limit exceeded; retry later", retry_after_s=wait)
 

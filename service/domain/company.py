@@ -5,6 +5,8 @@ Unknown attributes are kept (`extra="allow"`) so operators can add project setti
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -39,6 +41,7 @@ class WhatsAppConfig(BaseModel):
     company_whatsapp_number: str
     whatsapp_credentials_id: str
     whatsapp_template_sid: str | None = None
+    sends_per_second: float | None = Field(None, gt=0)  # this sender's pace (None: COMMS_WHATSAPP_SENDS_PER_SECOND)
 
 
 class SmsConfig(BaseModel):
@@ -46,6 +49,7 @@ class SmsConfig(BaseModel):
 
     company_sms_number: str
     sms_credentials_id: str
+    sends_per_second: float | None = Field(None, gt=0)  # this sender's pace (None: COMMS_SMS_SENDS_PER_SECOND)
 
 
 class EmailConfig(BaseModel):
@@ -62,6 +66,10 @@ class ChannelConfig(BaseModel):
     whatsapp: WhatsAppConfig | None = None
     sms: SmsConfig | None = None
     email: EmailConfig | None = None
+
+    def sends_per_second(self, channel: str) -> float | None:
+        """The project's pace for its `channel` sender, when it sets one."""
+        return getattr(getattr(self, channel, None), "sends_per_second", None)
 
 
 class CompanyRecord(BaseModel):
@@ -111,3 +119,17 @@ class CompanyRecord(BaseModel):
             mode="json", exclude_none=True, exclude=set(_AUTO_QUEUE_ATTRIBUTES - self.model_fields_set)
         )
         return {k: v for k, v in data.items() if k not in _PRIVATE_ATTRIBUTES}
+
+
+# What SQS accepts in a MessageGroupId: 1-128 of ASCII letters, digits and punctuation.
+_GROUP_ID = re.compile(r"[!-~]{1,128}", re.ASCII)
+
+
+def tenant_group(company_id: str, project_id: str) -> str:
+    """The tenant a queued message belongs to, as its SQS `MessageGroupId` (SQS fair queues keep one tenant's
+    backlog from holding the others back): `company#project`, or a digest of the pair when that would not be a
+    valid group id (too long, or characters SQS refuses), so every tenant still has one stable group."""
+    group = f"{company_id}#{project_id}"
+    if "#" not in company_id and _GROUP_ID.fullmatch(group):
+        return group
+    return "t-" + hashlib.sha256(f"{company_id}\0{project_id}".encode()).hexdigest()[:40]

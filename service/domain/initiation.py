@@ -19,7 +19,7 @@ import orjson
 import structlog
 
 from service.domain.claims import Claim, RequestRecord, RequestState, body_fingerprint, decide_request, request_key
-from service.domain.company import CompanyRecord
+from service.domain.company import CompanyRecord, tenant_group
 from service.domain.context import build_context, message_attributes
 from service.domain.conversation import Lease
 from service.domain.conversation import conversation_id as make_conversation_id
@@ -210,7 +210,10 @@ class ConversationInitiator:
         body = orjson.dumps(context.model_dump(mode="json")).decode()
         try:
             await self._ports.publisher.publish(
-                queue_url, body, message_attributes(request, conversation_id, queue_timestamp)
+                queue_url,
+                body,
+                message_attributes(request, conversation_id, queue_timestamp),
+                group=tenant_group(company.company_id, company.project_id),
             )
         except Exception:
             # Nothing was queued: free the request_id so the caller's retry can queue it at once.

@@ -26,6 +26,7 @@ from service.domain.conversation import (
 from service.domain.delivery_state import DeliveryStatus
 from service.domain.inbound import Fragment
 from service.domain.provider_ports import AiRequest, AiResult, OutboundMessage, SentMessage
+from service.domain.rate_limit import Grant, RateLimit
 
 DraftT_contra = TypeVar("DraftT_contra", contravariant=True)
 
@@ -77,9 +78,25 @@ class RequestLedger(Protocol):
     async def release(self, key: str) -> None: ...
 
 
+class TokenLeases(Protocol):
+    """The rate-limit buckets every api replica shares (`rate_limit.take_tokens` rules, one per key)."""
+
+    async def lease(self, key: str, limit: RateLimit, wanted: int, now: float) -> Grant:
+        """Take up to `wanted` tokens from `key`'s bucket at `now` (epoch seconds): what was granted, or none and
+        when one is due."""
+        ...
+
+    async def hold_off(self, key: str, limit: RateLimit, until: float) -> None:
+        """Grant no token of `key`'s bucket before `until` (epoch seconds); a bucket already further on is kept."""
+        ...
+
+
 class MessagePublisher(Protocol):
-    async def publish(self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0) -> str:
-        """Put one message on a queue (visible after `delay_s`, at most 900) and return its message id."""
+    async def publish(
+        self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0, group: str | None = None
+    ) -> str:
+        """Put one message on a queue (visible after `delay_s`, at most 900) and return its message id. `group` is
+        the tenant (`company.tenant_group`): SQS fair queues share the consumers out by it."""
         ...
 
 

@@ -25,6 +25,10 @@ class TransientProviderError(ProviderError):
         self.retry_after_s = retry_after_s
 
 
+class ProviderRateLimited(TransientProviderError):
+    """The provider refused for exceeding its rate (HTTP 429): nothing was sent; the sender's pace must drop."""
+
+
 class PermanentProviderError(ProviderError):
     """Retrying cannot help (bad credentials, invalid recipient, refused content, unknown secret)."""
 
@@ -87,6 +91,7 @@ class OutboundMessage:
     status_callback_url: str | None = None
     reference: str | None = None  # our conversation id: SendGrid custom_args, for support look-ups
     sender_name: str | None = None  # email From name
+    sends_per_second: float | None = None  # the project's pace for this sender; None: the channel's default
 
 
 @dataclass(frozen=True, slots=True)

@@ -167,7 +167,11 @@ def test_the_initial_record_of_a_parsed_demo_job_is_exactly_what_the_template_se
             "template_sender": {"instructions": AI_INSTRUCTIONS, "variables": ["1", "2"]},
             "replies": {"instructions": REPLY_INSTRUCTIONS},
         },
-        "channel_config": {"company_sms_number": "+447700900002", "sms_credentials_id": SMS_CREDENTIALS},
+        "channel_config": {
+            "company_sms_number": "+447700900002",
+            "sms_credentials_id": SMS_CREDENTIALS,
+            "sends_per_second": 100.0,  # the demo sender's own pace (local_stack.seed)
+        },
         "router_version": "r",
         "processor_version": new.processor_version,
         "trace_id": "t",

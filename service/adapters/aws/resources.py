@@ -67,6 +67,7 @@ def table_specs(settings: Settings) -> list[TableSpec]:
         TableSpec(settings.idempotency_table, "idempotency_key", ttl_attribute="expires_at"),
         TableSpec(settings.api_keys_table, "key_id"),
         TableSpec(settings.opt_out_table, "suppression_key", "recipient"),
+        TableSpec(settings.rate_limits_table, "bucket_key", ttl_attribute="expires_at"),
     ]
 
 

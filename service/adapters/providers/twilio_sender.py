@@ -28,6 +28,7 @@ from service.domain.provider_ports import (
     OutboundMessage,
     PermanentProviderError,
     ProviderError,
+    ProviderRateLimited,
     SendOutcomeUnknown,
     SentMessage,
     TransientProviderError,
@@ -189,7 +190,9 @@ def classify_twilio_error(exc: TwilioRestException | TwilioServiceException) -> 
     code = str(exc.code) if exc.code is not None else str(status)
     if status == 504:
         return SendOutcomeUnknown("twilio_outcome_unknown", code=code)
-    if status == 429 or status >= 500:
+    if status == 429:  # 20429 and the like: over the sender's (or account's) rate
+        return ProviderRateLimited("twilio_rate_limited", code=code)
+    if status >= 500:
         return TransientProviderError("twilio_unavailable", code=code)
     if 400 <= status < 500:
         return PermanentProviderError("twilio_rejected", code=code)
