@@ -41,16 +41,20 @@ class ContextMessage:
     recipient: str
     body: str
     attributes: dict[str, str]
+    group: str | None = None  # the tenant's MessageGroupId, as the service would send it
 
 
 class KeepingPublisher:
     """A `MessagePublisher` that keeps what it is given; the benchmark sends it later, in batches."""
 
     def __init__(self) -> None:
-        self.kept: dict[str, tuple[str, dict[str, str]]] = {}  # conversationId attribute -> (body, attributes)
+        # conversationId attribute -> (body, attributes, group)
+        self.kept: dict[str, tuple[str, dict[str, str], str | None]] = {}
 
-    async def publish(self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0) -> str:
-        self.kept[attributes["conversationId"]] = (body, attributes)
+    async def publish(
+        self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0, group: str | None = None
+    ) -> str:
+        self.kept[attributes["conversationId"]] = (body, attributes, group)
         return uuid.uuid4().hex
 
 
@@ -90,8 +94,8 @@ async def build_messages(
             request = validate_initiate_body(initiate_body(company_id, project_id, index))
             async with gate:
                 outcome = await deps.initiator.initiate(request, trace_id=f"bench-{uuid.uuid4().hex}")
-            body, attributes = publisher.kept[outcome.conversation_id]
-            return ContextMessage(outcome.conversation_id, request.recipient, body, attributes)
+            body, attributes, group = publisher.kept[outcome.conversation_id]
+            return ContextMessage(outcome.conversation_id, request.recipient, body, attributes, group)
 
         return list(await asyncio.gather(*(one(i) for i in indexes)))
 
@@ -103,6 +107,7 @@ def batch_entries(messages: Sequence[ContextMessage], delay_s: int) -> list[Send
             "MessageBody": m.body,
             "DelaySeconds": delay_s,
             "MessageAttributes": {k: {"DataType": "String", "StringValue": v} for k, v in m.attributes.items()},
+            **({"MessageGroupId": m.group} if m.group else {}),
         }
         for i, m in enumerate(messages)
     ]

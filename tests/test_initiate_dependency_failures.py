@@ -37,7 +37,9 @@ async def test_sqs_unavailable_is_503_queue_error_and_a_retry_queues_exactly_onc
 
 
 class _ExplodingPublisher:
-    async def publish(self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0) -> str:
+    async def publish(
+        self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0, group: str | None = None
+    ) -> str:
         raise RuntimeError("boom: secret internals")
 
 

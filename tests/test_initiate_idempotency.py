@@ -134,7 +134,9 @@ class _GatedPublisher:
     publishing: asyncio.Event = field(default_factory=asyncio.Event)
     gate: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def publish(self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0) -> str:
+    async def publish(
+        self, queue_url: str, body: str, attributes: dict[str, str], *, delay_s: int = 0, group: str | None = None
+    ) -> str:
         self.publishing.set()
         await self.gate.wait()
         return await self.inner.publish(queue_url, body, attributes, delay_s=delay_s)  # type: ignore[no-any-return]
