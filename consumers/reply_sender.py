@@ -213,14 +213,18 @@ class ReplySender(ClaimedWork[ReplyTrigger, ReplyAttempt, ReplySenderConfig, Rep
         return await self._tidy(claimed, sids, reason)
 
     async def _tidy(self, claimed: Claimed[ReplyTrigger], sids: Sequence[str], reason: str) -> Outcome:
-        """Delete the answered fragments and the lock, then look again so no late fragment is orphaned."""
+        """Delete the fragments just dealt with and the lock (one request), then look again: a fragment that came
+        meanwhile found the lock held and only staged, so it gets its trigger here; one answered before but still
+        staged (an earlier tidy-up that failed, a webhook retry after it) is deleted then."""
         stage, key = self._ports.stage, claimed.key
         answered = claimed.record.replied_sids | set(sids)
         try:
+            await stage.finish_window(key.conversation_id, sids)
             staged = await stage.staged(key.conversation_id)
-            await stage.delete_staged(key.conversation_id, [f.message_sid for f in staged if f.message_sid in answered])
-            await stage.release_lock(key.conversation_id)
-            remaining = batch_of(await stage.staged(key.conversation_id), list(answered))
+            leftover = [f.message_sid for f in staged if f.message_sid in answered]
+            if leftover:
+                await stage.delete_staged(key.conversation_id, leftover)
+            remaining = batch_of(staged, list(answered))
             if remaining.fragments and await queue_reply_trigger(
                 stage,
                 self._ports.publisher,

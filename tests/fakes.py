@@ -1164,6 +1164,13 @@ class FakeReplyStage(FakePort):
             staged.pop(sid, None)
 
     @port_call
+    async def finish_window(self, conversation_id: str, message_sids: Sequence[str]) -> None:
+        staged = self.fragments.get(conversation_id, {})
+        for sid in message_sids:
+            staged.pop(sid, None)
+        self.locks.pop(conversation_id, None)
+
+    @port_call
     async def take_lock(self, conversation_id: str, holder: str, now: float, expires_at: int) -> bool:
         if decide_trigger_lock(self.locks.get(conversation_id), holder, now) is not Claim.TAKE:
             return False

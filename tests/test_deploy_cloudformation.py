@@ -324,6 +324,7 @@ ROLE_MINIMUM: dict[str, dict[str, set[str]]] = {
         "ConversationsTable/index": {"dynamodb:Query"},
         "StageTable": ITEM_READ_WRITE | {"dynamodb:Query", "dynamodb:DeleteItem"},
         "LockTable": ITEM_READ_WRITE | {"dynamodb:DeleteItem"},
+        "RateLimitsTable": {"dynamodb:UpdateItem"},
         "WhatsAppQueue": {"sqs:SendMessage"},
         "SmsQueue": {"sqs:SendMessage"},
         "EmailQueue": {"sqs:SendMessage"},
@@ -334,8 +335,9 @@ ROLE_MINIMUM: dict[str, dict[str, set[str]]] = {
     "worker": {
         "ConversationsTable": ITEM_READ_WRITE,
         "StageTable": ITEM_READ_WRITE | {"dynamodb:Query", "dynamodb:DeleteItem", "dynamodb:BatchWriteItem"},
-        "LockTable": ITEM_READ_WRITE | {"dynamodb:DeleteItem"},
+        "LockTable": ITEM_READ_WRITE | {"dynamodb:DeleteItem", "dynamodb:BatchWriteItem"},
         "OptOutTable": ITEM_READ_WRITE | {"dynamodb:DeleteItem"},
+        "RateLimitsTable": {"dynamodb:UpdateItem"},
         "CompanyTable": {"dynamodb:DescribeTable"},
         **{
             queue: {

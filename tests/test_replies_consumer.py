@@ -119,6 +119,27 @@ async def test_fragment_arriving_while_a_reply_is_being_made_is_answered_by_the_
         assert len(record["replied_message_sids"]) == 2
 
 
+async def test_a_repeated_webhook_delivery_in_the_window_is_answered_once_and_leaves_nothing_behind(
+    settings, deps, tenant
+):
+    """A repeat of a delivery answered 200 queues a second trigger (no queued mark is written for a window answered
+    200): the second finds the claim held or the fragment answered, and answers nothing."""
+    async with replies_world(settings, deps, consumers=True, window_s=1) as world:
+        tel = unique_tel()
+        key = await world.seed_conversation(tel)
+        sid = new_sid()
+        assert (await world.inbound(tel, "Can I bring my partner?", sid=sid))[0] == 200
+        assert (await world.inbound(tel, "Can I bring my partner?", sid=sid))[0] == 200
+
+        record = await world.wait_for_status(key, "reply_sent", timeout_s=15)
+        await settled(world, key)
+
+        assert len(await world.providers.twilio_messages(to=f"whatsapp:{tel}")) == 1
+        assert await world.providers.ai_responses_created() == 1
+        assert user_and_assistant(record)[0] == ("user", "Can I bring my partner?")
+        assert len(record["messages"]) == 3
+
+
 async def test_trigger_that_meets_a_live_reply_claim_is_retried_and_answered_once_the_claim_lapses(
     settings, deps, tenant
 ):

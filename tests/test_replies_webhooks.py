@@ -191,7 +191,21 @@ async def test_webhook_from_an_unknown_sender_is_answered_200_and_nothing_is_sto
     assert world.deps.registry.get_sample_value("comms_webhooks_total", labels) == before + 1
 
 
-async def test_duplicate_webhook_delivery_stores_the_fragment_once_and_queues_one_trigger(world):
+async def test_webhook_is_staged_for_the_newest_open_conversation_not_a_newer_finished_one(world):
+    tel = unique_tel()
+    open_one = await world.seed_conversation(tel, created_at="2026-01-01T00:00:00.000Z")
+    finished = await world.seed_conversation(tel, created_at="2026-06-01T00:00:00.000Z", task_complete=1)
+
+    assert (await world.inbound(tel, "still there?"))[0] == 200
+
+    assert [f["body"] for f in await world.staged(open_one.conversation_id)] == ["still there?"]
+    assert await world.staged(finished.conversation_id) == []
+
+
+async def test_duplicate_webhook_delivery_stores_the_fragment_once(world):
+    """Twilio retries only what it did not get a 200 for, so an answered window writes no queued mark: a repeat after
+    a 200 (a lost answer) re-takes its own lock and queues a second trigger, which the reply claim and the answered
+    sids make answer nothing twice. A retry after a 503 queues none (tests/unit/test_inbound_intake.py)."""
     tel = unique_tel()
     key = await world.seed_conversation(tel)
     sid = new_sid()
@@ -201,7 +215,7 @@ async def test_duplicate_webhook_delivery_stores_the_fragment_once_and_queues_on
 
     assert first[0] == retry[0] == 200
     assert [f["message_sid"] for f in await world.staged(key.conversation_id)] == [sid]
-    assert len(await world.messages_for("replies", key.conversation_id)) == 1
+    assert len(await world.messages_for("replies", key.conversation_id)) == 2
 
 
 async def test_later_fragments_in_the_window_only_stage(windowed):

@@ -42,8 +42,11 @@ Trigger lock (one per conversation: the fragment that takes it queues the delaye
 
     lock                                         decide_trigger_lock       the caller
     -------------------------------------------  ------------------------  ----------------------------------------
-    absent, or lapsed (TTL deletes lazily)       TAKE                      queues the trigger, marks it queued
-    held by the same holder, trigger not queued  TAKE                      (a webhook retry after a cut) queues it
+    absent, or lapsed (TTL deletes lazily)       TAKE                      queues the trigger; marks it queued only
+                                                                           when the request was cut (answered 503)
+    held by the same holder, trigger not queued  TAKE                      (a webhook retry after a cut, or a repeat
+                                                                           of a delivery answered 200) queues it; a
+                                                                           second trigger for a window answers nothing
     live, another holder or trigger queued       HELD                      only stages: the queued trigger answers
 
 Template send ledger (`ConversationRecord.ledger`, on a claimed conversation), `next_step`:

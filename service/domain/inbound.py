@@ -74,6 +74,21 @@ def keyword_of(body: str, *, suppressed: bool) -> Keyword | None:
     return None
 
 
+def needs_suppression_list(body: str, conversation: ConversationRecord, hand_off: str | None) -> bool:
+    """Whether the intake must read the suppression list before acting on this message: only where the answer
+    changes what the intake itself does. YES opts in only a suppressed sender; a suppressed sender's message is
+    not handed to a human; a conversation marked opted out usually means a suppressed sender (nothing staged).
+
+    An ordinary message to an ordinary conversation is staged either way: the reply consumer reads the list before
+    the AI is asked (a STOP may come during the window anyway), so a suppressed sender is still never answered.
+    """
+    return (
+        hand_off is not None
+        or conversation.status is ConversationStatus.OPTED_OUT
+        or body.strip().upper() in OPT_IN_IF_SUPPRESSED
+    )
+
+
 def hand_off_reason(conversation: ConversationRecord, company: CompanyRecord, sender: str) -> str | None:
     """Why this reply goes to a human instead of the AI (SPEC §7 step 5), or None. Once handed off, a
     conversation's later replies follow."""

@@ -15,7 +15,13 @@ between taking the trigger lock and queueing the trigger (a lock held with no tr
 
 Nothing here talks HTTP: the handler passes the URL Twilio signed, the form and the signature,
 and turns the `IntakeResult` into a status code. AWS failures escape as `DependencyUnavailable`
-(503, so Twilio retries); every step is idempotent, so a retry never double-stages or double-triggers.
+(503, so Twilio retries); every step is idempotent, so a retry never double-stages, and a retry of a request that
+was answered 503 never double-triggers (`reply_trigger.QueuedMark`: a request answered 200, which Twilio does not
+retry, skips that mark's write).
+
+AWS requests of an ordinary fragment: the pair's Query, the stage PutItem, the lock PutItem, and for the first of a
+window the trigger's SendMessage (company and secrets come from caches; the suppression list is read only where it
+changes what happens here, `inbound.needs_suppression_list`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,15 @@ from service.domain.company import CompanyRecord
 from service.domain.conversation import ConversationKey, ConversationRecord
 from service.domain.delivery_state import DeliveryStatus, conversations_to_hold, is_forward, parse_delivery_status
 from service.domain.errors import DependencyUnavailable
-from service.domain.inbound import Fragment, InboundMessage, Keyword, bare_address, hand_off_reason, keyword_of
+from service.domain.inbound import (
+    Fragment,
+    InboundMessage,
+    Keyword,
+    bare_address,
+    hand_off_reason,
+    keyword_of,
+    needs_suppression_list,
+)
 from service.domain.ports import (
     CompanyDirectory,
     ConversationLookup,
@@ -44,7 +58,7 @@ from service.domain.ports import (
     SignatureVerifier,
 )
 from service.domain.provider_ports import PermanentProviderError, ProviderError
-from service.domain.reply_trigger import lock_expiry, queue_reply_trigger
+from service.domain.reply_trigger import QueuedMark, lock_expiry, queue_reply_trigger
 from service.domain.timefmt import utc_iso
 
 log = structlog.get_logger(__name__)
@@ -98,6 +112,7 @@ class InboundIntake:
         self._ports = ports
         self._config = config
         self._clock = clock
+        self._marking: set[asyncio.Future[None]] = set()  # marks owed by requests cut after queueing their trigger
 
     # ---- inbound messages ----------------------------------------------------------------------
 
@@ -113,9 +128,18 @@ class InboundIntake:
         if not await self._belongs(conversation, request, verified):
             return IntakeResult.UNKNOWN_CONVERSATION
         # Verified and found: from here on every step changes state; a deadline must not cut it half-way.
-        return await asyncio.shield(self._act(conversation, message))
+        mark = QueuedMark(always=False)
+        try:
+            return await asyncio.shield(self._act(conversation, message, mark))
+        except asyncio.CancelledError:  # answered 503: Twilio retries, and the retry must find its trigger marked
+            owed = mark.cut()
+            if owed is not None:  # queued just before the cut, unmarked
+                task = asyncio.ensure_future(owed())
+                self._marking.add(task)
+                task.add_done_callback(self._marking.discard)
+            raise
 
-    async def _act(self, conversation: ConversationRecord, message: InboundMessage) -> IntakeResult:
+    async def _act(self, conversation: ConversationRecord, message: InboundMessage, mark: QueuedMark) -> IntakeResult:
         ports = self._ports
         key = conversation.key
         company = await ports.companies.get(conversation.company_id, conversation.project_id)
@@ -123,7 +147,10 @@ class InboundIntake:
             log.info("inbound_refused_by_rules", conversation_id=key.conversation_id)
             return IntakeResult.REFUSED_BY_RULES
         ids = (company.company_id, company.project_id, message.channel, message.sender)
-        suppressed = await ports.opt_outs.is_opted_out(*ids)
+        reason = hand_off_reason(conversation, company, message.sender)
+        suppressed = False  # read only where it changes what happens here: the reply consumer reads it before the AI
+        if needs_suppression_list(message.body, conversation, reason):
+            suppressed = await ports.opt_outs.is_opted_out(*ids)
         keyword = keyword_of(message.body, suppressed=suppressed)
         stamp = utc_iso(self._clock())
         if keyword is Keyword.OPT_OUT:
@@ -139,11 +166,10 @@ class InboundIntake:
         if suppressed:
             log.info("inbound_from_suppressed_sender", conversation_id=key.conversation_id)
             return IntakeResult.SUPPRESSED
-        reason = hand_off_reason(conversation, company, message.sender)
         if reason:
             await self._hand_off(conversation, company, message, reason, stamp)
             return IntakeResult.HANDED_OFF
-        return await self._stage(key, message)
+        return await self._stage(key, message, mark)
 
     async def _hand_off(
         self, conversation: ConversationRecord, company: CompanyRecord, message: InboundMessage, reason: str, stamp: str
@@ -163,7 +189,7 @@ class InboundIntake:
         await self._ports.conversations.mark_handed_off(key, reason)
         log.info("inbound_handed_off", conversation_id=key.conversation_id, reason=reason)
 
-    async def _stage(self, key: ConversationKey, message: InboundMessage) -> IntakeResult:
+    async def _stage(self, key: ConversationKey, message: InboundMessage, mark: QueuedMark) -> IntakeResult:
         queue_url = self._required(self._config.replies_queue_url, "COMMS_REPLIES_QUEUE_URL")
         now, window = self._clock(), self._config.batching_window_s
         fragment = Fragment(message.message_sid, message.body, utc_iso(now))
@@ -178,6 +204,7 @@ class InboundIntake:
             holder=message.message_sid,
             now=now,
             window_s=window,
+            mark=mark,
         )
         return IntakeResult.STAGED if stored else IntakeResult.DUPLICATE
 

@@ -7,6 +7,8 @@ gives the lock back when queueing fails (a lock held with no trigger queued woul
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +40,34 @@ def lock_expiry(now: float, window_s: int) -> int:
     return int(now + window_s + LOCK_MARGIN_S)
 
 
+class QueuedMark:
+    """When to write the mark that a holder's trigger is queued (`ReplyStage.mark_queued`).
+
+    The mark has one reader: a retry by the same holder, which must not queue a second trigger (one would be
+    harmless, the reply claim deduplicates, but costs a consumer round). The reply sender always writes it: its
+    retries are redeliveries. A webhook is retried by Twilio only when it was not answered 200, that is when the
+    request deadline cut it (the work runs on, shielded): the intake writes the mark only then, and saves a DynamoDB
+    write on every window it answers 200. (A crash after queueing, before answering, leaves no mark: the retry
+    queues a second trigger, answered by nothing.)"""
+
+    def __init__(self, *, always: bool) -> None:
+        self._needed = always
+        self._owed: Callable[[], Awaitable[None]] | None = None
+
+    async def queued(self, write: Callable[[], Awaitable[None]]) -> None:
+        if self._needed:
+            await write()
+        else:
+            self._owed = write
+
+    def cut(self) -> Callable[[], Awaitable[None]] | None:
+        """The request will be answered 503 (Twilio retries it): the mark is needed from now on; returns the write
+        owed by a trigger queued before the cut, if any."""
+        self._needed = True
+        owed, self._owed = self._owed, None
+        return owed
+
+
 async def queue_reply_trigger(
     stage: ReplyStage,
     publisher: MessagePublisher,
@@ -47,9 +77,11 @@ async def queue_reply_trigger(
     holder: str,
     now: float,
     window_s: int,
+    mark: QueuedMark | None = None,
 ) -> bool:
     """Take the trigger lock as `holder` and queue the trigger, visible after the window; True when queued,
-    False when the lock is held (a trigger is already queued for this window)."""
+    False when the lock is held (a trigger is already queued for this window). The trigger is then marked queued
+    as `mark` says (None: always)."""
     if not await stage.take_lock(key.conversation_id, holder, now, lock_expiry(now, window_s)):
         return False
     body = ReplyTrigger(conversation_id=key.conversation_id, primary_channel=key.primary_channel)
@@ -64,8 +96,12 @@ async def queue_reply_trigger(
         await stage.release_lock(key.conversation_id, holder)
         raise
     log.info("reply_trigger_queued", conversation_id=key.conversation_id, delay_s=window_s)
-    try:  # unmarked, a webhook retry of the same holder re-takes the lock and queues a (harmless) second trigger
-        await stage.mark_queued(key.conversation_id, holder)
-    except DependencyUnavailable as exc:
-        log.warning("reply_trigger_not_marked_queued", conversation_id=key.conversation_id, detail=str(exc))
+
+    async def write_mark() -> None:
+        try:  # unmarked, a retry of the same holder re-takes the lock and queues a (harmless) second trigger
+            await stage.mark_queued(key.conversation_id, holder)
+        except DependencyUnavailable as exc:
+            log.warning("reply_trigger_not_marked_queued", conversation_id=key.conversation_id, detail=str(exc))
+
+    await (mark.queued(write_mark) if mark is not None else write_mark())
     return True

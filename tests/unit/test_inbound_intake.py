@@ -4,6 +4,7 @@ move a message's delivery state forward only."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -92,10 +93,41 @@ class Rig:
         signature = FakeSignatures.sign(token, STATUS_URL, form) if token else ""
         return await self.intake.delivery_status(form, SignedRequest(STATUS_URL, form, signature))
 
+    async def cut_while(self, gate: Gate, body: str, sid: str = "SMin1") -> None:
+        """Receive `body`; the request deadline cancels it while a step waits at `gate`; then the gate opens."""
+        receiving = asyncio.ensure_future(self.receive(body, sid))
+        await asyncio.wait_for(gate.entered.wait(), 1)
+        receiving.cancel()  # what the request deadline does
+        with pytest.raises(asyncio.CancelledError):
+            await receiving
+        gate.open()
+        await settle()
+
     def assert_nothing_stored(self) -> None:
         assert self.world.stage.fragments == {} and self.world.stage.locks == {}
         assert self.world.publisher.messages == []
         assert self.world.opt_outs.entries == {}
+
+
+class Gate:
+    """Holds the next call of a fake's method until `open()`: `entered` tells the test it is waiting there."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self._open = asyncio.Event()
+
+    async def __call__(self) -> None:
+        self.entered.set()
+        await self._open.wait()
+
+    def open(self) -> None:
+        self._open.set()
+
+
+async def settle() -> None:
+    """Let shielded and background work run on without the request."""
+    for _ in range(20):
+        await asyncio.sleep(0)
 
 
 def make_rig(record: ConversationRecord | None = None, tenant: CompanyRecord | None = None) -> Rig:
@@ -134,8 +166,16 @@ async def test_a_signed_message_to_a_known_number_stages_and_queues_one_delayed_
     assert trigger.delay_s == WINDOW_S
     assert orjson.loads(trigger.body) == {"conversation_id": rig.cid, "primary_channel": SENDER}
     lock = rig.world.stage.locks[rig.cid]
-    assert (lock.lease.owner, lock.lease.expires_at, lock.trigger_queued) == ("SMin1", now + WINDOW_S + 60, True)
+    assert (lock.lease.owner, lock.lease.expires_at) == ("SMin1", now + WINDOW_S + 60)
     assert rig.world.signatures.checks == [(TOKEN, WEBHOOK_URL, True)]
+
+
+async def test_a_window_answered_200_writes_no_queued_mark(rig: Rig) -> None:
+    """Twilio retries only a webhook it did not get a 200 for: the mark that stops a retry re-queueing is not needed."""
+    assert await rig.receive("Hello") is IntakeResult.STAGED
+
+    assert rig.world.stage.faults.calls["mark_queued"] == 0
+    assert not rig.world.stage.locks[rig.cid].trigger_queued
 
 
 async def test_a_second_fragment_in_the_window_only_stages(rig: Rig) -> None:
@@ -159,13 +199,45 @@ async def test_a_fragment_after_the_window_lapsed_queues_a_new_trigger(rig: Rig)
     assert rig.world.stage.locks[rig.cid].lease.owner == "SMin2"
 
 
-async def test_a_webhook_retry_of_the_same_message_sid_is_a_duplicate_without_a_second_trigger(rig: Rig) -> None:
-    await rig.receive("Hello")
+async def test_a_webhook_retry_after_a_cut_once_the_trigger_was_queued_is_a_duplicate_without_a_second_trigger(
+    rig: Rig,
+) -> None:
+    gate = Gate()
+    rig.world.publisher.faults.on_next("publish", gate)
+    await rig.cut_while(gate, "Hello")  # answered 503; the shielded rest queued the trigger
+    assert rig.world.stage.locks[rig.cid].trigger_queued
 
     assert await rig.receive("Hello") is IntakeResult.DUPLICATE
 
     assert rig.staged_sids == ["SMin1"]
     assert len(rig.triggers) == 1
+
+
+async def test_a_request_cut_just_after_it_queued_the_trigger_still_marks_it_for_the_retry(rig: Rig) -> None:
+    """The deadline lands after the work finished but before the handler resumed: the mark is written then."""
+    receiving: list[asyncio.Future[IntakeResult]] = []
+    rig.world.publisher.faults.on_next("publish", lambda: asyncio.get_running_loop().call_soon(receiving[0].cancel))
+    receiving.append(asyncio.ensure_future(rig.receive("Hello")))
+
+    with pytest.raises(asyncio.CancelledError):
+        await receiving[0]
+    await settle()
+
+    assert len(rig.triggers) == 1
+    assert rig.world.stage.locks[rig.cid].trigger_queued
+    assert await rig.receive("Hello") is IntakeResult.DUPLICATE
+    assert len(rig.triggers) == 1
+
+
+async def test_a_repeat_of_a_message_answered_200_is_stored_once(rig: Rig) -> None:
+    """Twilio does not retry a 200; a repeat (a crash or a lost answer) re-takes its own unmarked lock and queues a
+    second trigger, which finds the fragment answered or answers it once (the reply claim, the answered sids)."""
+    await rig.receive("Hello")
+
+    assert await rig.receive("Hello") is IntakeResult.DUPLICATE
+
+    assert rig.staged_sids == ["SMin1"]
+    assert [orjson.loads(t.body)["conversation_id"] for t in rig.triggers] == [rig.cid, rig.cid]
 
 
 async def test_a_retry_after_a_cut_between_lock_and_publish_queues_the_trigger(rig: Rig) -> None:
@@ -177,7 +249,7 @@ async def test_a_retry_after_a_cut_between_lock_and_publish_queues_the_trigger(r
     assert await rig.receive("Hello") is IntakeResult.DUPLICATE
 
     assert len(rig.triggers) == 1
-    assert rig.world.stage.locks[rig.cid].trigger_queued
+    assert rig.world.stage.locks[rig.cid].lease.owner == "SMin1"
 
 
 async def test_a_failed_publish_gives_the_lock_back_so_the_retry_queues_the_trigger(rig: Rig) -> None:
@@ -280,6 +352,33 @@ async def test_yes_from_a_sender_not_suppressed_is_an_ordinary_answer(rig: Rig) 
     assert await rig.receive("Yes") is IntakeResult.STAGED
 
     assert rig.staged_sids == ["SMin1"]
+
+
+async def test_an_ordinary_message_is_staged_without_reading_the_suppression_list(rig: Rig) -> None:
+    """The reply consumer reads the list before any AI reply, so reading it here too would only cost a request."""
+    assert await rig.receive("Is Saturday still fine?") is IntakeResult.STAGED
+
+    assert rig.world.opt_outs.faults.calls["is_opted_out"] == 0
+    assert len(rig.triggers) == 1
+
+
+async def test_yes_from_a_sender_suppressed_through_another_conversation_opts_in(rig: Rig) -> None:
+    """The conversation is not marked opted out (the STOP came in another one): YES still reads the list."""
+    await rig.world.opt_outs.opt_out(COMPANY_ID, PROJECT_ID, "whatsapp", SENDER, "2026-01-01T00:00:00.000Z")
+
+    assert await rig.receive("yes") is IntakeResult.OPTED_IN
+
+    assert rig.world.opt_outs.entries == {}
+    assert rig.staged_sids == [] and rig.world.publisher.messages == []
+
+
+async def test_a_suppressed_sender_in_a_handed_off_conversation_is_not_handed_to_a_human() -> None:
+    rig = make_rig(conversation_record(ConversationStatus.HANDED_OFF))
+    await rig.world.opt_outs.opt_out(COMPANY_ID, PROJECT_ID, "whatsapp", SENDER, "2026-01-01T00:00:00.000Z")
+
+    assert await rig.receive("Call me") is IntakeResult.SUPPRESSED
+
+    assert rig.world.publisher.messages == [] and rig.staged_sids == []
 
 
 async def test_other_text_from_a_suppressed_sender_is_not_answered() -> None:

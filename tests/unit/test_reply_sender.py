@@ -171,6 +171,35 @@ async def test_fragments_staged_in_order_are_answered_with_one_reply_in_received
     assert rig.world.publisher.messages == []  # nothing left to look again for
 
 
+async def test_a_reply_deletes_its_fragments_with_the_lock_and_reads_the_stage_once_more_only_to_look_again(
+    rig: Rig,
+) -> None:
+    await rig.inbound("SMin1", "Hello")
+
+    assert await rig.trigger() == Outcome.done("reply_sent")
+
+    calls = rig.world.stage.faults.calls
+    assert (calls["staged"], calls["finish_window"]) == (2, 1)  # gather, look again; fragments + lock together
+    assert (calls["delete_staged"], calls["release_lock"]) == (0, 0)
+    assert rig.staged_sids == [] and rig.cid not in rig.world.stage.locks
+
+
+async def test_an_answered_fragment_staged_again_during_the_reply_is_deleted_not_answered_again(rig: Rig) -> None:
+    await rig.inbound("SMin1", "Hello")
+    rig.world.table.put(replace(rig.record, replied_sids=frozenset({"SMold"})))
+
+    async def staged_again() -> None:  # a webhook retry of a fragment answered by an earlier reply
+        await rig.inbound("SMold", "Earlier question", lock=False)
+
+    rig.world.sender("whatsapp").faults.on_next("send", staged_again)
+
+    assert await rig.trigger() == Outcome.done("reply_sent")
+
+    assert rig.staged_sids == []
+    assert rig.world.publisher.messages == []
+    assert [r.message.body for r in rig.sent] == [REPLY]
+
+
 async def test_nothing_staged_is_acknowledged_and_the_status_restored() -> None:
     rig = make_rig(ConversationStatus.REPLY_SENT)
     await rig.world.stage.take_lock(rig.cid, "SMgone", rig.world.clock.now(), 10**10)

@@ -82,22 +82,31 @@ class DynamoConversationLookup:
 
     async def conversations_between(self, channel: str, company_address: str, sender: str) -> list[ConversationRecord]:
         """Every conversation of this company address with this sender (the channel's index, all pages)."""
+        return await self._between(channel, company_address, sender, only_open=False)
+
+    async def find_open(self, channel: str, company_address: str, sender: str) -> ConversationRecord | None:
+        """The newest open conversation (latest `created_at`), or None. Closed ones are filtered out by DynamoDB
+        (`task_complete` = 0 is what `record_from_item` calls open): a returning recipient's finished conversations,
+        messages and all, are neither sent back nor decoded on every inbound message."""
+        candidates = [c for c in await self._between(channel, company_address, sender, only_open=True) if c.is_open]
+        return max(candidates, key=lambda c: c.created_at, default=None)
+
+    async def _between(
+        self, channel: str, company_address: str, sender: str, *, only_open: bool
+    ) -> list[ConversationRecord]:
         index = codec.INDEX_BY_CHANNEL[channel]
+        values: dict[str, Any] = {":pk": company_address, ":sk": sender.lower() if channel == "email" else sender}
         query = {
             "TableName": self._table,
             "IndexName": index.name,
             "KeyConditionExpression": "#pk = :pk AND #sk = :sk",
             "ExpressionAttributeNames": {"#pk": index.partition_key, "#sk": str(index.sort_key)},
-            "ExpressionAttributeValues": attribute_values(
-                {":pk": company_address, ":sk": sender.lower() if channel == "email" else sender}
-            ),
         }
+        if only_open:
+            query["FilterExpression"] = "task_complete = :open"
+            values[":open"] = 0
+        query["ExpressionAttributeValues"] = attribute_values(values)
         return [codec.record_from_item(item) for item in await query_items(self._dynamodb, query)]
-
-    async def find_open(self, channel: str, company_address: str, sender: str) -> ConversationRecord | None:
-        """The newest open conversation (latest `created_at`), or None."""
-        candidates = [c for c in await self.conversations_between(channel, company_address, sender) if c.is_open]
-        return max(candidates, key=lambda c: c.created_at, default=None)
 
     # ---- writes ------------------------------------------------------------------------------------------
 

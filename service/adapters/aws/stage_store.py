@@ -4,6 +4,7 @@ Stage: PK `conversation_id`, SK `message_sid`; a repeated MessageSid is stored o
 Lock: PK `conversation_id`; `take_lock` is one conditional PutItem mirroring the TAKE rows of
 `claims.decide_trigger_lock` (absent **or expired**: TTL deletes lazily, so an expired lock may still be
 there; or the holder's own whose trigger is not marked queued). Both carry `expires_at` (epoch seconds) for TTL.
+The end of a window (`finish_window`) deletes its fragments and the lock in one BatchWriteItem over both tables.
 """
 
 from __future__ import annotations
@@ -67,27 +68,41 @@ class DynamoReplyStage:
 
     async def delete_staged(self, conversation_id: str, message_sids: Sequence[str]) -> None:
         """Delete the answered fragments (batched; unprocessed items retried)."""
-        for offset in range(0, len(message_sids), BATCH_WRITE_LIMIT):
-            requests: list[Any] = [
-                {
-                    "DeleteRequest": {
-                        "Key": {"conversation_id": to_attribute(conversation_id), "message_sid": to_attribute(sid)}
-                    }
-                }
-                for sid in message_sids[offset : offset + BATCH_WRITE_LIMIT]
-            ]
-            await self._batch_write(requests)
+        deletes = self._fragment_deletes(conversation_id, message_sids)
+        for offset in range(0, len(deletes), BATCH_WRITE_LIMIT):
+            await self._batch_write({self._stage_table: deletes[offset : offset + BATCH_WRITE_LIMIT]})
 
-    async def _batch_write(self, requests: list[Any]) -> None:
+    async def finish_window(self, conversation_id: str, message_sids: Sequence[str]) -> None:
+        """The fragments and the lock in one BatchWriteItem over both tables (beyond 24 fragments, the others
+        first). In no set order, and that is safe: the caller recorded the fragments as answered (or not to be
+        answered) before, so a fragment that takes the lock the moment it is gone never brings them into a batch."""
+        deletes = self._fragment_deletes(conversation_id, message_sids)
+        split = max(0, len(deletes) - (BATCH_WRITE_LIMIT - 1))  # the last 24 go with the lock
+        for offset in range(0, split, BATCH_WRITE_LIMIT):
+            await self._batch_write({self._stage_table: deletes[offset : min(split, offset + BATCH_WRITE_LIMIT)]})
+        lock = {"DeleteRequest": {"Key": {"conversation_id": to_attribute(conversation_id)}}}
+        last = {self._stage_table: deletes[split:]} if deletes[split:] else {}
+        await self._batch_write({**last, self._lock_table: [lock]})
+
+    @staticmethod
+    def _fragment_deletes(conversation_id: str, message_sids: Sequence[str]) -> list[Any]:
+        key = to_attribute(conversation_id)
+        return [
+            {"DeleteRequest": {"Key": {"conversation_id": key, "message_sid": to_attribute(sid)}}}
+            for sid in message_sids
+        ]
+
+    async def _batch_write(self, requests: dict[str, list[Any]]) -> None:
+        """One BatchWriteItem (at most 25 requests in all), its unprocessed items retried with backoff."""
         pending = requests
         for attempt in range(UNPROCESSED_RETRIES):
-            batch = self._dynamodb.batch_write_item(RequestItems={self._stage_table: pending})
-            answer = await send(batch, "BatchWriteItem")
-            pending = list(answer.get("UnprocessedItems", {}).get(self._stage_table, []))
+            answer = await send(self._dynamodb.batch_write_item(RequestItems=pending), "BatchWriteItem")
+            pending = {table: list(items) for table, items in answer.get("UnprocessedItems", {}).items() if items}
             if not pending:
                 return
             await asyncio.sleep(0.05 * 2**attempt)
-        raise DependencyUnavailable("dynamodb", "BatchWriteItem", f"{len(pending)} deletes left unprocessed")
+        left = sum(len(items) for items in pending.values())
+        raise DependencyUnavailable("dynamodb", "BatchWriteItem", f"{left} deletes left unprocessed")
 
     # ---- trigger lock --------------------------------------------------------------------------
 
