@@ -24,6 +24,7 @@ from consumers.claimed_work import Claimed, ClaimedWork, Prompt, failure_detail
 from consumers.contracts import Outcome, QueueMessage
 from consumers.sqs_messages import NO_REDRIVE_POLICY, RedrivePolicy
 from service.domain.claims import Claim
+from service.domain.company import tenant_group
 from service.domain.conversation import ConversationRecord, ConversationStatus, Message, ReplyAttempt
 from service.domain.delivery_state import parse_delivery_status
 from service.domain.errors import DependencyUnavailable
@@ -148,6 +149,7 @@ class ReplySender(ClaimedWork[ReplyTrigger, ReplyAttempt, ReplySenderConfig, Rep
             body=draft.content,
             status_callback_url=self._config.status_callback_url,
             reference=claimed.key.conversation_id,
+            sends_per_second=claimed.record.sends_per_second,
         )
 
     async def finalise(self, claimed: Claimed[ReplyTrigger], draft: ReplyAttempt, sent: SentMessage) -> Outcome:
@@ -233,6 +235,7 @@ class ReplySender(ClaimedWork[ReplyTrigger, ReplyAttempt, ReplySenderConfig, Rep
                 holder=f"retrigger:{remaining.first_sid}",
                 now=self._clock(),
                 window_s=self._config.batching_window_s,
+                group=tenant_group(claimed.record.company_id, claimed.record.project_id),
             ):
                 log.info("reply_retriggered", fragments=len(remaining.fragments))
         except DependencyUnavailable as exc:

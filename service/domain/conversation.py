@@ -168,6 +168,7 @@ class ConversationRecord:
     created_at: str = ""
     company_address: str | None = None  # our number or email on the channel
     credentials_id: str | None = None  # the channel's provider secret
+    sends_per_second: float | None = None  # the project's pace for its sender on this channel (None: default)
     ai: AiProfile = field(default_factory=AiProfile)
     thread_id: str | None = None
     is_open: bool = True  # task_complete = 0

@@ -35,7 +35,7 @@ from enum import StrEnum
 import orjson
 import structlog
 
-from service.domain.company import CompanyRecord
+from service.domain.company import CompanyRecord, tenant_group
 from service.domain.conversation import ConversationKey, ConversationRecord
 from service.domain.delivery_state import DeliveryStatus, conversations_to_hold, is_forward, parse_delivery_status
 from service.domain.errors import DependencyUnavailable
@@ -169,7 +169,7 @@ class InboundIntake:
         if reason:
             await self._hand_off(conversation, company, message, reason, stamp)
             return IntakeResult.HANDED_OFF
-        return await self._stage(key, message, mark)
+        return await self._stage(key, message, mark, tenant_group(company.company_id, company.project_id))
 
     async def _hand_off(
         self, conversation: ConversationRecord, company: CompanyRecord, message: InboundMessage, reason: str, stamp: str
@@ -185,11 +185,12 @@ class InboundIntake:
         }
         key = conversation.key
         attributes = {"conversationId": key.conversation_id, "handOffReason": reason}
-        await self._ports.publisher.publish(queue_url, orjson.dumps(context).decode(), attributes)
+        group = tenant_group(company.company_id, company.project_id)
+        await self._ports.publisher.publish(queue_url, orjson.dumps(context).decode(), attributes, group=group)
         await self._ports.conversations.mark_handed_off(key, reason)
         log.info("inbound_handed_off", conversation_id=key.conversation_id, reason=reason)
 
-    async def _stage(self, key: ConversationKey, message: InboundMessage, mark: QueuedMark) -> IntakeResult:
+    async def _stage(self, key: ConversationKey, message: InboundMessage, mark: QueuedMark, group: str) -> IntakeResult:
         queue_url = self._required(self._config.replies_queue_url, "COMMS_REPLIES_QUEUE_URL")
         now, window = self._clock(), self._config.batching_window_s
         fragment = Fragment(message.message_sid, message.body, utc_iso(now))
@@ -205,6 +206,7 @@ class InboundIntake:
             now=now,
             window_s=window,
             mark=mark,
+            group=group,
         )
         return IntakeResult.STAGED if stored else IntakeResult.DUPLICATE
 

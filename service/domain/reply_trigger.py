@@ -78,10 +78,11 @@ async def queue_reply_trigger(
     now: float,
     window_s: int,
     mark: QueuedMark | None = None,
+    group: str | None = None,
 ) -> bool:
     """Take the trigger lock as `holder` and queue the trigger, visible after the window; True when queued,
     False when the lock is held (a trigger is already queued for this window). The trigger is then marked queued
-    as `mark` says (None: always)."""
+    as `mark` says (None: always). `group` is the tenant (`company.tenant_group`), for SQS fair queues."""
     if not await stage.take_lock(key.conversation_id, holder, now, lock_expiry(now, window_s)):
         return False
     body = ReplyTrigger(conversation_id=key.conversation_id, primary_channel=key.primary_channel)
@@ -91,6 +92,7 @@ async def queue_reply_trigger(
             orjson.dumps(body.model_dump()).decode(),
             {"conversationId": key.conversation_id},
             delay_s=window_s,
+            group=group,
         )
     except DependencyUnavailable:
         await stage.release_lock(key.conversation_id, holder)

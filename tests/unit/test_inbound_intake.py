@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from service.domain.company import CompanyRecord
+from service.domain.company import CompanyRecord, tenant_group
 from service.domain.conversation import (
     ConversationKey,
     ConversationRecord,
@@ -168,6 +168,13 @@ async def test_a_signed_message_to_a_known_number_stages_and_queues_one_delayed_
     lock = rig.world.stage.locks[rig.cid]
     assert (lock.lease.owner, lock.lease.expires_at) == ("SMin1", now + WINDOW_S + 60)
     assert rig.world.signatures.checks == [(TOKEN, WEBHOOK_URL, True)]
+
+
+async def test_a_reply_trigger_names_the_conversation_s_tenant_as_its_message_group(rig: Rig) -> None:
+    await rig.receive("Hello")
+
+    [trigger] = rig.triggers
+    assert trigger.group == tenant_group(rig.record.company_id, rig.record.project_id)
 
 
 async def test_a_window_answered_200_writes_no_queued_mark(rig: Rig) -> None:

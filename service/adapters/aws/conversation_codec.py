@@ -90,6 +90,7 @@ def record_from_item(item: Mapping[str, Any]) -> ConversationRecord:
         created_at=str(item.get("created_at", "")),
         company_address=_text_or_none(item.get(GSI_SENDER.get(channel, ""))),
         credentials_id=credentials_of(item, channel),
+        sends_per_second=pace_of(item),
         ai=_ai_profile(_mapping(item.get("ai_config"))),
         thread_id=_text_or_none(item.get("thread_id")),
         is_open=item.get("task_complete") == 0,
@@ -117,6 +118,12 @@ def record_or_none(item: Mapping[str, Any]) -> ConversationRecord | None:
 def credentials_of(item: Mapping[str, Any], channel: str) -> str | None:
     """The credentials id in the item's `channel_config` (None for a record without one)."""
     return _text_or_none(_mapping(item.get("channel_config")).get(credentials_attribute(channel)))
+
+
+def pace_of(item: Mapping[str, Any]) -> float | None:
+    """The sender's pace the project set in the item's `channel_config` (None when it set none)."""
+    pace = _mapping(item.get("channel_config")).get("sends_per_second")
+    return float(pace) if isinstance(pace, int | float) and not isinstance(pace, bool) and pace > 0 else None
 
 
 def shared_fields(item: Mapping[str, Any]) -> dict[str, Any]:
