@@ -9,7 +9,8 @@ moto 5.2 does per-request work that grows with the queue, and it does it under o
   per queued message on every receive.
 
 The local AWS endpoint bound the benchmarks at about a third of the rate it reached with fewer queued messages.
-One patch is for fidelity, not speed: DynamoDB item operations are applied one at a time, as on AWS.
+Two patches are for fidelity, not speed: DynamoDB item operations are applied one at a time, as on AWS, and an SQS
+delete no longer races the queue's sends.
 Each replacement returns what the original returns; a moto without the patched names keeps its own code (the
 local stack is then slower, never wrong), and `tests/unit/test_moto_speedups.py` pins the equivalences.
 """
@@ -29,9 +30,9 @@ from moto import backends
 from moto.dynamodb.models import DynamoDBBackend
 from moto.server import main as moto_main
 from moto.sqs import models as sqs_models
-from moto.sqs.models import SQSBackend
+from moto.sqs.models import Queue, SQSBackend
 
-PATCHES = ("backend module list", "retention check", "message clock", "atomic DynamoDB items")
+PATCHES = ("backend module list", "retention check", "message clock", "atomic DynamoDB items", "atomic SQS deletes")
 
 # DynamoDB's item operations, made one at a time (see `_atomic_dynamodb_items`).
 DYNAMODB_ITEM_OPERATIONS = (
@@ -51,7 +52,13 @@ DYNAMODB_ITEM_OPERATIONS = (
 def apply() -> list[str]:
     """Patch the loaded moto modules in place; return the names of the patches applied."""
     applied: list[str] = []
-    patches = (_cache_module_list, _constant_time_retention, _cheap_message_clock, _atomic_dynamodb_items)
+    patches = (
+        _cache_module_list,
+        _constant_time_retention,
+        _cheap_message_clock,
+        _atomic_dynamodb_items,
+        _atomic_sqs_deletes,
+    )
     for name, patch in zip(PATCHES, patches, strict=True):
         try:
             patch()
@@ -101,6 +108,22 @@ def _atomic_dynamodb_items() -> None:
     lock = threading.RLock()  # re-entrant: a transaction or batch calls the single-item operations
     for name in DYNAMODB_ITEM_OPERATIONS:
         setattr(DynamoDBBackend, name, _holding(lock, getattr(DynamoDBBackend, name)))
+
+
+def _atomic_sqs_deletes() -> None:
+    """A queue's delete under the queue's own message lock, which its sends already take.
+
+    moto's `Queue.delete_message` rebuilds the message list without that lock, so a message sent (or another
+    delete) while it runs could vanish or come back: the benchmarks saw queued messages lost under load.
+    """
+    delete_message = getattr(Queue, "delete_message")  # noqa: B009 - raises when moto renamed it
+
+    def locked_delete_message(self: Any, receipt_handle: str) -> None:
+        with self._messages_lock:  # a Condition over an RLock: re-entrant, as sends take it too
+            delete_message(self, receipt_handle)
+
+    functools.update_wrapper(locked_delete_message, delete_message)
+    setattr(Queue, "delete_message", locked_delete_message)  # noqa: B010
 
 
 def _holding(lock: threading.RLock, method: Callable[..., Any]) -> Callable[..., Any]:

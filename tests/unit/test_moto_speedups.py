@@ -13,7 +13,7 @@ import pytest
 from moto import backends
 from moto.dynamodb.models import DynamoDBBackend
 from moto.sqs import models as sqs_models
-from moto.sqs.models import SQSBackend
+from moto.sqs.models import Queue, SQSBackend
 
 from local_stack import moto_speedups
 
@@ -37,6 +37,7 @@ def originals(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
     monkeypatch.setattr(sqs_models, "unix_time", saved["unix_time"])
     for name in moto_speedups.DYNAMODB_ITEM_OPERATIONS:
         monkeypatch.setattr(DynamoDBBackend, name, getattr(DynamoDBBackend, name))
+    monkeypatch.setattr(Queue, "delete_message", Queue.delete_message)
     yield saved
 
 
@@ -121,3 +122,35 @@ def test_a_dynamodb_item_operation_holds_the_lock_until_it_returns(
     assert held_by_the_update
     assert lock.acquire(blocking=False)
     lock.release()
+
+
+def test_an_sqs_delete_holds_its_queue_s_message_lock(originals: dict[str, object]) -> None:
+    moto_speedups.apply()
+    backend = SQSBackend(region_name=REGION, account_id=ACCOUNT)
+    queue = backend.create_queue("q")
+    backend.send_message("q", "one")
+    [received] = backend.receive_message("q", count=1, wait_seconds_timeout=0, visibility_timeout=30)
+    [stored] = queue._messages
+    own_check = stored.had_receipt_handle
+    held: list[bool] = []
+
+    def checked_while_probing(receipt_handle: str) -> bool:  # runs inside the delete, for each message
+        taken: list[bool] = []
+
+        def probe() -> None:  # from another thread: can the queue's lock be taken now?
+            if queue._messages_lock.acquire(blocking=False):
+                queue._messages_lock.release()
+                taken.append(True)
+            else:
+                taken.append(False)
+
+        thread = threading.Thread(target=probe)
+        thread.start()
+        thread.join(10)
+        held.append(not taken[0])
+        return bool(own_check(receipt_handle))
+
+    stored.had_receipt_handle = checked_while_probing
+    backend.delete_message("q", received.receipt_handle)
+    assert held and all(held)
+    assert queue._messages == []
