@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
+from service.adapters.aws.botocore_speedups import speed_up
 from service.config import Settings
 
 if TYPE_CHECKING:
@@ -73,4 +74,6 @@ async def open_aws_clients(settings: Settings, stack: AsyncExitStack) -> AwsClie
             config=client_config(settings),
         )
     )
+    for client in (dynamodb, sqs, secrets):
+        speed_up(client)
     return AwsClients(dynamodb=dynamodb, sqs=sqs, secrets=secrets)
