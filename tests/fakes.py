@@ -141,6 +141,22 @@ class FakeClock:
 
 # ---- failure injection ---------------------------------------------------------------------------
 
+
+class Gate:
+    """Holds the next call of a fake's method until `open()`: `entered` tells the test it is waiting there."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self._open = asyncio.Event()
+
+    async def __call__(self) -> None:
+        self.entered.set()
+        await self._open.wait()
+
+    def open(self) -> None:
+        self._open.set()
+
+
 ErrorSpec = BaseException | Callable[[], BaseException]
 Action = Callable[[], Awaitable[object] | object]
 

@@ -27,26 +27,12 @@ from tests.fakes import (
     TWILIO_TEST_SECRET,
     FakeSignatures,
     FakeWorld,
+    Gate,
     conversation_record,
 )
 
 URL = "https://comms.example/webhooks/twilio/whatsapp"
 NUMBER, SENDER = CHANNEL_ADDRESSES["whatsapp"], RECIPIENTS["whatsapp"]
-
-
-class Gate:
-    """Holds the next call of a fake's method until `open()`: `entered` tells the test it is waiting there."""
-
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-        self._open = asyncio.Event()
-
-    async def __call__(self) -> None:
-        self.entered.set()
-        await self._open.wait()
-
-    def open(self) -> None:
-        self._open.set()
 
 
 def world_with_a_conversation() -> tuple[FakeWorld, InboundIntake, str]:

@@ -31,6 +31,7 @@ from tests.fakes import (
     TWILIO_TEST_SECRET,
     FakeSignatures,
     FakeWorld,
+    Gate,
     StagedFragment,
     conversation_record,
 )
@@ -107,21 +108,6 @@ class Rig:
         assert self.world.stage.fragments == {} and self.world.stage.locks == {}
         assert self.world.publisher.messages == []
         assert self.world.opt_outs.entries == {}
-
-
-class Gate:
-    """Holds the next call of a fake's method until `open()`: `entered` tells the test it is waiting there."""
-
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-        self._open = asyncio.Event()
-
-    async def __call__(self) -> None:
-        self.entered.set()
-        await self._open.wait()
-
-    def open(self) -> None:
-        self._open.set()
 
 
 async def settle() -> None:
