@@ -451,7 +451,6 @@ def rows(run: EndpointRun) -> list[Row]:
 
 def as_json(run: EndpointRun) -> dict[str, Any]:
     data = asdict(run)
-    data["options"]["output"] = str(run.options.output)
     data["passed"] = run.passed
     data["targets"] = {"cpu_ms_per_accepted": TARGET_CPU_MS, "p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS}
     data["latency_note"] = "ms from each request's scheduled send time (open loop) to the end of its answer"

@@ -565,7 +565,6 @@ def rows(run: RepliesRun) -> list[Row]:
 
 def as_json(run: RepliesRun) -> dict[str, Any]:
     data = asdict(run)
-    data["options"]["output"] = str(run.options.output)
     data["passed"] = run.passed
     data["targets"] = {"cpu_ms_per_reply": TARGET_CPU_MS, "aws_requests_per_reply": TARGET_AWS}
     return {"mode": "replies", **data}

@@ -133,7 +133,6 @@ def rows(run: BenchRun, figures: dict[str, Any]) -> list[Row]:
 
 def as_json(run: BenchRun, figures: dict[str, Any]) -> dict[str, Any]:
     data = asdict(run)
-    data["options"]["output"] = str(run.options.output)
     data["verification"]["passed"] = run.verification.passed
     data["step_ms_note"] = "mean ms per consumer step over the load, from the service's /metrics"
     data["write_units_note"] = "DynamoDB write units per conversation (item size x copies; bench/write_units.py)"

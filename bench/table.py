@@ -75,5 +75,12 @@ def render(table: list[Row]) -> str:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
+    """`data` as JSON; paths (the options' output file) are written as text, anything else not JSON is an error."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_path_text) + "\n")
+
+
+def _path_text(value: object) -> str:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -101,16 +101,19 @@ async def build_messages(
 
 
 def batch_entries(messages: Sequence[ContextMessage], delay_s: int) -> list[SendMessageBatchRequestEntryTypeDef]:
-    return [
-        {
-            "Id": str(i),
-            "MessageBody": m.body,
-            "DelaySeconds": delay_s,
-            "MessageAttributes": {k: {"DataType": "String", "StringValue": v} for k, v in m.attributes.items()},
-            **({"MessageGroupId": m.group} if m.group else {}),
-        }
-        for i, m in enumerate(messages)
-    ]
+    return [batch_entry(str(i), m, delay_s) for i, m in enumerate(messages)]
+
+
+def batch_entry(entry_id: str, message: ContextMessage, delay_s: int) -> SendMessageBatchRequestEntryTypeDef:
+    entry: SendMessageBatchRequestEntryTypeDef = {
+        "Id": entry_id,
+        "MessageBody": message.body,
+        "DelaySeconds": delay_s,
+        "MessageAttributes": {k: {"DataType": "String", "StringValue": v} for k, v in message.attributes.items()},
+    }
+    if message.group:  # the tenant, as the service's own SendMessage names it
+        entry["MessageGroupId"] = message.group
+    return entry
 
 
 async def enqueue(

@@ -45,6 +45,7 @@ from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, TracerProvid
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service import __version__
+from service.aws_failures import error_code
 from service.config import ConfigurationError
 from service.logging import is_secret_key, mask_text
 
@@ -436,8 +437,7 @@ def _has_error(span: Span) -> bool:
 
 def _aws_error_type(exc: BaseException) -> str:
     """The AWS error code of a refused call (what `after-call` named), else the exception's type."""
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
-    return str(code) if code else error_type(exc)
+    return error_code(exc) or error_type(exc)
 
 
 def _path_template(path: str) -> str:

@@ -31,7 +31,7 @@ import structlog
 
 from service.domain.errors import DependencyUnavailable
 from service.domain.ports import TokenLeases
-from service.domain.rate_limit import RateLimit, RateLimiter
+from service.domain.rate_limit import RateLimit, RateLimiter, retry_after_seconds
 
 log = structlog.get_logger(__name__)
 
@@ -87,8 +87,7 @@ class FleetRateLimiter:
         self._max_keys = max_keys
 
     async def check(self, key: str, limit: RateLimit) -> int:
-        wait = await self.admit(key, limit)
-        return 0 if wait == 0 else _whole_seconds(wait)
+        return retry_after_seconds(await self.admit(key, limit))
 
     async def admit(self, key: str, limit: RateLimit) -> float:
         """0.0 when one token was taken for this request, else the seconds until one is due (not rounded)."""
@@ -109,8 +108,7 @@ class FleetRateLimiter:
                 grant = await self._leases.lease(key, limit, share.chunk(self._horizon_s), now)
             except DependencyUnavailable as exc:
                 log.warning("rate_limit_fallback", key_id=key, reason=str(exc))
-                wait = self._fallback.check(key, limit, now)
-                return float(wait)
+                return float(self._fallback.check(key, limit, now))
             if grant.granted < 1:
                 share.refused_until = now + grant.retry_after_s
                 return grant.retry_after_s
@@ -135,7 +133,3 @@ class FleetRateLimiter:
         while len(self._shares) > self._max_keys:
             self._shares.popitem(last=False)
         return share
-
-
-def _whole_seconds(seconds: float) -> int:
-    return max(1, math.ceil(seconds))

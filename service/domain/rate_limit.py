@@ -58,8 +58,12 @@ class RateLimiter:
         self._buckets.move_to_end(key)
         while len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
-        wait = bucket.take(now)
-        return 0 if wait == 0 else max(1, math.ceil(wait))
+        return retry_after_seconds(bucket.take(now))
+
+
+def retry_after_seconds(wait_s: float) -> int:
+    """A wait as `check` answers it: 0 to go ahead, else whole seconds for `Retry-After`, at least 1."""
+    return 0 if wait_s == 0 else max(1, math.ceil(wait_s))
 
 
 class ReplicaRateLimiter:

@@ -39,7 +39,8 @@ class DynamoTokenLeases:
 
     async def lease(self, key: str, limit: RateLimit, wanted: int, now: float) -> Grant:
         now_us = int(now * MICROS)
-        interval, tolerance = interval_us(limit), limit.burst * interval_us(limit)
+        interval = interval_us(limit)
+        tolerance = limit.burst * interval
         seen = self._last_tat.get(key)  # the bucket's tat as last known; None: take it as full until told otherwise
         for _ in range(ATTEMPTS):
             take = take_tokens(seen, now_us, limit, wanted)
