@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     api_keys_table: str = "comms-api-keys"
     opt_out_table: str = "comms-opt-outs"
     rate_limits_table: str = "comms-rate-limits"
+    messages_table: str = Field(
+        "comms-conversation-messages", description="One item per message of a conversation (conversation key + seq)"
+    )
     whatsapp_queue_url: str | None = None
     sms_queue_url: str | None = None
     email_queue_url: str | None = None
@@ -125,7 +128,26 @@ class Settings(BaseSettings):
         1.0, ge=0, description="Default pace of one SMS sender, fleet-wide (a US long code: 1/s); 0: not paced"
     )
     send_pace_max_wait_s: float = Field(
-        30.0, ge=0, le=300, description="Longest a worker slot waits for its sender's turn; past it, later"
+        30.0, ge=0, le=300, description="Longest a worker slot waits for a sender's or AI key's turn; past it, later"
+    )
+    ai_requests_per_second: float = Field(
+        8.0,
+        ge=0,
+        description="Default pace of AI calls per OpenAI API key, fleet-wide (about 500 requests a minute, the"
+        " lowest paid tier's limit for the small models); 0: not paced",
+    )
+    concurrency_defer_s: int = Field(
+        5,
+        ge=1,
+        le=900,
+        description="How long a message over its project's concurrent_conversations cap waits before it is tried"
+        " again (re-queued with this delay: its receive count does not grow)",
+    )
+    conversation_index_shards: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Shards of the per-company conversations index (listing queries each); only ever raise it",
     )
 
     # Providers (empty means the real public endpoints)

@@ -29,6 +29,12 @@ class ProviderRateLimited(TransientProviderError):
     """The provider refused for exceeding its rate (HTTP 429): nothing was sent; the sender's pace must drop."""
 
 
+class ProviderPaced(TransientProviderError):
+    """Not attempted: the provider's pace (a sender's or an AI key's, fleet-wide) has no turn free within the
+    wait a worker slot may spend; `retry_after_s` says when one is. The message waits in the queue for that long
+    (deferred, not retried: the receive count must not grow)."""
+
+
 class PermanentProviderError(ProviderError):
     """Retrying cannot help (bad credentials, invalid recipient, refused content, unknown secret)."""
 
