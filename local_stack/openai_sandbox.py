@@ -7,14 +7,23 @@ Conversation state as the real API keeps it: a response created with `conversati
 conversation; one created with `previous_response_id` sees the chain of stored responses before it (their input
 and output, not their instructions). A `previous_response_id` the sandbox does not hold (never stored, deleted,
 or `store: false`) is refused with OpenAI's 400 `previous_response_not_found`; giving both is refused too.
+
+Rate limits: `POST /_sandbox/openai/key-limit {"per_second": 8}` (or `{"max_requests": 2, "window_s": 60}`; null
+`per_second`: none) holds each API key to that many creates (`POST /v1/responses`, the model requests) over a
+sliding window; past it a create answers as OpenAI's does, 429 with `{"error": {"type": "requests", "code":
+"rate_limit_exceeded", ...}}` and the `x-ratelimit-*-requests` headers (no `Retry-After`: the reset header says
+when). Every create under a limit carries those headers too. `GET /_sandbox/openai/key-limit` shows the limit and
+how many creates it refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -86,13 +95,21 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 class ApiFailure(Exception):
     """An OpenAI API error; the front-door middleware renders it as OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = error_body(status, message, param, code)
+        self.headers = headers
 
     def to_response(self) -> web.Response:
-        return json_response(self.body, status=self.status)
+        return json_response(self.body, status=self.status, headers=self.headers)
 
 
 def invalid(param: str, message: str) -> ApiFailure:
@@ -539,6 +556,54 @@ class OpenAISandboxStats:
         }
 
 
+def go_duration(seconds: float) -> str:
+    """A wait as OpenAI's `x-ratelimit-reset-*` headers write it: "250ms", "1.5s", "6m0s"."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    rest_text = f"{round(rest, 3):g}s"
+    return f"{int(minutes)}m{rest_text}" if minutes else rest_text
+
+
+@dataclass(slots=True)
+class KeyLimit:
+    """Creates each API key may make over a sliding window, and the times of those it made."""
+
+    max_requests: int
+    window_s: float
+    recent: dict[str, deque[float]] = field(default_factory=dict)
+    refused: int = 0
+
+    def _window(self, api_key: str, now: float) -> deque[float]:
+        times = self.recent.setdefault(api_key, deque())
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return times
+
+    def take(self, api_key: str, now: float) -> float:
+        """0.0 when one more create from `api_key` at `now` is within the limit (and counted), else the seconds
+        until the oldest create in the window leaves it."""
+        times = self._window(api_key, now)
+        if len(times) >= self.max_requests:
+            self.refused += 1
+            return max(times[0] + self.window_s - now, 0.001)
+        times.append(now)
+        return 0.0
+
+    def headers(self, api_key: str, now: float) -> dict[str, str]:
+        """OpenAI's request-limit headers for `api_key` at `now`."""
+        times = self._window(api_key, now)
+        reset_s = times[0] + self.window_s - now if times else 0.0
+        return {
+            "x-ratelimit-limit-requests": str(self.max_requests),
+            "x-ratelimit-remaining-requests": str(max(self.max_requests - len(times), 0)),
+            "x-ratelimit-reset-requests": go_duration(reset_s),
+        }
+
+    def as_json(self) -> JSONObject:
+        return {"max_requests": self.max_requests, "window_s": self.window_s, "rate_limited": self.refused}
+
+
 @dataclass(slots=True)
 class OpenAISandboxState:
     """Everything one OpenAI sandbox holds; `background_latency_s` None means "follow `control.latency_s`".
@@ -552,6 +617,7 @@ class OpenAISandboxState:
     stats: OpenAISandboxStats = field(default_factory=OpenAISandboxStats)
     background_latency_s: float | None = None
     call_later: CallLater = loop_call_later
+    key_limit: KeyLimit | None = None
 
     def background_generation_s(self) -> float:
         return self.control.latency_s if self.background_latency_s is None else self.background_latency_s
@@ -578,6 +644,7 @@ class OpenAISandboxState:
         self.conversations.clear()
         self.stats = OpenAISandboxStats(in_flight=self.stats.in_flight, peak_in_flight=self.stats.in_flight)
         self.background_latency_s = None
+        self.key_limit = None
 
 
 OPENAI_STATE_KEY = web.AppKey("openai_sandbox_state", OpenAISandboxState)
@@ -785,9 +852,34 @@ def history_for(state: OpenAISandboxState, ask: ResponseRequest) -> History:
     return History()
 
 
+def bearer_token(request: web.Request) -> str:
+    return request.headers.get("Authorization", "").partition(" ")[2].strip()
+
+
+def check_key_limit(state: OpenAISandboxState, api_key: str, model: str) -> dict[str, str]:
+    """The request-limit headers of a create within its key's limit; past it, OpenAI's 429."""
+    limit = state.key_limit
+    if limit is None:
+        return {}
+    now = time.monotonic()
+    wait_s = limit.take(api_key, now)
+    headers = limit.headers(api_key, now)
+    if wait_s:
+        headers["x-ratelimit-reset-requests"] = go_duration(wait_s)
+        message = (
+            f"Rate limit reached for {model} in organization org-sandbox on requests per min (RPM): "
+            f"Limit {limit.max_requests}, Used {limit.max_requests}, Requested 1. "
+            f"Please try again in {go_duration(wait_s)}. "
+            "Visit https://platform.openai.com/account/rate-limits to learn more."
+        )
+        raise ApiFailure(429, message, code="rate_limit_exceeded", headers=headers)
+    return headers
+
+
 async def create_response(request: web.Request) -> web.Response:
     state = sandbox_state(request)
     ask = parse_response_request(await read_json_object(request))
+    limit_headers = check_key_limit(state, bearer_token(request), ask.model)
     stored = StoredResponse(new_response_body(ask), ask.input_items, generate(ask, history_for(state, ask)))
     state.stats.responses_created += 1
     if ask.store:
@@ -796,7 +888,7 @@ async def create_response(request: web.Request) -> web.Response:
         run_in_background(state, stored)
     else:
         finish_response(state, stored)
-    return json_response(stored.body)
+    return json_response(stored.body, headers=limit_headers or None)
 
 
 async def retrieve_response(request: web.Request) -> web.Response:
@@ -835,6 +927,31 @@ async def set_background_latency(request: web.Request) -> web.Response:
     seconds = (await request.json()).get("seconds")
     state.background_latency_s = None if seconds is None else float(seconds)
     return json_response({"background_latency_s": state.background_latency_s})
+
+
+async def configure_key_limit(request: web.Request) -> web.Response:
+    """`{"per_second": n}` (null: no limit) or `{"max_requests": n, "window_s": s}`: each key's creates."""
+    data = await read_json_object(request)
+    state = sandbox_state(request)
+
+    def positive(name: str) -> float:
+        value = data.get(name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise web.HTTPBadRequest(text=f"'{name}' must be a positive number")
+        return float(value)
+
+    if "max_requests" in data:
+        state.key_limit = KeyLimit(int(positive("max_requests")), positive("window_s"))
+    elif data.get("per_second") is None:
+        state.key_limit = None
+    else:
+        state.key_limit = KeyLimit(max(1, int(positive("per_second"))), 1.0)
+    return json_response(None if state.key_limit is None else state.key_limit.as_json())
+
+
+async def show_key_limit(request: web.Request) -> web.Response:
+    limit = sandbox_state(request).key_limit
+    return json_response(None if limit is None else limit.as_json())
 
 
 async def reset_openai_state(request: web.Request) -> web.Response:
@@ -943,6 +1060,8 @@ def add_control_routes(app: web.Application) -> None:
     app.router.add_get("/_sandbox/openai/stats", show_stats)
     app.router.add_post("/_sandbox/openai/background_latency", set_background_latency)
     app.router.add_post("/_sandbox/openai/reset", reset_openai_state)
+    app.router.add_post("/_sandbox/openai/key-limit", configure_key_limit)
+    app.router.add_get("/_sandbox/openai/key-limit", show_key_limit)
 
 
 async def stop_background_work(app: web.Application) -> None:

@@ -18,7 +18,13 @@ from local_stack.openai_sandbox import create_openai_sandbox
 from local_stack.sandbox_http import RunningServer, serve
 from service.adapters.providers.openai_writer import OpenAiWriter, pooled_http_client
 from service.domain.conversation import Message
-from service.domain.provider_ports import AiRequest, AiResult, PermanentProviderError, TransientProviderError
+from service.domain.provider_ports import (
+    AiRequest,
+    AiResult,
+    PermanentProviderError,
+    ProviderRateLimited,
+    TransientProviderError,
+)
 
 API_KEY = "sk-sandbox-tenant-a"
 CONTEXT = orjson.dumps({"recipient_data": {"recipient_first_name": "Lee", "recipient_last_name": "Hayton"}}).decode()
@@ -398,14 +404,40 @@ async def test_an_answer_that_is_not_a_response_object_is_permanent(
 # ---- retries --------------------------------------------------------------------------------------
 
 
-async def test_rate_limit_is_retried_after_retry_after(
+async def test_unavailable_is_retried_after_retry_after(
     writer: OpenAiWriter, control: aiohttp.ClientSession, clock: VirtualTime
 ) -> None:
-    await inject(control, status=429, retry_after=1)
+    await inject(control, status=503, retry_after=1)
     result = await writer.write(ask())
     assert clock.slept == [1.0]  # the 1 s Retry-After, not the 0.05 s backoff
     assert set(result.output) == set(TEMPLATE_KEYS)
     assert len(await requests_to(control, "POST", "/v1/responses")) == 2
+
+
+async def test_a_rate_limited_create_is_raised_at_once_with_its_retry_after(
+    writer: OpenAiWriter, control: aiohttp.ClientSession, clock: VirtualTime
+) -> None:
+    # Not waited out in this worker slot: the pacing decorator holds the key off for the whole fleet.
+    await inject(control, status=429, retry_after=1)
+    with pytest.raises(ProviderRateLimited) as caught:
+        await writer.write(ask())
+    assert (caught.value.code, caught.value.retry_after_s) == ("rate_limit_exceeded", 1.0)
+    assert clock.slept == []
+    assert len(await requests_to(control, "POST", "/v1/responses")) == 1
+
+
+async def test_a_rate_limited_background_poll_is_retried(
+    writer: OpenAiWriter, control: aiohttp.ClientSession, clock: VirtualTime
+) -> None:
+    await steer(control, "/_sandbox/openai/background_latency", {"seconds": 0.5})
+    await steer(
+        control,
+        "/_sandbox/faults",
+        {"path_prefix": "/v1/responses/", "method": "GET", "status": 429, "count": 1, "retry_after": 0.3},
+    )
+    result = await writer.write(ask(background=True))  # the response is running: giving up would cancel it
+    assert set(result.output) == set(TEMPLATE_KEYS)
+    assert 0.3 in clock.slept
 
 
 async def test_server_errors_are_retried_until_success(writer: OpenAiWriter, control: aiohttp.ClientSession) -> None:
@@ -428,7 +460,7 @@ async def test_persistent_server_error_is_transient_after_max_attempts(
 async def test_retry_after_beyond_the_budget_fails_at_once_with_it(
     writer: OpenAiWriter, control: aiohttp.ClientSession, clock: VirtualTime
 ) -> None:
-    await inject(control, status=429, retry_after=30)
+    await inject(control, status=503, retry_after=30)
     with pytest.raises(TransientProviderError) as caught:
         await writer.write(ask(timeout_s=5.0))
     assert clock.slept == []

@@ -6,7 +6,9 @@ Unknown attributes are kept (`extra="allow"`) so operators can add project setti
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -101,6 +103,11 @@ class CompanyRecord(BaseModel):
     def allows(self, channel: str) -> bool:
         return channel in {c.lower() for c in self.allowed_channels}
 
+    def ai_requests_per_second(self, channel: str) -> float | None:
+        """The project's pace for the OpenAI key of its `channel` (see `ai_requests_per_second`)."""
+        openai_config = self.ai_config.get("openai_config")
+        return ai_requests_per_second(openai_config.get(channel) if isinstance(openai_config, Mapping) else None)
+
     def sender_address(self, channel: str) -> str | None:
         """The company's own number or email on a channel, or None when that channel is not configured."""
         config = self.channel_config
@@ -119,6 +126,18 @@ class CompanyRecord(BaseModel):
             mode="json", exclude_none=True, exclude=set(_AUTO_QUEUE_ATTRIBUTES - self.model_fields_set)
         )
         return {k: v for k, v in data.items() if k not in _PRIVATE_ATTRIBUTES}
+
+
+def ai_requests_per_second(openai_config: object) -> float | None:
+    """The pace a project sets for the API key of one channel (`ai_config.openai_config.<channel>
+    .requests_per_second`): AI calls a second with that key across the fleet, instead of
+    COMMS_AI_REQUESTS_PER_SECOND. The pace belongs to the key: projects sharing a key should set the same one.
+    None when absent or not a positive number (operators write ai_config by hand: an odd value means the
+    default, never an unreadable company)."""
+    value = openai_config.get("requests_per_second") if isinstance(openai_config, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        return None
+    return float(value)
 
 
 # What SQS accepts in a MessageGroupId: 1-128 of ASCII letters, digits and punctuation.

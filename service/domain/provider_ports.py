@@ -63,6 +63,7 @@ class AiRequest:
     background: bool = False  # long-running models: create in background mode, poll until terminal
     timeout_s: float = 60.0  # hard limit for the whole call, retries and polling included
     metadata: dict[str, str] = field(default_factory=dict)
+    requests_per_second: float | None = None  # the project's pace for this key; None: COMMS_AI_REQUESTS_PER_SECOND
 
 
 @dataclass(frozen=True, slots=True)

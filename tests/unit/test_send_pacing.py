@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from service.domain.fleet_rate_limit import FleetRateLimiter
-from service.domain.pacing import SendPacing
+from service.domain.pacing import MAX_HOLD_OFF_S, SendPacing
 from service.domain.provider_ports import OutboundMessage
 from tests.fakes import FakeClock, FakeTokenLeases
 
@@ -105,3 +107,11 @@ async def test_concurrent_sends_from_one_sender_are_spaced_out() -> None:
 
     await asyncio.gather(*(one() for _ in range(4)))
     assert len(turns) == 4 and len(leases.tat_us) == 1
+
+
+async def test_a_429_holds_the_sender_off_for_at_most_a_minute() -> None:
+    clock, leases = FakeClock(), FakeTokenLeases()
+    pacing = worker(clock, leases)
+    message = sms(sends_per_second=50.0)
+    await pacing.rate_limited(message, retry_after_s=3600.0)  # a wait that long is learnt again from the next 429
+    assert await worker(clock, leases, max_wait_s=0.0).wait_turn(message) == pytest.approx(MAX_HOLD_OFF_S)

@@ -1,7 +1,12 @@
 """The AI writer over OpenAI's Responses API: structured JSON output, retries, background polls.
 
 One `AsyncOpenAI` per API key, all sharing one httpx2 connection pool. The SDK's own retries are off; this
-module retries transient failures with jittered backoff honouring Retry-After, inside each request's time budget.
+module retries transient failures with jittered backoff honouring Retry-After, inside each request's time budget,
+except a create refused for the key's rate (429 `rate_limit_exceeded`): that one is raised at once as
+`ProviderRateLimited` with the wait OpenAI named, for the pacing decorator (`service.domain.ai_pacing`) to hold
+the key off across the fleet. Retried here, in this worker slot, it would only be learnt after every attempt,
+while the fleet's other workers kept meeting the same limit. (A background poll refused for the rate is still
+retried here: its response is running, and giving up would cancel it.)
 Creates and polls go through the SDK's client (auth, headers, errors as `openai.APIStatusError`) with a body this
 module builds and an answer it reads itself (`ResponseView`): the SDK's parameter transform and its pydantic
 `Response` model cost about a quarter of each call's client CPU, for the handful of fields read here.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -40,6 +46,7 @@ from service.domain.provider_ports import (
     AiResult,
     PermanentProviderError,
     ProviderError,
+    ProviderRateLimited,
     TransientProviderError,
 )
 
@@ -216,7 +223,8 @@ class OpenAiWriter:
                 return await call()
             except openai.OpenAIError as exc:
                 failure = classify_openai_failure(exc)
-                delay = self._retry_delay(failure, attempt, deadline)
+                retried_here = not rate_limited_create(operation, failure)
+                delay = self._retry_delay(failure, attempt, deadline) if retried_here else None
                 if delay is None:
                     log.warning(
                         "ai.call_failed", operation=operation, attempt=attempt, reason=failure.reason, code=failure.code
@@ -251,6 +259,11 @@ class OpenAiWriter:
                 self._clients.popitem(last=False)  # never closed: closing would close the shared pool
         self._clients.move_to_end(api_key)
         return client
+
+
+def rate_limited_create(operation: str, failure: ProviderError) -> bool:
+    """A create the key's rate refused: the caller's pace decides when to try again, not this writer."""
+    return operation == "responses.create" and isinstance(failure, ProviderRateLimited)
 
 
 def default_http_client() -> httpx2.AsyncClient:
@@ -525,6 +538,8 @@ def classify_openai_failure(exc: openai.OpenAIError) -> ProviderError:
         code = exc.code or str(status)
         if status == 429 and exc.code == "insufficient_quota":  # billing, not load: waiting will not help
             return PermanentProviderError("ai_rejected", code=code)
+        if status == 429:
+            return ProviderRateLimited("ai_rate_limited", code=code, retry_after_s=rate_limit_wait_s(exc))
         if status in TRANSIENT_HTTP_STATUSES or status >= 500:
             return TransientProviderError("ai_unavailable", code=code, retry_after_s=retry_after_s(exc.response))
         return PermanentProviderError("ai_rejected", code=code)
@@ -533,6 +548,43 @@ def classify_openai_failure(exc: openai.OpenAIError) -> ProviderError:
     if isinstance(exc, openai.APIConnectionError):
         return TransientProviderError("ai_unavailable", code="connection_error")
     return PermanentProviderError("ai_client_error", code=type(exc).__name__)
+
+
+# Go-style durations OpenAI's x-ratelimit-reset-* headers carry: "20ms", "1s", "6m0s", "1h2m3.5s".
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_s(raw: str) -> float | None:
+    """A Go-style duration (or bare seconds) as seconds; None when it is neither."""
+    raw = raw.strip()
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(raw)
+    if not parts or "".join(number + unit for number, unit in parts) != raw:
+        return None
+    return sum(float(number) * _DURATION_UNIT_S[unit] for number, unit in parts)
+
+
+def rate_limit_wait_s(exc: openai.APIStatusError) -> float | None:
+    """How long OpenAI says to wait after a 429: `retry-after-ms` / `Retry-After` when sent, else the reset of
+    the limit that refused (`x-ratelimit-reset-requests` or `-tokens`, by the error's `type`; when the type names
+    neither, the reset of whichever has nothing remaining)."""
+    explicit = retry_after_s(exc.response)
+    if explicit is not None:
+        return explicit
+    headers = exc.response.headers
+    kinds = [exc.type] if exc.type in ("requests", "tokens") else ["requests", "tokens"]
+    waits = [
+        wait
+        for kind in kinds
+        if (raw := headers.get(f"x-ratelimit-reset-{kind}")) is not None
+        and (exc.type == kind or headers.get(f"x-ratelimit-remaining-{kind}") == "0")
+        and (wait := duration_s(raw)) is not None
+    ]
+    return max(waits, default=None)
 
 
 def retry_after_s(response: httpx2.Response) -> float | None:
