@@ -1,8 +1,9 @@
 """DynamoDB write units of the service's writes, computed from what the counting proxy sees.
 
 DynamoDB charges a write 1 unit per started KB of the item it writes, in the base table and again in every
-global secondary index the item is in (index entry = the projected attributes; every index here projects ALL,
-as `service.adapters.aws.provisioning.ensure_table` creates them, so an entry is the whole item). moto does not
+global secondary index the item is in whose entry the write changes (index entry = the table's and the index's
+keys plus the projected attributes: `resources.Index.included`, KEYS_ONLY when none, the whole item for ALL,
+which no index here uses any more). moto does not
 report consumed capacity, so the proxy keeps a shadow image of every item (primed with a Scan before the
 service starts, then kept current from each successful write) and charges each write as DynamoDB documents it:
 
@@ -10,9 +11,9 @@ service starts, then kept current from each successful write) and charges each w
   answer when the service asked for it, else the shadow image with the UpdateExpression applied);
 - DeleteItem: the deleted item; BatchWriteItem: each processed put or delete alone; TransactWriteItems: twice;
 - a conditional write refused by its condition: the existing item (1 unit when there is none), base table only;
-- each GSI: a new entry (put) or a removed one (delete) is one write of that entry; an update that changes the
-  entry's key is two (delete + put); one that changes a projected attribute is one (the larger image); one that
-  changes nothing the index holds is none.
+- each GSI: a new entry (put) or a removed one (delete) is one write of that entry (its projected size); an update
+  that changes the entry's key is two (delete + put); one that changes a projected attribute is one (the larger
+  entry); one that changes nothing the index holds is none.
 
 Sizes follow DynamoDB's rules (`bench.update_expression.item_size`). A write this cannot model (an unknown table,
 an expression the evaluator does not read) is counted in `unmodelled` and charges nothing.
@@ -40,6 +41,15 @@ KB = 1024
 class IndexShape:
     name: str
     keys: tuple[str, ...]
+    table_keys: tuple[str, ...] = ()  # every entry holds the table's key too
+    included: tuple[str, ...] | None = ()  # the non-key attributes projected (INCLUDE; () KEYS_ONLY; None ALL)
+
+    def entry(self, item: Item) -> Item:
+        """The index entry of `item`: what the index stores of it."""
+        if self.included is None:
+            return item
+        wanted = {*self.table_keys, *self.keys, *self.included}
+        return {name: value for name, value in item.items() if name in wanted}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +60,14 @@ class TableShape:
 
 
 def table_shapes(settings: Settings) -> dict[str, TableShape]:
-    """Every table's key and GSIs (all projecting ALL), from the service's own resource definitions."""
+    """Every table's key and GSIs with their projections, from the service's own resource definitions."""
     shapes = {}
     for spec in table_specs(settings):
         keys = (spec.partition_key, *([spec.sort_key] if spec.sort_key else []))
         indexes = tuple(
-            IndexShape(index.name, (index.partition_key, *([index.sort_key] if index.sort_key else [])))
+            IndexShape(
+                index.name, (index.partition_key, *([index.sort_key] if index.sort_key else [])), keys, index.included
+            )
             for index in spec.indexes
         )
         shapes[spec.name] = TableShape(spec.name, keys, indexes)
@@ -68,20 +80,21 @@ def units(size: int) -> int:
 
 
 def index_units(index: IndexShape, before: Item | None, after: Item | None) -> int:
-    """Write units one base-table write costs `index` (ALL projection: an entry is the whole item)."""
+    """Write units one base-table write costs `index`: entries as projected (`IndexShape.entry`)."""
     in_before = before is not None and all(key in before for key in index.keys)
     in_after = after is not None and all(key in after for key in index.keys)
-    if in_before and in_after:
-        assert before is not None and after is not None
-        if any(before[key] != after[key] for key in index.keys):
-            return units(item_size(before)) + units(item_size(after))  # entry moves: delete + put
-        return units(max(item_size(before), item_size(after))) if before != after else 0
-    if in_after:
-        assert after is not None
-        return units(item_size(after))
-    if in_before:
-        assert before is not None
-        return units(item_size(before))
+    entry_before = index.entry(before) if in_before and before is not None else None
+    entry_after = index.entry(after) if in_after and after is not None else None
+    if entry_before is not None and entry_after is not None:
+        if any(entry_before[key] != entry_after[key] for key in index.keys):
+            return units(item_size(entry_before)) + units(item_size(entry_after))  # entry moves: delete + put
+        if entry_before == entry_after:
+            return 0
+        return units(max(item_size(entry_before), item_size(entry_after)))
+    if entry_after is not None:
+        return units(item_size(entry_after))
+    if entry_before is not None:
+        return units(item_size(entry_before))
     return 0
 
 

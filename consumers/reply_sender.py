@@ -4,8 +4,9 @@ its window. Its own steps on the claimed-work skeleton (`consumers.claimed_work`
 OpenAI conversation, a free-form reply, the final update (which marks the fragments answered), then delete them and
 the trigger lock and look again, so a fragment that arrived meanwhile gets its own trigger.
 
-Never twice: the final update adds the answered MessageSids in the same write that appends the reply, and an
-attempt recorded before sending is reconciled with Twilio on redelivery. Never lost: a trigger that meets a live
+Never twice: the final update records the answered MessageSids on the user message it records with the reply
+(read back with the newest messages before the next batch is gathered), and an attempt recorded before sending
+is reconciled with Twilio on redelivery. Never lost: a trigger that meets a live
 claim is retried after the lease. Retries exhausted: the conversation stays answerable (the recipient may write
 again): `ReplyClaims.fail` releases the claim to its previous status noting `last_reply_failure` and keeping the
 ledger entry, the trigger lock is released and the trigger goes to the DLQ.
@@ -13,6 +14,7 @@ ledger entry, the trigger lock is released and the trigger goes to the DLQ.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -25,7 +27,13 @@ from consumers.contracts import Outcome, QueueMessage
 from consumers.sqs_messages import NO_REDRIVE_POLICY, RedrivePolicy
 from service.domain.claims import Claim
 from service.domain.company import tenant_group
-from service.domain.conversation import ConversationRecord, ConversationStatus, Message, ReplyAttempt
+from service.domain.conversation import (
+    ConversationRecord,
+    ConversationStatus,
+    Message,
+    ReplyAttempt,
+    answered_fragments,
+)
 from service.domain.delivery_state import parse_delivery_status
 from service.domain.errors import DependencyUnavailable
 from service.domain.inbound import Batch, batch_of
@@ -47,6 +55,9 @@ log = structlog.get_logger(__name__)
 REPLY_CHANNELS = ("whatsapp", "sms")  # email replies are not handled (README)
 FIRST_MESSAGE_IN_FLIGHT_RETRY_S = 5
 CREDENTIALS_UNUSABLE_RETRY_S = 60
+# The newest messages read for a reply: the AI's context when OpenAI no longer holds the conversation, and (their
+# user messages' fragment SIDs) the fragments already answered. One bounded Query, whatever the conversation's length.
+REPLY_HISTORY_KEPT = 40
 REPLIED = ConversationStatus.REPLY_SENT.value  # the outcome reason and log event of a reply recorded
 REPAIR = (
     "a redelivery reconciles with Twilio and finalises; by hand: what the final update writes (both messages "
@@ -114,13 +125,17 @@ class ReplySender(ClaimedWork[ReplyTrigger, ReplyAttempt, ReplySenderConfig, Rep
         if record.reply_attempt is not None:  # a reply that may have gone out: reconciled, never written again
             pending, sids = record.reply_attempt, list(record.reply_attempt.message_sids)
         else:
-            with self.step("gather"):
-                batch = batch_of(await self._ports.stage.staged(claimed.key.conversation_id), list(record.replied_sids))
+            with self.step("gather"):  # the fragments and the conversation's newest messages, side by side
+                staged, history = await asyncio.gather(
+                    self._ports.stage.staged(claimed.key.conversation_id),
+                    self._ports.claims.recent_messages(record, REPLY_HISTORY_KEPT),
+                )
+                batch = batch_of(staged, list(answered_fragments(record, history)))
             if not batch.fragments or record.channel not in REPLY_CHANNELS:
                 if batch.fragments:
                     log.warning("reply_channel_not_supported", channel=record.channel)
                 return await self._unanswered(claimed, batch.message_sids, "nothing_to_answer")
-            pending, sids = self._prompt(record, batch), batch.message_sids
+            pending, sids = self._prompt(record, batch, history), batch.message_sids
         opted_out = await self._ports.opt_outs.is_opted_out(
             record.company_id, record.project_id, record.channel, record.key.primary_channel
         )
@@ -163,7 +178,7 @@ class ReplySender(ClaimedWork[ReplyTrigger, ReplyAttempt, ReplySenderConfig, Rep
         finalised = await self.final_update(
             claimed,
             sent,
-            lambda ms: claims.finalise(key, owner, messages, sids, draft.thread_id, ms),
+            lambda ms: claims.finalise(key, owner, messages, sids, draft.thread_id, ms, claimed=claimed.record),
             messages=[asdict(m) for m in messages],
             answered_sids=sids,
             repair=REPAIR,
@@ -184,7 +199,7 @@ class ReplySender(ClaimedWork[ReplyTrigger, ReplyAttempt, ReplySenderConfig, Rep
 
     # ---- steps -----------------------------------------------------------------------------------
 
-    def _prompt(self, record: ConversationRecord, batch: Batch) -> Prompt[ReplyAttempt]:
+    def _prompt(self, record: ConversationRecord, batch: Batch, history: tuple[Message, ...]) -> Prompt[ReplyAttempt]:
         return Prompt(
             api_key_reference=record.ai.api_key_reference,
             model=record.ai.model,
@@ -194,7 +209,8 @@ class ReplySender(ClaimedWork[ReplyTrigger, ReplyAttempt, ReplySenderConfig, Rep
             background=record.ai.background,
             draft=partial(self._attempt, batch),
             thread_id=record.thread_id,
-            history=record.messages,
+            history=history,
+            requests_per_second=record.ai.requests_per_second,
         )
 
     def _attempt(self, batch: Batch, result: AiResult) -> ReplyAttempt:
@@ -223,6 +239,9 @@ class ReplySender(ClaimedWork[ReplyTrigger, ReplyAttempt, ReplySenderConfig, Rep
         try:
             await stage.finish_window(key.conversation_id, sids)
             staged = await stage.staged(key.conversation_id)
+            if any(f.message_sid not in answered for f in staged):  # answered by an earlier reply? (rarely asked)
+                recent = await self._ports.claims.recent_messages(claimed.record, REPLY_HISTORY_KEPT)
+                answered |= answered_fragments(claimed.record, recent)
             leftover = [f.message_sid for f in staged if f.message_sid in answered]
             if leftover:
                 await stage.delete_staged(key.conversation_id, leftover)

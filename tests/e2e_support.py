@@ -42,6 +42,7 @@ from service.bootstrap import Dependencies, build
 from service.config import CHANNELS, Settings
 from service.domain.conversation import ConversationKey
 from tests.conftest import initiate_body
+from tests.stored_messages import with_messages
 from tests.support import add_tenant
 
 T = TypeVar("T")
@@ -219,12 +220,14 @@ class E2EEnv:
     aws: AwsClients  # straight to moto (never through a gate), for reading what happened
 
     async def record(self, primary_channel: str, conversation_id: str) -> dict[str, Any] | None:
-        """The stored item as it is (a consistent read), or None."""
+        """The stored item as it is (a consistent read), its `messages` every message recorded, or None."""
         key = item_key(ConversationKey(primary_channel, conversation_id))
         answer = await self.aws.dynamodb.get_item(
             TableName=self.settings.conversations_table, Key=key, ConsistentRead=True
         )
-        return from_item(answer["Item"]) if "Item" in answer else None
+        if "Item" not in answer:
+            return None
+        return await with_messages(self.aws.dynamodb, self.settings.messages_table, from_item(answer["Item"]))
 
     async def record_with_status(
         self, primary_channel: str, conversation_id: str, status: str, timeout_s: float
@@ -436,6 +439,7 @@ _SETTINGS_IN_ENV = (
     "replies_queue_url",
     "handoff_queue_url",
     "conversations_table",
+    "messages_table",
     "company_table",
     "secrets_prefix",
     "environment",

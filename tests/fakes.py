@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from service.adapters.aws import conversation_codec as codec
+from service.adapters.aws.reply_claims import with_fragments
 from service.domain.claims import (
     REPLYABLE_STATUSES,
     Claim,
@@ -752,6 +753,12 @@ class FakeConversationTable:
         self.write(restored)
         return True
 
+    def recent_messages(self, record: ConversationRecord, limit: int) -> tuple[Message, ...]:
+        """The newest `limit` of the messages `record` counts, as stored now (with their delivery states)."""
+        stored = self.records.get(record.key, record)
+        recorded = stored.messages[: record.recorded_messages]
+        return recorded[max(0, len(recorded) - limit) :]
+
     # ---- delivery states --------------------------------------------------------------------------
 
     def set_status(self, key: ConversationKey, index: int, sid: str, new: DeliveryStatus) -> bool:
@@ -1046,9 +1053,12 @@ class FakeReplyClaims(FakePort):
         answered_sids: Sequence[str],
         thread_id: str,
         processing_time_ms: int,
+        *,
+        claimed: ConversationRecord,
     ) -> ConversationRecord | None:
         """reply_sent; or, when an opt-out or hand-off replaced processing_reply while sending, that status kept
-        (the adapter's "stopped" variant); None when `owner` no longer holds the claim."""
+        (the adapter's "stopped" variant); None when `owner` no longer holds the claim. The messages go after the
+        ones `claimed` (the record as claimed) counts, as the adapter's items do."""
         record = self.table.get(key)
         if record is None or record.reply_claim.owner != owner:
             return None
@@ -1061,14 +1071,17 @@ class FakeReplyClaims(FakePort):
         self.table.note(key)["processing_time_ms"] = processing_time_ms
         finished = replace(
             self._unclaimed(record, status),
-            messages=(*record.messages, *messages),
+            messages=(*record.messages[: claimed.recorded_messages], *with_fragments(messages, answered_sids)),
             thread_id=thread_id,
-            replied_sids=record.replied_sids | frozenset(answered_sids),
             reply_attempt=None,
         )
         self.table.write(finished)
         self.table.apply_held(key, [m.message_id for m in messages if m.message_id])
         return self.table[key]
+
+    @port_call
+    async def recent_messages(self, record: ConversationRecord, limit: int) -> tuple[Message, ...]:
+        return self.table.recent_messages(record, limit)
 
 
 class FakeConversationLookup(FakePort):
@@ -1129,6 +1142,16 @@ class FakeConversationLookup(FakePort):
         if record is not None:
             self.table.note(key)["hand_off_reason"] = reason
             self.table.write(replace(record, status=ConversationStatus.HANDED_OFF))
+
+    @port_call
+    async def recent_messages(self, record: ConversationRecord, limit: int) -> tuple[Message, ...]:
+        return self.table.recent_messages(record, limit)
+
+    @port_call
+    async def find_message(self, record: ConversationRecord, message_sid: str) -> tuple[int, Message] | None:
+        stored = self.table.get(record.key)
+        index = None if stored is None else stored.message_index(message_sid)
+        return None if stored is None or index is None else (index, stored.messages[index])
 
     @port_call
     async def set_delivery_status(

@@ -42,6 +42,7 @@ from service.domain.conversation import ConversationKey
 from service.domain.conversation import conversation_id as make_conversation_id
 from service.domain.timefmt import utc_iso
 from tests.conftest import initiate_body
+from tests.stored_messages import with_messages
 from tests.support import add_tenant
 
 T = TypeVar("T")
@@ -349,11 +350,13 @@ class RepliesWorld:
     # ---- reading what happened ------------------------------------------------------------------------------------
 
     async def conversation(self, key: ConversationKey) -> dict[str, Any]:
-        """The stored record ({} while there is none yet)."""
+        """The stored record, its `messages` every message recorded ({} while there is none yet)."""
         answer = await self.deps.aws.dynamodb.get_item(
             TableName=self.settings.conversations_table, Key=item_key(key), ConsistentRead=True
         )
-        return from_item(answer["Item"]) if "Item" in answer else {}
+        if "Item" not in answer:
+            return {}
+        return await with_messages(self.deps.aws.dynamodb, self.settings.messages_table, from_item(answer["Item"]))
 
     async def update_conversation(self, key: ConversationKey, **values: Any) -> None:
         names = {f"#a{i}": name for i, name in enumerate(values)}

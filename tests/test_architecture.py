@@ -128,7 +128,7 @@ def _importing(paths: list[Path], package: str) -> list[str]:
 
 
 def test_the_index_names_are_read_from_the_resource_specs():
-    assert {"company-id-project-id-index", "gsi_company_whatsapp_number", "gsi_recipient_email"} <= _index_names()
+    assert {"company-shard-project-id-index", "gsi_company_shard", "gsi_recipient_email"} <= _index_names()
 
 
 def test_only_the_dynamodb_adapter_names_stored_attributes_and_indexes():

@@ -426,10 +426,14 @@ def test_table_attribute_definitions_are_exactly_the_key_attributes() -> None:
         assert defined == dict.fromkeys(spec.key_attributes, "S"), spec.name
 
 
-def test_every_index_projects_all_attributes() -> None:
-    for name, table in template_tables().items():
-        for index in table.get("GlobalSecondaryIndexes", []):
-            assert index["Projection"] == {"ProjectionType": "ALL"}, f"{name}/{index['IndexName']}"
+def test_every_index_projects_what_the_service_defines_and_none_projects_all() -> None:
+    tables = template_tables()
+    for spec in table_specs(Settings()):
+        declared = {
+            index["IndexName"]: index["Projection"] for index in tables[spec.name].get("GlobalSecondaryIndexes", [])
+        }
+        assert declared == {index.name: index.projection for index in spec.indexes}, spec.name
+        assert all(projection["ProjectionType"] != "ALL" for projection in declared.values()), spec.name
 
 
 def test_tables_are_on_demand_with_point_in_time_recovery() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from service.adapters.aws.conversation_claims import DynamoConversationClaims
+from service.adapters.aws.conversation_codec import record_from_item
 from service.adapters.aws.conversation_lookup import DynamoConversationLookup
 from service.adapters.aws.early_delivery import PENDING_ATTRIBUTE, PENDING_CAP
 from service.adapters.aws.reply_claims import DynamoReplyClaims
@@ -35,15 +36,21 @@ async def world(settings, deps, tenant) -> AsyncIterator[RepliesWorld]:
 
 
 def template_claims(world: RepliesWorld) -> DynamoConversationClaims:
-    return DynamoConversationClaims(world.deps.aws.dynamodb, world.settings.conversations_table)
+    return DynamoConversationClaims(
+        world.deps.aws.dynamodb, world.settings.conversations_table, messages_table=world.settings.messages_table
+    )
 
 
 def reply_claims(world: RepliesWorld) -> DynamoReplyClaims:
-    return DynamoReplyClaims(world.deps.aws.dynamodb, world.settings.conversations_table)
+    return DynamoReplyClaims(
+        world.deps.aws.dynamodb, world.settings.conversations_table, messages_table=world.settings.messages_table
+    )
 
 
 def lookup(world: RepliesWorld) -> DynamoConversationLookup:
-    return DynamoConversationLookup(world.deps.aws.dynamodb, world.settings.conversations_table)
+    return DynamoConversationLookup(
+        world.deps.aws.dynamodb, world.settings.conversations_table, messages_table=world.settings.messages_table
+    )
 
 
 def assistant(sid: str, delivery_status: str | None = None) -> Message:
@@ -88,7 +95,8 @@ async def sending_reply(world: RepliesWorld) -> tuple[str, ConversationKey]:
 async def finalise_reply(world: RepliesWorld, key: ConversationKey, reply: Message) -> ConversationRecord | None:
     user_sid = new_sid()
     user = Message(user_sid, "user", "Hello?", utc_iso(time.time()))
-    return await reply_claims(world).finalise(key, OWNER, [user, reply], [user_sid], "resp_test", 5)
+    claimed = record_from_item(await world.conversation(key))
+    return await reply_claims(world).finalise(key, OWNER, [user, reply], [user_sid], "resp_test", 5, claimed=claimed)
 
 
 async def message_named(world: RepliesWorld, key: ConversationKey, sid: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from service.adapters.aws.conversation_codec import company_shard
 from service.adapters.aws.dynamo_codec import to_item
 from service.config import Settings
 from tests.operator_support import Cli, unique
@@ -21,10 +22,12 @@ def cli(settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pyt
 def conversation(company: str, channel: str, status: str, created_at: str, **changes) -> dict:
     recipient = "lee@example.com" if channel == "email" else f"+4477009{uuid.uuid4().int % 100000:05d}"
     component = "hello@ops.example" if channel == "email" else "447700900111"
+    conversation_id = f"{company}#{PROJECT}#{uuid.uuid4()}#{component}"
     record = {
         "primary_channel": recipient,
-        "conversation_id": f"{company}#{PROJECT}#{uuid.uuid4()}#{component}",
+        "conversation_id": conversation_id,
         "company_id": company,
+        "gsi_company_shard": company_shard(company, conversation_id, Settings().conversation_index_shards),
         "project_id": PROJECT,
         "channel_method": channel,
         "conversation_status": status,

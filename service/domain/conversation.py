@@ -8,7 +8,7 @@ Everything else reads and writes these types (tests/test_architecture.py holds e
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -90,6 +90,32 @@ class Message:
     timestamp: str
     usage: TokenUsage | None = None
     delivery_status: str | None = None
+    fragment_sids: tuple[str, ...] = ()  # a user message: the staged fragments it joined (answered by the next)
+
+
+def answered_fragments(record: ConversationRecord, messages: Iterable[Message]) -> frozenset[str]:
+    """The fragments known answered: those `messages` (the conversation's newest) joined, and those an older record
+    lists itself (`replied_sids`, no longer written: it grew with every reply)."""
+    return record.replied_sids | frozenset(sid for message in messages for sid in message.fragment_sids)
+
+
+def message_view(message: Message) -> dict[str, Any]:
+    """A message as JSON for people (a hand-off, an operator): token counts flat, unknown parts left out."""
+    view: dict[str, Any] = {
+        "message_id": message.message_id,
+        "timestamp": message.timestamp,
+        "role": message.role,
+        "content": message.content,
+    }
+    if message.usage is not None:
+        view.update(
+            prompt_tokens=message.usage.prompt_tokens,
+            completion_tokens=message.usage.completion_tokens,
+            total_tokens=message.usage.total_tokens,
+        )
+    if message.delivery_status is not None:
+        view["delivery_status"] = message.delivery_status
+    return view
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +179,7 @@ class AiProfile:
     model: str = "gpt-4.1-mini"
     reply_instructions: str = ""
     background: bool = False
+    requests_per_second: float | None = None  # the project's pace for this key (None: the default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,12 +200,16 @@ class ConversationRecord:
     thread_id: str | None = None
     is_open: bool = True  # task_complete = 0
     hand_off_to_human: bool = False
+    # The messages read with the record: none from the conversations table today (each message is its own item,
+    # read through the stores' `recent_messages`), only those a record written before that embedded. A reader that
+    # needs the messages asks the store; `message_count` says how many are recorded (the next one's position).
     messages: tuple[Message, ...] = ()
+    message_count: int = 0
     claim: Lease = field(default_factory=Lease)  # the template sender's
     ledger: SendLedger = field(default_factory=SendLedger)
     reply_claim: Lease = field(default_factory=Lease)
     reply_attempt: ReplyAttempt | None = None
-    replied_sids: frozenset[str] = frozenset()
+    replied_sids: frozenset[str] = frozenset()  # older records only (`answered_fragments`)
     failure: Failure | None = None
     early_delivery_sids: frozenset[str] = frozenset()  # status callbacks kept until their message is recorded
     shared_fields: Mapping[str, Any] = field(default_factory=dict)
@@ -191,6 +222,11 @@ class ConversationRecord:
     def awaits_final_update(self) -> bool:
         """A send may have gone out that the record does not show yet."""
         return self.ledger.state is SendState.ATTEMPTING or self.reply_attempt is not None
+
+    @property
+    def recorded_messages(self) -> int:
+        """How many messages the conversation has recorded: the position its next message takes."""
+        return max(self.message_count, len(self.messages))
 
     def message_index(self, message_id: str) -> int | None:
         for index, message in enumerate(self.messages):

@@ -1,7 +1,8 @@
 """What the Twilio webhooks do (SPEC §7): authenticate against the tenant's token, apply the rules,
 handle opt-out keywords, hand off, or stage the fragment and trigger one delayed reply per window.
-Status callbacks move a sent message's delivery state forward; one that comes before the final update
-that records its message is kept and applied by that update (`delivery_state.conversations_to_hold`).
+Status callbacks move a sent message's delivery state forward (the message found by its SID among the pair's
+conversations' messages, newest first); one that comes before the final update that records its message is kept
+and applied by that update (`delivery_state.conversations_to_hold`).
 
 Nothing about who talks to whom is revealed before the signature is verified: the tenant, and so the auth
 token, follows from the business number alone (`To` of a message, `From` of a status callback); only a
@@ -19,9 +20,10 @@ and turns the `IntakeResult` into a status code. AWS failures escape as `Depende
 was answered 503 never double-triggers (`reply_trigger.QueuedMark`: a request answered 200, which Twilio does not
 retry, skips that mark's write).
 
-AWS requests of an ordinary fragment: the pair's Query, the stage PutItem, the lock PutItem, and for the first of a
-window the trigger's SendMessage (company and secrets come from caches; the suppression list is read only where it
-changes what happens here, `inbound.needs_suppression_list`).
+AWS requests of an ordinary fragment: the pair's Query and the record's GetItem (the index holds only what never
+changes), the stage PutItem, the lock PutItem, and for the first of a window the trigger's SendMessage (company
+and secrets come from caches; the suppression list is read only where it changes what happens here,
+`inbound.needs_suppression_list`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import orjson
 import structlog
 
 from service.domain.company import CompanyRecord, tenant_group
-from service.domain.conversation import ConversationKey, ConversationRecord
+from service.domain.conversation import ConversationKey, ConversationRecord, Message, message_view
 from service.domain.delivery_state import DeliveryStatus, conversations_to_hold, is_forward, parse_delivery_status
 from service.domain.errors import DependencyUnavailable
 from service.domain.inbound import (
@@ -176,8 +178,9 @@ class InboundIntake:
     ) -> None:
         queue_url = self._required(self._config.handoff_queue_url, "COMMS_HANDOFF_QUEUE_URL")
         shared = conversation.shared_fields  # the stored form: what a human is shown
+        recent = await self._ports.conversations.recent_messages(conversation, HANDOFF_MESSAGES_KEPT)
         context = {
-            "conversation": {**shared, "messages": list(shared.get("messages") or [])[-HANDOFF_MESSAGES_KEPT:]},
+            "conversation": {**shared, "messages": [message_view(message) for message in recent]},
             "inbound": message.model_dump(mode="json"),
             "company": {"company_id": company.company_id, "project_id": company.project_id},
             "hand_off_reason": reason,
@@ -227,13 +230,13 @@ class InboundIntake:
         conversations = await self._ports.conversations.conversations_between(
             channel, company_address, bare_address(raw_to)
         )
-        found = self._message_named(conversations, sid)
+        found = await self._message_named(conversations, sid)
         if found is None:
             return await self._hold(conversations, sid, status, request, verified)
-        conversation, index = found
+        conversation, index, message = found
         if not await self._belongs(conversation, request, verified):
             return IntakeResult.STATUS_UNKNOWN
-        if not is_forward(parse_delivery_status(conversation.messages[index].delivery_status or ""), status):
+        if not is_forward(parse_delivery_status(message.delivery_status or ""), status):
             return IntakeResult.STATUS_STALE
         applied = await self._ports.conversations.set_delivery_status(conversation.key, index, sid, status)
         return IntakeResult.STATUS_APPLIED if applied else IntakeResult.STATUS_STALE
@@ -258,12 +261,14 @@ class InboundIntake:
         log.info("status_before_its_message", message_sid=sid, status=status.value, held=held)
         return IntakeResult.STATUS_HELD if held else IntakeResult.STATUS_STALE
 
-    @staticmethod
-    def _message_named(conversations: Sequence[ConversationRecord], sid: str) -> tuple[ConversationRecord, int] | None:
+    async def _message_named(
+        self, conversations: Sequence[ConversationRecord], sid: str
+    ) -> tuple[ConversationRecord, int, Message] | None:
+        """The conversation (newest first) that recorded the message, its position and the message as stored."""
         for conversation in sorted(conversations, key=lambda c: c.created_at, reverse=True):
-            index = conversation.message_index(sid)
-            if index is not None:
-                return conversation, index
+            found = await self._ports.conversations.find_message(conversation, sid)
+            if found is not None:
+                return conversation, *found
         return None
 
     # ---- authentication ------------------------------------------------------------------------

@@ -201,11 +201,18 @@ class ReplyClaims(ClaimedWorkStore[ReplyAttempt], Protocol):
         answered_sids: Sequence[str],
         thread_id: str,
         processing_time_ms: int,
+        *,
+        claimed: ConversationRecord,
     ) -> ConversationRecord | None:
-        """reply_sent, the messages appended, the fragments marked answered, `thread_id` (the AI continuation the
-        next reply chains from) stored, the claim dropped: one write.
+        """reply_sent, the messages appended (at `claimed.recorded_messages` on: `claimed` is the record as the
+        claim read it), the fragments marked answered, `thread_id` (the AI continuation the next reply chains from)
+        stored, the claim dropped. Retried (or redone by a takeover) it records each message once.
         An opt-out or hand-off that landed while sending keeps its status (the reply is still recorded).
         None when `owner` no longer holds the claim (a takeover reconciles and finalises)."""
+        ...
+
+    async def recent_messages(self, record: ConversationRecord, limit: int) -> tuple[Message, ...]:
+        """The newest `limit` messages `record` has recorded, oldest first."""
         ...
 
 
@@ -236,10 +243,20 @@ class ConversationLookup(Protocol):
 
     async def mark_handed_off(self, key: ConversationKey, reason: str) -> None: ...
 
+    async def recent_messages(self, record: ConversationRecord, limit: int) -> tuple[Message, ...]:
+        """The newest `limit` messages `record` has recorded, oldest first."""
+        ...
+
+    async def find_message(self, record: ConversationRecord, message_sid: str) -> tuple[int, Message] | None:
+        """The message of this conversation with this provider id and its position (read consistently, newest
+        first: a status callback is about a recent message), or None."""
+        ...
+
     async def set_delivery_status(
         self, key: ConversationKey, index: int, message_sid: str, new: DeliveryStatus
     ) -> bool:
-        """Forward-only (`delivery_state.may_follow`): False when the stored state is already later."""
+        """Message `index` (its position, `find_message`), forward-only (`delivery_state.may_follow`): False when
+        the stored state is already later."""
         ...
 
     async def hold_delivery_status(self, key: ConversationKey, message_sid: str, new: DeliveryStatus) -> bool:

@@ -226,8 +226,18 @@ class Context:
 
     @property
     def conversations(self) -> ConversationAdmin:
-        return ConversationAdmin(self.aws.dynamodb, self.settings.conversations_table)
+        return ConversationAdmin(
+            self.aws.dynamodb,
+            self.settings.conversations_table,
+            self.settings.messages_table,
+            index_shards=self.settings.conversation_index_shards,
+        )
 
     @property
     def conversation_claims(self) -> DynamoConversationClaims:
-        return DynamoConversationClaims(self.aws.dynamodb, self.settings.conversations_table)
+        return DynamoConversationClaims(
+            self.aws.dynamodb,
+            self.settings.conversations_table,
+            messages_table=self.settings.messages_table,
+            index_shards=self.settings.conversation_index_shards,
+        )

@@ -5,6 +5,7 @@ conditional writes exactly as the stores have always sent them. No AWS: the stor
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Any
 
 import orjson
@@ -164,6 +165,7 @@ def test_the_initial_record_of_a_parsed_demo_job_is_exactly_what_the_template_se
             "api_key_reference": "comms/openai-api-key/sms-dev",
             "model": "gpt-4.1-mini",
             "mode": "foreground",
+            "requests_per_second": 100,  # the demo key's own AI pace (local_stack.seed)
             "template_sender": {"instructions": AI_INSTRUCTIONS, "variables": ["1", "2"]},
             "replies": {"instructions": REPLY_INSTRUCTIONS},
         },
@@ -182,6 +184,7 @@ def test_the_initial_record_of_a_parsed_demo_job_is_exactly_what_the_template_se
         "created_at": "2026-01-01T00:00:00.000Z",
         "gsi_company_sms_number": "+447700900002",
         "gsi_recipient_tel": "+447700900123",
+        "gsi_company_shard": codec.company_shard("ci-demo-001", new.key.conversation_id, 8),
     }
 
 
@@ -201,7 +204,17 @@ def test_the_initial_record_carries_the_index_attributes_of_its_channel_only(
     assert {name: value for name, value in fields.items() if name.startswith("gsi_")} == {
         sender_attribute: sender,
         recipient_attribute: recipient,
+        "gsi_company_shard": fields["gsi_company_shard"],  # every channel's: the per-company index
     }
+
+
+def test_a_conversation_s_company_shard_is_stable_and_spreads_a_company_over_every_shard():
+    ids = [f"ci-demo-001#pi-demo-001#{n:08d}#447700900002" for n in range(400)]
+
+    shards = {codec.company_shard("ci-demo-001", conversation_id, 8) for conversation_id in ids}
+
+    assert shards == {f"ci-demo-001#{n}" for n in range(8)}
+    assert codec.company_shard("ci-demo-001", ids[0], 8) == "ci-demo-001#" + str(zlib.crc32(ids[0].encode()) % 8)
 
 
 def test_the_initial_record_leaves_out_what_has_no_value():
@@ -300,10 +313,11 @@ async def test_a_recorded_attempt_reads_back_attempting_with_what_it_wrote():
     assert record.ledger.attempted_at == 1700000000.25 and record.thread_id == "conv_1"
 
 
-async def test_a_finalised_template_reads_back_sent_with_its_message():
+async def test_a_finalised_template_reads_back_sent_with_its_message_counted_and_stored_as_an_item_first():
     message = Message("SM1", "assistant", '{"1":"Lee"}', "2026-01-01T00:00:01.000Z", TokenUsage(3, 4, 7))
     dynamodb = RecordingDynamoDB()
     await template_claims(dynamodb).finalise(KEY, message, "conv_1", 42)
+    (put, item_written), (update, _) = dynamodb.requests
     values = dynamodb.values()
     item = {
         **codec.item_fields(KEY),
@@ -311,15 +325,18 @@ async def test_a_finalised_template_reads_back_sent_with_its_message():
         "send_state": values[":sent"],
         "provider_message_id": values[":sid"],
         "thread_id": values[":thread"],
-        "messages": values[":message"],
+        "message_count": values[":one"],
         "task_complete": 0,
     }
 
     record = codec.record_from_item(stored(item))
 
+    assert (put, update) == ("PutItem", "UpdateItem")
+    assert codec.message_from_element(from_item(item_written["Item"])) == message
+    assert from_item(item_written["Item"])["position"] == "0000000000"  # the template message is the first
     assert record.status is ConversationStatus.INITIAL_MESSAGE_SENT and record.is_open
     assert record.ledger.state is SendState.SENT and record.ledger.provider_message_id == "SM1"
-    assert record.messages == (message,) and not record.awaits_final_update
+    assert record.recorded_messages == 1 and record.messages == () and not record.awaits_final_update
 
 
 def test_an_unknown_send_state_reads_as_not_sent():
@@ -427,7 +444,7 @@ def test_a_reopened_record_reads_back_with_its_redrive_bookkeeping():
     assert record.claim == Lease("worker-1", 0.0)
 
 
-def test_shared_fields_are_the_record_without_configuration_and_kept_callbacks():
+def test_shared_fields_are_the_record_without_configuration_kept_callbacks_and_index_shard():
     item = stored(
         {
             **codec.created_item(new_sms(), "worker-1", 1.0, "s"),
@@ -439,7 +456,7 @@ def test_shared_fields_are_the_record_without_configuration_and_kept_callbacks()
 
     assert record.early_delivery_sids == frozenset({"SM9"})
     assert dict(record.shared_fields) == {
-        k: v for k, v in item.items() if k not in ("ai_config", "channel_config", "early_delivery")
+        k: v for k, v in item.items() if k not in ("ai_config", "channel_config", "early_delivery", "gsi_company_shard")
     }
     assert record.shared_fields["conversation_id"] == KEY.conversation_id
 
@@ -489,18 +506,23 @@ async def test_a_takeover_is_sent_only_where_its_condition_lets_it_through(exist
 
 async def test_the_reply_final_update_has_a_stopped_variant_that_keeps_the_status():
     messages = [Message("SM1", "user", "hi", "t")]
-    dynamodb = RecordingDynamoDB(refuse=1)  # the claim is no longer processing_reply: the stopped variant follows
+    claimed = codec.record_from_item({**codec.item_fields(KEY), "message_count": 3})
+    # The message is stored already (a retry: its put is refused), and the claim is no longer processing_reply:
+    # the stopped variant follows.
+    dynamodb = RecordingDynamoDB(refuse=2)
 
-    await reply_claims(dynamodb).finalise(KEY, "r-1", messages, ["SM1"], "resp_2", 5)
+    await reply_claims(dynamodb).finalise(KEY, "r-1", messages, ["SM1"], "resp_2", 5, claimed=claimed)
 
-    normal, stopped = dynamodb.sent(0), dynamodb.sent(1)
+    assert [operation for operation, _ in dynamodb.requests] == ["PutItem", "UpdateItem", "UpdateItem"]
+    normal, stopped = dynamodb.sent(1), dynamodb.sent(2)
     assert normal["ConditionExpression"] == "reply_owner = :owner AND #status = :replying"
     assert stopped["ConditionExpression"] == "reply_owner = :owner AND #status IN (:opted_out, :handed_off)"
-    assert normal["UpdateExpression"].startswith("SET #status = :replied, #messages = list_append(")
-    assert stopped["UpdateExpression"].startswith("SET #messages = list_append(")
-    assert stopped["UpdateExpression"].endswith("ADD replied_message_sids :sids")
-    assert dynamodb.values(0)[":sids"] == ["SM1"] == dynamodb.values(1)[":sids"]
-    assert dynamodb.values(0)[":thread"] == "resp_2" == dynamodb.values(1)[":thread"]  # the next reply chains on
+    assert normal["UpdateExpression"].startswith("SET #status = :replied_status, #count = :count, thread_id = ")
+    assert stopped["UpdateExpression"].startswith("SET #count = :count, thread_id = :thread")
+    assert "replied_message_sids" not in normal["UpdateExpression"]  # the fragments are on the user message item
+    assert from_item(dynamodb.sent(0)["Item"])["fragment_sids"] == ["SM1"]
+    assert dynamodb.values(1)[":count"] == 4 == dynamodb.values(2)[":count"]  # after the 3 the claim read
+    assert dynamodb.values(1)[":thread"] == "resp_2" == dynamodb.values(2)[":thread"]  # the next reply chains on
 
 
 async def test_an_exhausted_reply_failure_goes_back_to_the_status_before_the_claim_with_the_failure_noted():

@@ -13,6 +13,7 @@ from service.domain.conversation import (
     ReplyAttempt,
     TemplateDraft,
     TokenUsage,
+    answered_fragments,
 )
 from service.domain.delivery_state import DeliveryStatus
 from service.domain.errors import DependencyUnavailable
@@ -125,7 +126,10 @@ async def test_a_reply_claim_by_someone_else_is_held_and_their_writes_refused(wo
     assert refused.record.reply_claim.owner == "r-1"
     attempt = ReplyAttempt(("SMin1",), "hi", "2026-01-01T00:00:00.000Z", "Hello", TokenUsage(), "conv_1", now)
     assert not await world.reply_claims.record_attempt(record.key, "r-2", attempt)
-    assert await world.reply_claims.finalise(record.key, "r-2", [message("SMout")], ["SMin1"], "resp_2", 5) is None
+    finalised = await world.reply_claims.finalise(
+        record.key, "r-2", [message("SMout")], ["SMin1"], "resp_2", 5, claimed=record
+    )
+    assert finalised is None
     assert await world.reply_claims.finish_unanswered(record.key, "r-1")
     assert world.table[record.key].status is ConversationStatus.REPLY_SENT
 
@@ -136,11 +140,13 @@ async def test_a_reply_sent_while_the_recipient_opted_out_is_recorded_and_the_op
     await world.reply_claims.claim(record.key, "r-1", now + LEASE_S, now)
     await world.lookup.mark_opted_out(record.key)
 
-    finalised = await world.reply_claims.finalise(record.key, "r-1", [message("SMout")], ["SMin1"], "resp_2", 5)
+    finalised = await world.reply_claims.finalise(
+        record.key, "r-1", [message("SMout")], ["SMin1"], "resp_2", 5, claimed=record
+    )
 
     assert finalised is not None
     assert finalised.status is ConversationStatus.OPTED_OUT
-    assert finalised.replied_sids == {"SMin1"}
+    assert answered_fragments(finalised, finalised.messages) == {"SMin1"}
     assert finalised.messages[-1].message_id == "SMout"
     assert finalised.thread_id == "resp_2"
     assert finalised.reply_claim == Lease()

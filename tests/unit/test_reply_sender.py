@@ -22,6 +22,7 @@ from service.domain.conversation import (
     Message,
     ReplyAttempt,
     TokenUsage,
+    answered_fragments,
 )
 from service.domain.conversation import Lease as RecordLease
 from service.domain.inbound import Fragment
@@ -160,11 +161,11 @@ async def test_fragments_staged_in_order_are_answered_with_one_reply_in_received
     record = rig.record
     assert record.thread_id == "resp_fake_1"  # the next reply chains from this one
     assert record.messages[-2:] == (
-        Message("SMb", "user", "Hello\nIs Saturday still fine?", first.received_at),
+        Message("SMb", "user", "Hello\nIs Saturday still fine?", first.received_at, fragment_sids=("SMb", "SMa")),
         Message(sent.provider_message_id, "assistant", REPLY, rig.world.clock.stamp(), USAGE, "queued"),
     )
     assert record.status is ConversationStatus.REPLY_SENT
-    assert record.replied_sids == {"SMa", "SMb"}
+    assert answered_fragments(record, record.messages) == {"SMa", "SMb"}
     assert (record.reply_attempt, record.reply_claim) == (None, RecordLease())
     assert rig.staged_sids == []
     assert rig.cid not in rig.world.stage.locks
@@ -214,6 +215,19 @@ async def test_nothing_staged_is_acknowledged_and_the_status_restored() -> None:
 async def test_fragments_answered_already_but_left_staged_are_deleted_not_answered_again(rig: Rig) -> None:
     await rig.inbound("SMin1", "Hello")
     rig.world.table.put(replace(rig.record, replied_sids=frozenset({"SMin1"})))  # a tidy-up that failed after it
+
+    assert await rig.trigger() == Outcome.done("nothing_to_answer")
+
+    assert_untouched(rig)
+    assert rig.staged_sids == []
+
+
+async def test_fragments_a_recorded_user_message_answered_but_left_staged_are_deleted_not_answered_again(
+    rig: Rig,
+) -> None:
+    await rig.inbound("SMin1", "Hello")
+    answered = Message("SMin1", "user", "Hello", rig.world.clock.stamp(), fragment_sids=("SMin1",))
+    rig.world.table.put(replace(rig.record, messages=(*rig.record.messages, answered)))  # its tidy-up failed
 
     assert await rig.trigger() == Outcome.done("nothing_to_answer")
 
@@ -297,7 +311,7 @@ async def test_a_reply_claim_whose_lease_ends_exactly_now_is_taken_over(rig: Rig
     assert await rig.trigger() == Outcome.done("reply_sent")
 
     assert len(rig.sent) == 1
-    assert rig.record.replied_sids == {"SMin1"}
+    assert answered_fragments(rig.record, rig.record.messages) == {"SMin1"}
 
 
 class AdapterLikeBoundaryReplyClaims(FakeReplyClaims):
@@ -346,7 +360,7 @@ async def test_a_pending_reply_the_provider_shows_sent_is_finalised_without_a_ne
     assert (record.messages[-1].message_id, record.messages[-1].delivery_status) == (sent.provider_message_id, "sent")
     assert record.messages[-2].message_id == "SMin1"
     assert record.thread_id == "resp_crashed"  # the recorded attempt's continuation
-    assert (record.status, record.replied_sids, record.reply_attempt) == (
+    assert (record.status, answered_fragments(record, record.messages), record.reply_attempt) == (
         ConversationStatus.REPLY_SENT,
         frozenset({"SMin1"}),
         None,
@@ -361,7 +375,7 @@ async def test_a_pending_reply_the_provider_has_no_record_of_is_sent_once(rig: R
 
     assert rig.world.ai.requests == []  # the recorded text is sent, not written again
     assert [r.message.body for r in rig.sent] == [REPLY]
-    assert rig.record.replied_sids == {"SMin1"}
+    assert answered_fragments(rig.record, rig.record.messages) == {"SMin1"}
 
 
 async def test_a_pending_reply_that_went_out_before_an_opt_out_is_still_recorded(rig: Rig) -> None:
@@ -373,7 +387,7 @@ async def test_a_pending_reply_that_went_out_before_an_opt_out_is_still_recorded
     await rig.trigger()
 
     assert len(rig.world.sender("whatsapp").attempts) == 1  # nothing is sent again
-    assert rig.record.replied_sids == {"SMin1"}
+    assert answered_fragments(rig.record, rig.record.messages) == {"SMin1"}
     assert rig.record.messages[-1].message_id == rig.sent[0].provider_message_id
     assert rig.record.reply_attempt is None
 
@@ -405,7 +419,7 @@ async def test_a_fragment_arriving_during_the_reply_gets_its_own_trigger_after_t
     assert retrigger.delay_s == WINDOW_S
     assert orjson.loads(retrigger.body) == {"conversation_id": rig.cid, "primary_channel": rig.key.primary_channel}
     assert rig.staged_sids == ["SMlate"]
-    assert rig.record.replied_sids == {"SMin1"}
+    assert answered_fragments(rig.record, rig.record.messages) == {"SMin1"}
     lock = rig.world.stage.locks[rig.cid]
     assert (lock.lease.owner, lock.trigger_queued) == ("retrigger:SMlate", True)
     assert [r.message.body for r in rig.sent] == [REPLY]
@@ -419,7 +433,7 @@ async def test_an_opt_out_landing_while_sending_keeps_opted_out_and_records_the_
 
     record = rig.record
     assert record.status is ConversationStatus.OPTED_OUT
-    assert record.replied_sids == {"SMin1"}
+    assert answered_fragments(record, record.messages) == {"SMin1"}
     assert record.messages[-1].message_id == rig.sent[0].provider_message_id
     assert record.reply_claim == RecordLease()
 
@@ -452,7 +466,7 @@ async def test_a_reply_kept_by_exhausted_retries_is_reconciled_by_the_next_trigg
     assert await rig.trigger() == Outcome.done("reply_sent")
 
     assert len(rig.world.sender("whatsapp").attempts) == 1
-    assert rig.record.replied_sids == {"SMin1"}
+    assert answered_fragments(rig.record, rig.record.messages) == {"SMin1"}
     assert rig.staged_sids == ["SMin2"]  # answered next, by the look-again trigger
     assert len(rig.world.publisher.on(REPLIES_URL)) == 1
 

@@ -1,28 +1,31 @@
 """The operator's read side of the conversations table (`comms conversation show|list`).
 
 The table's partition key `primary_channel` is the recipient's number (or email), which a conversation id does
-not contain: `find` looks the id up through `company-id-project-id-index` (company and project are the id's
-first two parts), then reads the record with a consistent GetItem. `list_project` queries the same index, for a
-projection (`LISTED`), not whole records: messages and context can be large. Records come out as
-`conversation_codec` reads them; `summary` picks what `show` prints first.
+not contain: `find` looks the id up through the per-company index (company and project are the id's first two
+parts; the index is sharded by a hash of the id, `resources.CONVERSATION_INDEXES`), then reads the record with a
+consistent GetItem. `list_project` queries every shard of the same index (KEYS_ONLY) and reads a projection of
+each record (`LISTED`), not whole records: context can be large. Records come out as `conversation_codec` reads
+them; `summary` picks what `show` prints first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from service.adapters.aws import conversation_codec as codec
+from service.adapters.aws.batch_reads import get_items
 from service.adapters.aws.dynamo_calls import get_item, query_items
 from service.adapters.aws.dynamo_codec import attribute_values
-from service.adapters.aws.resources import CONVERSATION_INDEXES
+from service.adapters.aws.message_items import DEFAULT_MESSAGES_TABLE, MessageItems
+from service.adapters.aws.resources import COMPANY_SHARD, CONVERSATION_INDEXES
 from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
 
-PROJECT_INDEX = next(index for index in CONVERSATION_INDEXES if index.partition_key == "company_id")
+PROJECT_INDEX = next(index for index in CONVERSATION_INDEXES if index.partition_key == COMPANY_SHARD)
 LISTED = (
     "conversation_id",
     "primary_channel",
@@ -69,51 +72,74 @@ def summary(record: ConversationRecord) -> dict[str, Any]:
 
 
 class ConversationAdmin:
-    def __init__(self, dynamodb: DynamoDBClient, table: str) -> None:
+    def __init__(
+        self,
+        dynamodb: DynamoDBClient,
+        table: str,
+        messages_table: str = DEFAULT_MESSAGES_TABLE,
+        index_shards: int = codec.DEFAULT_INDEX_SHARDS,
+    ) -> None:
         self._dynamodb = dynamodb
         self._table = table
+        self._messages = MessageItems(dynamodb, messages_table)
+        self._shards = index_shards  # settings.conversation_index_shards: only ever raised, so 0..N-1 covers all
 
     async def get(self, key: ConversationKey) -> ConversationRecord | None:
-        """The record, read consistently, or None; an operator is shown every stored attribute (`shared_fields`
-        here includes the configuration and the kept status callbacks a hand-off leaves out)."""
+        """The record, read consistently, with all its messages (embedded ones first, then the items), or None; an
+        operator is shown every stored attribute (`shared_fields` here includes the configuration and the kept
+        status callbacks a hand-off leaves out, and `messages` the whole conversation)."""
         item = await get_item(self._dynamodb, TableName=self._table, Key=codec.item_key(key), ConsistentRead=True)
-        return None if item is None else replace(codec.record_from_item(item), shared_fields=item)
+        if item is None:
+            return None
+        elements = await self._messages.stored(item)
+        record = codec.record_from_item({**item, codec.MESSAGES: elements})  # all of them, as if embedded
+        return replace(record, shared_fields={**item, codec.MESSAGES: elements})
 
     async def find(self, company_id: str, project_id: str, conversation_id: str) -> ConversationRecord | None:
-        """The project's conversation with this id (found through the eventually consistent index, then read
-        consistently), or None."""
-        found = await self._query(company_id, project_id, {"conversation_id": conversation_id}, first_only=True)
-        return await self.get(found[0].key) if found else None
+        """The project's conversation with this id (its key found through the eventually consistent index: the
+        shard the id hashes to first, then the others, for a conversation created before the shards were raised),
+        then read consistently; or None."""
+        likely = codec.company_shard(company_id, conversation_id, self._shards)
+        shards = [likely, *(shard for shard in self._shard_keys(company_id) if shard != likely)]
+        for shard in shards:
+            found = await self._query(shard, project_id, conversation_id)
+            if found:
+                return await self.get(codec.key_of(found[0]))
+        return None
 
     async def list_project(
         self, company_id: str, project_id: str, status: ConversationStatus | None = None, channel: str | None = None
     ) -> list[ConversationRecord]:
-        """Every conversation of the project (in `status`, on `channel`), newest first, read as the `LISTED`
-        projection: `shared_fields` holds those attributes only."""
-        filters = {codec.STATUS: status.value if status else None, "channel_method": channel}
-        records = await self._query(company_id, project_id, {k: v for k, v in filters.items() if v is not None})
-        return sorted(records, key=lambda r: (r.created_at, r.key.conversation_id), reverse=True)
+        """Every conversation of the project (in `status`, on `channel`), newest first: the keys from every shard
+        of the index (KEYS_ONLY), then the `LISTED` attributes of each record (BatchGetItem, 100 a request);
+        `shared_fields` holds those attributes only."""
+        pages = await asyncio.gather(*(self._query(shard, project_id) for shard in self._shard_keys(company_id)))
+        keys = [codec.item_key(codec.key_of(entry)) for page in pages for entry in page]
+        names = {f"#p{i}": name for i, name in enumerate(LISTED)}
+        projection = {"ProjectionExpression": ", ".join(names), "ExpressionAttributeNames": names}
+        items = await get_items(self._dynamodb, self._table, keys, consistent=False, projection=projection)
+        records = [codec.record_from_item(item) for item in items]
+        wanted = [
+            r for r in records if (status is None or r.status is status) and (channel is None or r.channel == channel)
+        ]
+        return sorted(wanted, key=lambda r: (r.created_at, r.key.conversation_id), reverse=True)
 
-    async def _query(
-        self, company_id: str, project_id: str, filters: Mapping[str, str], *, first_only: bool = False
-    ) -> list[ConversationRecord]:
-        """The projected items of one project's index partition where each filter attribute equals its value,
-        every page (`first_only`: up to the first page that has some)."""
-        names = {"#company": PROJECT_INDEX.partition_key, "#project": str(PROJECT_INDEX.sort_key)}
-        names |= {f"#p{i}": name for i, name in enumerate(LISTED)}
-        values = {":company": company_id, ":project": project_id}
-        conditions = []
-        for i, (attribute, value) in enumerate(filters.items()):
-            names[f"#f{i}"], values[f":f{i}"] = attribute, value
-            conditions.append(f"#f{i} = :f{i}")
+    def _shard_keys(self, company_id: str) -> list[str]:
+        return [f"{company_id}#{n}" for n in range(self._shards)]
+
+    async def _query(self, shard: str, project_id: str, conversation_id: str | None = None) -> list[dict[str, Any]]:
+        """The index entries (keys) of one shard of the project: every page, or (`conversation_id`) up to the
+        first page that has that conversation."""
+        names = {"#shard": PROJECT_INDEX.partition_key, "#project": str(PROJECT_INDEX.sort_key)}
+        values = {":shard": shard, ":project": project_id}
         request: dict[str, Any] = {
             "TableName": self._table,
             "IndexName": PROJECT_INDEX.name,
-            "KeyConditionExpression": "#company = :company AND #project = :project",
-            "ProjectionExpression": ", ".join(f"#p{i}" for i in range(len(LISTED))),
-            "ExpressionAttributeNames": names,
-            "ExpressionAttributeValues": attribute_values(values),
-            **({"FilterExpression": " AND ".join(conditions)} if conditions else {}),
+            "KeyConditionExpression": "#shard = :shard AND #project = :project",
         }
-        items = await query_items(self._dynamodb, request, until_found=first_only)
-        return [codec.record_from_item(item) for item in items]
+        if conversation_id is not None:
+            request["FilterExpression"] = "conversation_id = :id"
+            values[":id"] = conversation_id
+        request["ExpressionAttributeNames"] = names
+        request["ExpressionAttributeValues"] = attribute_values(values)
+        return await query_items(self._dynamodb, request, until_found=conversation_id is not None)

@@ -5,7 +5,8 @@ The claim, the send ledger and failures follow the tables of `service.domain.cla
 template send ledger, failures): each claim is one conditional write whose refusal returns the refusing
 record, judged by `claims.decide_conversation`. A first delivery is one conditional PutItem (cheap for DynamoDB
 and moto alike); only a record that already exists costs a second write, the takeover of its lapsed claim.
-Key: `primary_channel` + `conversation_id`; the stored form is `conversation_codec`'s.
+Key: `primary_channel` + `conversation_id`; the stored form is `conversation_codec`'s, the message the final
+update records an item of `message_items`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from service.adapters.aws import conversation_codec as codec
 from service.adapters.aws.dynamo_calls import applied, get_item, refusal, update_if, update_or_refusal
 from service.adapters.aws.dynamo_codec import to_item
 from service.adapters.aws.early_delivery import DeliveryStates
+from service.adapters.aws.message_items import DEFAULT_MESSAGES_TABLE, MessageItems
 from service.domain.claims import EXHAUSTIBLE_STATUSES, RETRIES_EXHAUSTED, Claim, decide_conversation, may_reopen
 from service.domain.conversation import (
     ConversationKey,
@@ -43,16 +45,25 @@ OWNED = "claim_owner = :owner AND #status = :processing"
 
 
 class DynamoConversationClaims:
-    def __init__(self, dynamodb: DynamoDBClient, table: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        dynamodb: DynamoDBClient,
+        table: str,
+        clock: Callable[[], float] = time.time,
+        messages_table: str = DEFAULT_MESSAGES_TABLE,
+        index_shards: int = codec.DEFAULT_INDEX_SHARDS,
+    ) -> None:
         self._dynamodb = dynamodb
         self._table = table
         self._clock = clock
+        self._messages = MessageItems(dynamodb, messages_table)
+        self._index_shards = index_shards  # settings.conversation_index_shards
 
     # ---- the claim -----------------------------------------------------------------------------------
 
     async def claim(self, new: NewConversation, owner: str, lease_until: float, now: float) -> ClaimAnswer:
         """Create the record (PROCESSING) or take over a lapsed claim, keeping what it already holds."""
-        created = codec.created_item(new, owner, lease_until, self._stamp())
+        created = codec.created_item(new, owner, lease_until, self._stamp(), self._index_shards)
         refused = await refusal(
             self._dynamodb.put_item(
                 TableName=self._table,
@@ -148,29 +159,31 @@ class DynamoConversationClaims:
     # ---- the final update and invalid contexts ---------------------------------------------------------
 
     async def finalise(self, key: ConversationKey, message: Message, thread_id: str, processing_time_ms: int) -> bool:
+        """The template message is the conversation's first (position 0: replies wait for initial_message_sent), its
+        item written before the conversation update that says it is recorded; a retry writes the same item."""
+        positions = await self._messages.record(key, 0, [message])
         update = (
             "SET #status = :sent_status, send_state = :sent, provider_message_id = :sid, thread_id = :thread, "
-            "#messages = list_append(if_not_exists(#messages, :empty), :message), processing_time_ms = :ms, "
-            "task_complete = :zero, claim_expires_at = :zero, updated_at = :stamp"
+            "#count = :one, processing_time_ms = :ms, task_complete = :zero, claim_expires_at = :zero, "
+            "updated_at = :stamp"
         )
         values = {
             ":sent_status": ConversationStatus.INITIAL_MESSAGE_SENT.value,
             ":sent": SendState.SENT.value,
             ":sid": message.message_id,
             ":thread": thread_id,
-            ":empty": [],
-            ":message": [codec.message_element(message)],
+            ":one": 1,
             ":ms": processing_time_ms,
             ":zero": 0,
             ":stamp": self._stamp(),
         }
-        names = {**codec.STATUS_NAME, "#messages": codec.MESSAGES}
+        names = {**codec.STATUS_NAME, "#count": codec.MESSAGE_COUNT}
         condition = "attribute_exists(conversation_id) AND send_state <> :sent"  # once: refused when already SENT
         params = codec.update_params(self._table, key, update, condition, values, names)
         finalised, item = await update_or_refusal(self._dynamodb, "UpdateItem", **params)
         # Status callbacks kept in early_delivery go onto the message: those that came before this write, or (refused:
         # already finalised, this is a retry) one it could not apply then.
-        await DeliveryStates(self._dynamodb, self._table, key).apply_pending(item, [message.message_id])
+        await DeliveryStates(self._dynamodb, self._table, key, self._messages).apply_pending(item, positions)
         return finalised
 
     async def record_invalid(self, key: ConversationKey, reason: str) -> None:

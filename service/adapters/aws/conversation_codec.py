@@ -2,17 +2,21 @@
 fields, read into `ConversationRecord`s and written from domain values.
 
 Each conditional write is made by the one store that sends it (`conversation_claims`, `reply_claims`,
-`conversation_lookup`, most through `update_params`; `early_delivery` for the delivery states on `messages`).
+`conversation_lookup`, most through `update_params`; `early_delivery` for the delivery states). The messages
+themselves are items of their own (`message_items`); this module only reads the ones older records embed.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
 from service.adapters.aws.dynamo_codec import attribute_values, to_attribute
-from service.adapters.aws.resources import CONVERSATION_INDEXES, Index
+from service.adapters.aws.resources import COMPANY_SHARD, CONVERSATION_INDEXES, Index
+from service.config import Settings
 from service.domain.claims import RETRIES_EXHAUSTED
+from service.domain.company import ai_requests_per_second
 from service.domain.conversation import (
     AiProfile,
     ConversationKey,
@@ -29,11 +33,14 @@ from service.domain.conversation import (
 )
 
 STATUS = "conversation_status"
-MESSAGES = "messages"
+MESSAGES = "messages"  # embedded messages of records written before `message_items`; [] in newer ones
+MESSAGE_COUNT = "message_count"  # messages recorded (in `message_items`, after any embedded ones)
+# Answered fragments, a string set older records grow with every reply; now on the user message (`fragment_sids`).
+REPLIED_SIDS = "replied_message_sids"
 EARLY_DELIVERY = "early_delivery"  # status callbacks kept until their message is recorded (`early_delivery`)
 STATUS_NAME = {"#status": STATUS}
 # Left out of `shared_fields`: configuration (credentials ids, AI settings) and bookkeeping no hand-off needs.
-NOT_SHARED = ("ai_config", "channel_config", EARLY_DELIVERY)
+NOT_SHARED = ("ai_config", "channel_config", EARLY_DELIVERY, COMPANY_SHARD)
 
 GSI_SENDER = {
     "whatsapp": "gsi_company_whatsapp_number",
@@ -44,6 +51,7 @@ INDEX_BY_CHANNEL: dict[str, Index] = {
     channel: next(index for index in CONVERSATION_INDEXES if index.partition_key == attribute)
     for channel, attribute in GSI_SENDER.items()
 }
+DEFAULT_INDEX_SHARDS: int = Settings.model_fields["conversation_index_shards"].default
 _TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -81,6 +89,8 @@ def record_from_item(item: Mapping[str, Any]) -> ConversationRecord:
     channel = str(item.get("channel_method", ""))
     status = _status(item.get(STATUS))
     last_reason = item.get("last_failure_reason")
+    # Embedded messages: only in records written before each message became its own item (`message_items`).
+    embedded = tuple(message_from_element(element) for element in embedded_elements(item))
     return ConversationRecord(
         key=key_of(item),
         status=status,
@@ -95,12 +105,13 @@ def record_from_item(item: Mapping[str, Any]) -> ConversationRecord:
         thread_id=_text_or_none(item.get("thread_id")),
         is_open=item.get("task_complete") == 0,
         hand_off_to_human=item.get("hand_off_to_human") is True,
-        messages=tuple(message_from_element(element) for element in item.get(MESSAGES) or []),
+        messages=embedded,
+        message_count=max(_int(item.get(MESSAGE_COUNT)), len(embedded)),
         claim=_lease(item.get("claim_owner"), item.get("claim_expires_at")),
         ledger=_ledger(item),
         reply_claim=_lease(item.get("reply_owner"), item.get("reply_lease_expires")),
         reply_attempt=_reply_attempt(item.get("reply_attempt")),
-        replied_sids=frozenset(str(sid) for sid in item.get("replied_message_sids") or []),
+        replied_sids=frozenset(str(sid) for sid in item.get(REPLIED_SIDS) or []),
         failure=_failure(item, status),
         early_delivery_sids=frozenset(str(sid) for sid in _mapping(item.get(EARLY_DELIVERY))),
         shared_fields=shared_fields(item),
@@ -108,6 +119,11 @@ def record_from_item(item: Mapping[str, Any]) -> ConversationRecord:
         last_failure_reason=None if last_reason is None else str(last_reason),
         reopen_count=_int(item.get("reopen_count")),
     )
+
+
+def embedded_elements(item: Mapping[str, Any]) -> list[Any]:
+    """The `messages` a record written before `message_items` holds in itself, as stored (empty for newer ones)."""
+    return list(item.get(MESSAGES) or [])
 
 
 def record_or_none(item: Mapping[str, Any]) -> ConversationRecord | None:
@@ -144,6 +160,7 @@ def message_from_element(element: Any) -> Message:
         timestamp=str(data.get("timestamp", "")),
         usage=usage,
         delivery_status=None if delivery is None else str(delivery),
+        fragment_sids=tuple(str(sid) for sid in data.get("fragment_sids") or []),
     )
 
 
@@ -182,6 +199,7 @@ def _ai_profile(config: Mapping[str, Any]) -> AiProfile:
         model=str(config.get("model") or "gpt-4.1-mini"),
         reply_instructions=str(_mapping(config.get("replies")).get("instructions") or ""),
         background=config.get("mode") == "background",
+        requests_per_second=ai_requests_per_second(config),
     )
 
 
@@ -231,14 +249,22 @@ def _failure(item: Mapping[str, Any], status: ConversationStatus) -> Failure | N
 # ---- domain -> attributes ------------------------------------------------------------------------------------
 
 
-def new_conversation_fields(new: NewConversation, stamp: str) -> dict[str, Any]:
-    """The SPEC §5 initial record (keys and claim excluded), attributes without a value left out."""
+def company_shard(company_id: str, conversation_id: str, shards: int) -> str:
+    """The per-company index's partition: "<company_id>#<n>", n a stable hash of the conversation id (the same in
+    every process and release: crc32, not Python's salted `hash`) modulo the shard count."""
+    return f"{company_id}#{zlib.crc32(conversation_id.encode()) % shards}"
+
+
+def new_conversation_fields(new: NewConversation, stamp: str, shards: int = DEFAULT_INDEX_SHARDS) -> dict[str, Any]:
+    """The SPEC §5 initial record (keys and claim excluded), attributes without a value left out; `shards`: the
+    per-company index's shard count (`settings.conversation_index_shards`)."""
     recipient = new.recipient
     record: dict[str, Any] = {
         "request_id": new.request_id,
         "channel_method": new.channel,
         "company_id": new.company_id,
         "project_id": new.project_id,
+        COMPANY_SHARD: company_shard(new.company_id, new.key.conversation_id, shards),
         "company_name": new.company_name,
         "project_name": new.project_name,
         "company_rep": dict(new.company_rep),
@@ -276,6 +302,8 @@ def message_element(message: Message) -> dict[str, Any]:
         element.update(usage_fields(message.usage))
     if message.delivery_status is not None:
         element["delivery_status"] = message.delivery_status
+    if message.fragment_sids:
+        element["fragment_sids"] = list(message.fragment_sids)
     return element
 
 
@@ -299,7 +327,9 @@ def reply_attempt_fields(attempt: ReplyAttempt) -> dict[str, Any]:
     }
 
 
-def created_item(new: NewConversation, owner: str, lease_until: float, stamp: str) -> dict[str, Any]:
+def created_item(
+    new: NewConversation, owner: str, lease_until: float, stamp: str, shards: int = DEFAULT_INDEX_SHARDS
+) -> dict[str, Any]:
     """The record a first claim creates: the initial record, PROCESSING, claimed by `owner`."""
     claim = {
         STATUS: ConversationStatus.PROCESSING.value,
@@ -308,7 +338,7 @@ def created_item(new: NewConversation, owner: str, lease_until: float, stamp: st
         "updated_at": stamp,
         "claim_count": 1,
     }
-    return {**new_conversation_fields(new, stamp), **item_fields(new.key), **claim}
+    return {**new_conversation_fields(new, stamp, shards), **item_fields(new.key), **claim}
 
 
 def update_params(

@@ -1,7 +1,8 @@
 """The replies intake's side of the conversations table (`ports.ConversationLookup`): look-ups by company
-address + sender through the channel's index, and the writes webhooks make (opt-out, opt-in, hand-off,
-delivery states), each a no-op on a conversation that is gone. The stored form is `conversation_codec`'s;
-delivery states are `early_delivery`'s.
+address + sender through the channel's index (which holds only the credentials, `created_at` and `task_complete`:
+the records found are then read from the table), the messages a webhook needs (`message_items`), and the writes
+webhooks make (opt-out, opt-in, hand-off, delivery states), each a no-op on a conversation that is gone. The stored
+form is `conversation_codec`'s; delivery states are `early_delivery`'s.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from service.adapters.aws import conversation_codec as codec
-from service.adapters.aws.dynamo_calls import query_items, update_if
+from service.adapters.aws.batch_reads import get_items
+from service.adapters.aws.dynamo_calls import get_item, query_items, update_if
 from service.adapters.aws.dynamo_codec import attribute_values
 from service.adapters.aws.early_delivery import DeliveryStates
+from service.adapters.aws.message_items import DEFAULT_MESSAGES_TABLE, MessageItems
 from service.adapters.ttl_cache import TtlCache
-from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus
+from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus, Message
 from service.domain.delivery_state import DeliveryStatus
 from service.domain.timefmt import utc_iso
 
@@ -36,10 +39,12 @@ class DynamoConversationLookup:
         table: str,
         number_cache_ttl_s: float = 60.0,
         clock: Callable[[], float] = time.time,
+        messages_table: str = DEFAULT_MESSAGES_TABLE,
     ) -> None:
         self._dynamodb = dynamodb
         self._table = table
         self._clock = clock
+        self._messages = MessageItems(dynamodb, messages_table)
         # company address -> the credentials ids its conversations name (found ones only, briefly)
         self._numbers: TtlCache[tuple[str, str], tuple[str, ...]] = TtlCache(number_cache_ttl_s, max_entries=10_000)
 
@@ -81,19 +86,30 @@ class DynamoConversationLookup:
         return tuple(found)
 
     async def conversations_between(self, channel: str, company_address: str, sender: str) -> list[ConversationRecord]:
-        """Every conversation of this company address with this sender (the channel's index, all pages)."""
-        return await self._between(channel, company_address, sender, only_open=False)
+        """Every conversation of this company address with this sender: their keys from the channel's index (all
+        pages), then the records themselves, read consistently in one BatchGetItem."""
+        entries = await self._between(channel, company_address, sender, only_open=False)
+        keys = [codec.item_key(codec.key_of(entry)) for entry in entries]
+        items = await get_items(self._dynamodb, self._table, keys) if keys else []
+        return [codec.record_from_item(item) for item in items]
 
     async def find_open(self, channel: str, company_address: str, sender: str) -> ConversationRecord | None:
-        """The newest open conversation (latest `created_at`), or None. Closed ones are filtered out by DynamoDB
-        (`task_complete` = 0 is what `record_from_item` calls open): a returning recipient's finished conversations,
-        messages and all, are neither sent back nor decoded on every inbound message."""
-        candidates = [c for c in await self._between(channel, company_address, sender, only_open=True) if c.is_open]
-        return max(candidates, key=lambda c: c.created_at, default=None)
+        """The newest open conversation (latest `created_at`), or None: the index holds `created_at` and
+        `task_complete` (closed ones are filtered out by DynamoDB), the record is then read consistently with one
+        GetItem (the index holds none of what changes, so no conversation update is paid again in it)."""
+        entries = await self._between(channel, company_address, sender, only_open=True)
+        newest = max(entries, key=lambda entry: str(entry.get("created_at", "")), default=None)
+        if newest is None:
+            return None
+        key = codec.item_key(codec.key_of(newest))
+        item = await get_item(self._dynamodb, TableName=self._table, Key=key, ConsistentRead=True)
+        record = None if item is None else codec.record_from_item(item)
+        return record if record is not None and record.is_open else None
 
     async def _between(
         self, channel: str, company_address: str, sender: str, *, only_open: bool
-    ) -> list[ConversationRecord]:
+    ) -> list[dict[str, Any]]:
+        """The pair's index entries: keys, `created_at`, `task_complete`, `channel_config`."""
         index = codec.INDEX_BY_CHANNEL[channel]
         values: dict[str, Any] = {":pk": company_address, ":sk": sender.lower() if channel == "email" else sender}
         query = {
@@ -106,7 +122,7 @@ class DynamoConversationLookup:
             query["FilterExpression"] = "task_complete = :open"
             values[":open"] = 0
         query["ExpressionAttributeValues"] = attribute_values(values)
-        return [codec.record_from_item(item) for item in await query_items(self._dynamodb, query)]
+        return await query_items(self._dynamodb, query)
 
     # ---- writes ------------------------------------------------------------------------------------------
 
@@ -124,14 +140,22 @@ class DynamoConversationLookup:
         values = {":handed_off": ConversationStatus.HANDED_OFF.value, ":reason": reason, ":stamp": self._stamp()}
         await self._write("hand_off", key, update, EXISTS, values)
 
+    async def recent_messages(self, record: ConversationRecord, limit: int) -> tuple[Message, ...]:
+        return await self._messages.recent(record, limit)
+
+    async def find_message(self, record: ConversationRecord, message_sid: str) -> tuple[int, Message] | None:
+        return await self._messages.find(record.key, message_sid, record.messages)
+
     async def set_delivery_status(
         self, key: ConversationKey, index: int, message_sid: str, new: DeliveryStatus
     ) -> bool:
-        states = DeliveryStates(self._dynamodb, self._table, key)
-        return await states.set_status(index, message_sid, new, self._stamp())
+        return await self._states(key).set_status(index, message_sid, new, self._stamp())
 
     async def hold_delivery_status(self, key: ConversationKey, message_sid: str, new: DeliveryStatus) -> bool:
-        return await DeliveryStates(self._dynamodb, self._table, key).hold(message_sid, new, self._stamp())
+        return await self._states(key).hold(message_sid, new, self._stamp())
+
+    def _states(self, key: ConversationKey) -> DeliveryStates:
+        return DeliveryStates(self._dynamodb, self._table, key, self._messages)
 
     async def _write(
         self, operation: str, key: ConversationKey, update: str, condition: str, values: Mapping[str, Any]

@@ -1,31 +1,41 @@
-"""Delivery states on the messages of the conversations table, and status callbacks kept until their message is.
+"""Delivery states on a conversation's messages (`message_items`; embedded in records written before those), and
+status callbacks kept until their message is.
 
 Twilio reports a message as soon as it has it, and does not retry a status callback; the final update that
-appends the message (template sender or replier) may land later, after a crash and a redelivery's reconcile.
-A signed callback whose SID is not in `messages` yet is kept on the conversation in the map attribute
+records the message (template sender or replier) may land later, after a crash and a redelivery's reconcile.
+A signed callback whose SID is not recorded yet is kept on the conversation in the map attribute
 `early_delivery` = {sid: {"status", "at"}} (forward-only merge, at most `PENDING_CAP` entries) and applied by
 the final update that appends that SID. A callback is kept on up to three conversations but forgotten only by the
 one that records its message, so a full map makes room by dropping its oldest entry (by `at`): a new callback
 is never refused for lack of room.
 
-Race-free both ways because both sides write the same item and read what they wrote (ReturnValues ALL_NEW):
+Race-free both ways because both sides write the conversation item and read what they wrote (ReturnValues ALL_NEW),
+and a final update writes its message items before that conversation update:
     - the callback keeps its state first: the final update's ALL_NEW holds the entry, it applies it;
-    - the final update lands first: the callback's ALL_NEW holds the message, the callback applies it itself.
+    - the final update lands first: its message items were written before, so the callback's consistent look-up
+      after keeping its state finds the message, and the callback applies it itself.
 Every application is the same conditional forward-only write (`delivery_state.may_follow`), so doing it twice, or
 out of order, is harmless.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from service.adapters.aws.conversation_codec import EARLY_DELIVERY, MESSAGES, item_key
+from service.adapters.aws.conversation_codec import (
+    EARLY_DELIVERY,
+    MESSAGES,
+    embedded_elements,
+    item_key,
+    message_from_element,
+)
 from service.adapters.aws.dynamo_calls import update_if, update_or_refusal, update_returning
 from service.adapters.aws.dynamo_codec import attribute_values
+from service.adapters.aws.message_items import MessageItems
 from service.domain.conversation import ConversationKey
 from service.domain.delivery_state import DeliveryStatus, may_follow, parse_delivery_status
 from service.domain.errors import DependencyUnavailable
@@ -37,14 +47,6 @@ log = structlog.get_logger(__name__)
 
 PENDING_ATTRIBUTE = EARLY_DELIVERY
 PENDING_CAP = 20  # kept callbacks per conversation; a SID that is never recorded must not grow the item for ever
-
-
-def message_index(record: Mapping[str, Any], sid: str) -> int | None:
-    """Where the message with this provider SID sits in `messages`, or None."""
-    for index, element in enumerate(record.get(MESSAGES) or []):
-        if isinstance(element, dict) and element.get("message_id") == sid:
-            return index
-    return None
 
 
 def _replaceable(new: DeliveryStatus) -> tuple[list[str], dict[str, str]]:
@@ -65,24 +67,38 @@ class DeliveryStates:
     dynamodb: DynamoDBClient
     table: str
     key: ConversationKey
+    messages: MessageItems
 
     def _params(self, **params: Any) -> dict[str, Any]:
         return {"TableName": self.table, "Key": item_key(self.key), **params}
 
     async def set_status(self, index: int, sid: str, new: DeliveryStatus, stamp: str) -> bool:
-        """Forward-only: applied when message `index` is `sid` and has no state yet or one `new` may replace;
-        else False."""
-        element = f"#messages[{index}]"
+        """Forward-only: applied when message `index` (its position) is `sid` and has no state yet or one `new` may
+        replace; else False. The message item, or the element of an older record's embedded list."""
         placeholders, allowed = _replaceable(new)
+        values = {":sid": sid, ":new": new.value, ":stamp": stamp, **allowed}
+        condition = "message_id = :sid AND (attribute_not_exists(delivery_status)"
+        condition += f" OR delivery_status IN ({', '.join(placeholders)}))" if placeholders else ")"
+        update = "SET delivery_status = :new, delivery_updated_at = :stamp"
+        applied = await self.messages.set_status(self.key, index, update, condition, values)
+        if applied is not None:
+            return applied
+        element = f"#messages[{index}]"  # no such item: an embedded message
         condition = f"{element}.message_id = :sid AND (attribute_not_exists({element}.delivery_status)"
         condition += f" OR {element}.delivery_status IN ({', '.join(placeholders)}))" if placeholders else ")"
         params = self._params(
             UpdateExpression=f"SET {element}.delivery_status = :new, {element}.delivery_updated_at = :stamp",
             ConditionExpression=condition,
             ExpressionAttributeNames={"#messages": MESSAGES},
-            ExpressionAttributeValues=attribute_values({":sid": sid, ":new": new.value, ":stamp": stamp, **allowed}),
+            ExpressionAttributeValues=attribute_values(values),
         )
         return await update_if(self.dynamodb, "UpdateItem", **params)
+
+    async def _recorded_at(self, record: Mapping[str, Any], sid: str) -> int | None:
+        """The position of the message with this SID, if it is recorded: a consistent look-up."""
+        embedded = tuple(message_from_element(element) for element in embedded_elements(record))
+        found = await self.messages.find(self.key, sid, embedded)
+        return None if found is None else found[0]
 
     async def _forget(self, sid: str) -> None:
         """Drop a kept entry whose message is recorded (any later callback then finds the message itself)."""
@@ -93,18 +109,18 @@ class DeliveryStates:
         )
         await update_if(self.dynamodb, "UpdateItem", **params)  # refused: another writer forgot it first
 
-    async def apply_pending(self, record: Mapping[str, Any], sids: Sequence[str]) -> None:
+    async def apply_pending(self, record: Mapping[str, Any], positions: Mapping[str, int]) -> None:
         """After a final update that has succeeded (its ALL_NEW `record`): apply, forward-only, what was kept for
-        the SIDs it appended. A failure here must not make its caller retry (or report) the final update: the entry
-        stays kept and the next callback for the SID applies."""
+        the SIDs it recorded (`positions`: each SID's position). A failure here must not make its caller retry (or
+        report) the final update: the entry stays kept and the next callback for the SID applies."""
         pending = record.get(PENDING_ATTRIBUTE)
         if not isinstance(pending, dict) or not pending:
             return
+        sids = list(positions)
         try:
-            for sid in sids:
+            for sid, index in positions.items():
                 entry = pending.get(sid)
-                index = message_index(record, sid)
-                if not isinstance(entry, dict) or index is None:
+                if not isinstance(entry, dict):
                     continue
                 status = parse_delivery_status(str(entry.get("status") or ""))
                 if status is not None:
@@ -151,7 +167,7 @@ class DeliveryStates:
         )
         if kept:
             return await self._settle(item, sid, new, stamp)
-        index = message_index(item, sid)
+        index = await self._recorded_at(item, sid)
         if index is not None:  # recorded after our look-up: straight onto the message
             return await self.set_status(index, sid, new, stamp)
         pending = item.get(PENDING_ATTRIBUTE)
@@ -185,7 +201,7 @@ class DeliveryStates:
 
     async def _settle(self, record: Mapping[str, Any], sid: str, new: DeliveryStatus, stamp: str) -> bool:
         """The record after keeping the callback: if its message was recorded meanwhile, apply it there now."""
-        index = message_index(record, sid)
+        index = await self._recorded_at(record, sid)
         if index is None:
             log.info("early_delivery_status_kept", message_sid=sid, status=new.value)
             return True

@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import structlog
 from botocore.exceptions import ClientError
 
 from service.adapters.aws.clients import open_aws_clients
@@ -24,6 +25,8 @@ from service.adapters.aws.resources import (
     table_specs,
 )
 from service.config import Settings
+
+log = structlog.get_logger(__name__)
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
@@ -51,7 +54,7 @@ async def ensure_table(dynamodb: DynamoDBClient, spec: TableSpec) -> bool:
             {
                 "IndexName": index.name,
                 "KeySchema": _key_schema(index.partition_key, index.sort_key),
-                "Projection": {"ProjectionType": "ALL"},
+                "Projection": index.projection,
             }
             for index in spec.indexes
         ]
@@ -60,6 +63,7 @@ async def ensure_table(dynamodb: DynamoDBClient, spec: TableSpec) -> bool:
     except ClientError as exc:
         if error_code(exc) != "ResourceInUseException":
             raise
+        await ensure_indexes(dynamodb, spec)
         return False
     await dynamodb.get_waiter("table_exists").wait(TableName=spec.name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
     if spec.ttl_attribute:
@@ -67,6 +71,45 @@ async def ensure_table(dynamodb: DynamoDBClient, spec: TableSpec) -> bool:
             TableName=spec.name, TimeToLiveSpecification={"Enabled": True, "AttributeName": spec.ttl_attribute}
         )
     return True
+
+
+async def ensure_indexes(dynamodb: DynamoDBClient, spec: TableSpec) -> list[str]:
+    """Add to an existing table the indexes it lacks (UpdateTable, one at a time as DynamoDB requires, each waited
+    for until ACTIVE), with their projection; return their names. An index present under a name keeps its
+    projection (DynamoDB cannot change it in place: a changed projection is a new index name, docs/deploying.md)."""
+    described = (await dynamodb.describe_table(TableName=spec.name))["Table"]
+    present = {index["IndexName"]: index for index in described.get("GlobalSecondaryIndexes", [])}
+    added = []
+    for index in spec.indexes:
+        if index.name in present:
+            if present[index.name].get("Projection", {}).get("ProjectionType") != index.projection["ProjectionType"]:
+                log.warning("index_projection_differs", table=spec.name, index=index.name)
+            continue
+        keys = [index.partition_key, *([index.sort_key] if index.sort_key else [])]
+        create: dict[str, Any] = {
+            "IndexName": index.name,
+            "KeySchema": _key_schema(index.partition_key, index.sort_key),
+            "Projection": index.projection,
+        }
+        update: dict[str, Any] = {
+            "TableName": spec.name,
+            "AttributeDefinitions": [{"AttributeName": name, "AttributeType": "S"} for name in keys],
+            "GlobalSecondaryIndexUpdates": [{"Create": create}],
+        }
+        await dynamodb.update_table(**update)
+        await _index_active(dynamodb, spec.name, index.name)
+        added.append(index.name)
+    return added
+
+
+async def _index_active(dynamodb: DynamoDBClient, table: str, index: str, attempts: int = 600) -> None:
+    for _ in range(attempts):
+        described = (await dynamodb.describe_table(TableName=table))["Table"]
+        states = {i["IndexName"]: i.get("IndexStatus") for i in described.get("GlobalSecondaryIndexes", [])}
+        if states.get(index) == "ACTIVE":
+            return
+        await asyncio.sleep(1)
+    raise TimeoutError(f"index {index} of {table} is not ACTIVE yet: bootstrap again to wait for it")
 
 
 async def ensure_queue(sqs: SQSClient, spec: QueueSpec) -> str:

@@ -6,7 +6,7 @@ returns the refusing record, judged by `claims.decide_reply`. Its transitions:
 
     initial_message_sent | reply_sent  --claim-->              processing_reply (the status before kept)
     processing_reply, lease lapsed     --claim-->              processing_reply (a takeover)
-    processing_reply  --finalise-->           reply_sent
+    processing_reply  --finalise-->           reply_sent (the messages written as items first, `message_items`)
     processing_reply  --finish_unanswered-->  the status before the claim
     processing_reply  --fail-->               failed_* (permanent), or the status before the claim with the
                                               failure noted (retries exhausted: still answerable)
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from service.adapters.aws import conversation_codec as codec
 from service.adapters.aws.dynamo_calls import update_or_refusal, update_returning
 from service.adapters.aws.early_delivery import DeliveryStates
+from service.adapters.aws.message_items import DEFAULT_MESSAGES_TABLE, MessageItems
 from service.domain.claims import RETRIES_EXHAUSTED, Claim, decide_reply
 from service.domain.conversation import (
     ConversationKey,
@@ -47,21 +49,36 @@ OWNED = "reply_owner = :owner AND #status = :replying"
 # An opt-out or hand-off that landed while the owner was sending: its reply went out and must still be recorded.
 OWNED_BUT_STOPPED = "reply_owner = :owner AND #status IN (:opted_out, :handed_off)"
 DROP_CLAIM = "REMOVE reply_owner, reply_lease_expires, status_before_reply"
-# The final update, after the status it sets (if any): the messages appended, the AI continuation the next reply
-# chains from, the fragments marked answered.
+# The final update, after the status it sets (if any): the messages counted (their items are written just before:
+# the user message lists the fragments it answered), the AI continuation the next reply chains from. Nothing in it
+# grows with the conversation.
 RECORD_REPLY = (
-    "#messages = list_append(if_not_exists(#messages, :empty), :messages), thread_id = :thread, "
-    "processing_time_ms = :ms, updated_at = :stamp "
-    "REMOVE reply_attempt, reply_owner, reply_lease_expires, status_before_reply "
-    "ADD replied_message_sids :sids"
+    "#count = :count, thread_id = :thread, processing_time_ms = :ms, updated_at = :stamp "
+    "REMOVE reply_attempt, reply_owner, reply_lease_expires, status_before_reply"
 )
 
 
+def with_fragments(messages: Sequence[Message], answered_sids: Sequence[str]) -> list[Message]:
+    """The user message (else the first) lists the fragments it joined: how a later reply knows them answered."""
+    first_user = next((i for i, message in enumerate(messages) if message.role == "user"), 0)
+    return [
+        replace(message, fragment_sids=message.fragment_sids or tuple(answered_sids)) if i == first_user else message
+        for i, message in enumerate(messages)
+    ]
+
+
 class DynamoReplyClaims:
-    def __init__(self, dynamodb: DynamoDBClient, table: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        dynamodb: DynamoDBClient,
+        table: str,
+        clock: Callable[[], float] = time.time,
+        messages_table: str = DEFAULT_MESSAGES_TABLE,
+    ) -> None:
         self._dynamodb = dynamodb
         self._table = table
         self._clock = clock
+        self._messages = MessageItems(dynamodb, messages_table)
 
     async def claim(self, key: ConversationKey, owner: str, lease_until: float, now: float) -> ClaimAnswer:
         """-> processing_reply, remembering the status to return to."""
@@ -132,19 +149,24 @@ class DynamoReplyClaims:
         answered_sids: Sequence[str],
         thread_id: str,
         processing_time_ms: int,
+        *,
+        claimed: ConversationRecord,
     ) -> ConversationRecord | None:
+        """The message items first (at the positions the claimed record fixes: a retry or a takeover writes the
+        same keys), then the conversation update that counts them, conditional on the claim."""
+        first = claimed.recorded_messages
+        positions = await self._messages.record(key, first, with_fragments(messages, answered_sids))
         shared = {
             ":owner": owner,
-            ":empty": [],
-            ":messages": [codec.message_element(message) for message in messages],
+            ":count": first + len(messages),
             ":thread": thread_id,
             ":ms": processing_time_ms,
             ":stamp": self._stamp(),
-            ":sids": set(answered_sids),
         }
-        names = {**codec.STATUS_NAME, "#messages": codec.MESSAGES}
-        replied = {**shared, ":replying": REPLYING, ":replied": ConversationStatus.REPLY_SENT.value}
-        item = await self._update("finalise", key, f"SET #status = :replied, {RECORD_REPLY}", OWNED, replied, names)
+        names = {**codec.STATUS_NAME, "#count": codec.MESSAGE_COUNT}
+        replied_values = {**shared, ":replying": REPLYING, ":replied_status": ConversationStatus.REPLY_SENT.value}
+        update = f"SET #status = :replied_status, {RECORD_REPLY}"
+        item = await self._update("finalise", key, update, OWNED, replied_values, names)
         if item is None:  # STOP or a hand-off replaced processing_reply while sending: record it, keep that status
             stopped = {
                 **shared,
@@ -154,10 +176,13 @@ class DynamoReplyClaims:
             item = await self._update("finalise", key, f"SET {RECORD_REPLY}", OWNED_BUT_STOPPED, stopped, names)
         if item is None:  # the lease lapsed and another trigger took over: it reconciles and finalises
             return None
-        # Status callbacks that came before this write (kept in early_delivery): onto the messages it appended.
-        sids = [message.message_id for message in messages if message.message_id]
-        await DeliveryStates(self._dynamodb, self._table, key).apply_pending(item, sids)
+        # Status callbacks that came before this write (kept in early_delivery): onto the messages it recorded.
+        recorded = {sid: position for sid, position in positions.items() if sid}
+        await DeliveryStates(self._dynamodb, self._table, key, self._messages).apply_pending(item, recorded)
         return codec.record_from_item(item)
+
+    async def recent_messages(self, record: ConversationRecord, limit: int) -> tuple[Message, ...]:
+        return await self._messages.recent(record, limit)
 
     async def _owned(
         self, key: ConversationKey, owner: str, operation: str, update: str, values: Mapping[str, Any]

@@ -8,6 +8,7 @@ and by the test that cross-checks `deploy/` against the code. Attribute and inde
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.config import Settings
 
@@ -18,9 +19,20 @@ QUEUE_RETENTION_S = 4 * 86400
 
 @dataclass(frozen=True, slots=True)
 class Index:
+    """A global secondary index. Its entries hold the table's and its own keys plus `included` (INCLUDE), or
+    the keys alone (KEYS_ONLY) when there is none: never ALL, so a write of the item costs the index only when it
+    changes an attribute the index holds, and then the entry's size, not the item's."""
+
     name: str
     partition_key: str
     sort_key: str | None = None
+    included: tuple[str, ...] = ()
+
+    @property
+    def projection(self) -> dict[str, Any]:
+        if not self.included:
+            return {"ProjectionType": "KEYS_ONLY"}
+        return {"ProjectionType": "INCLUDE", "NonKeyAttributes": list(self.included)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,18 +62,42 @@ class QueueSpec:
         object.__setattr__(self, "dead_letter_name", f"{self.name}-dlq")
 
 
+# What each conversations index holds, and why (every reader is in `conversation_lookup` and `conversation_admin`):
+# - the per-company index is keyed by `gsi_company_shard` = "<company_id>#<n>" (n: a stable hash of the conversation
+#   id modulo `conversation_index_shards`), so one tenant's writes spread over that many index partitions instead of
+#   one (a partition takes ~1,000 write units/s); listing queries every shard. KEYS_ONLY: its readers (the operator
+#   CLI's find and list) then read the records themselves, and no conversation write but the first touches it.
+# - the channel indexes (company address + recipient, the inbound webhooks' look-ups) hold what never changes after
+#   the record is created: the credentials (`channel_config`, read per company number to verify a signature), and
+#   `created_at` and `task_complete` (the newest open conversation of a pair); the webhook then reads the record it
+#   found with one GetItem. No update of a conversation writes to them.
+CHANNEL_INDEX_INCLUDES = ("channel_config", "created_at", "task_complete")
+COMPANY_SHARD = "gsi_company_shard"
 CONVERSATION_INDEXES = (
-    Index("company-id-project-id-index", "company_id", "project_id"),
-    Index("company-whatsapp-number-recipient-tel-index", "gsi_company_whatsapp_number", "gsi_recipient_tel"),
-    Index("company-sms-number-recipient-tel-index", "gsi_company_sms_number", "gsi_recipient_tel"),
-    Index("company-email-recipient-email-index", "gsi_company_email", "gsi_recipient_email"),
+    Index("company-shard-project-id-index", COMPANY_SHARD, "project_id"),
+    Index(
+        "company-whatsapp-number-recipient-tel-index",
+        "gsi_company_whatsapp_number",
+        "gsi_recipient_tel",
+        CHANNEL_INDEX_INCLUDES,
+    ),
+    Index(
+        "company-sms-number-recipient-tel-index", "gsi_company_sms_number", "gsi_recipient_tel", CHANNEL_INDEX_INCLUDES
+    ),
+    Index("company-email-recipient-email-index", "gsi_company_email", "gsi_recipient_email", CHANNEL_INDEX_INCLUDES),
 )
+
+
+# A conversation's messages, one item each (`message_items`): the conversation's key in one string + its position.
+MESSAGES_PARTITION_KEY = "conversation_key"
+MESSAGES_SORT_KEY = "position"
 
 
 def table_specs(settings: Settings) -> list[TableSpec]:
     return [
         TableSpec(settings.company_table, "company_id", "project_id"),
         TableSpec(settings.conversations_table, "primary_channel", "conversation_id", CONVERSATION_INDEXES),
+        TableSpec(settings.messages_table, MESSAGES_PARTITION_KEY, MESSAGES_SORT_KEY),
         TableSpec(settings.stage_table, "conversation_id", "message_sid", ttl_attribute="expires_at"),
         TableSpec(settings.lock_table, "conversation_id", ttl_attribute="expires_at"),
         TableSpec(settings.idempotency_table, "idempotency_key", ttl_attribute="expires_at"),
