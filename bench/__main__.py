@@ -11,10 +11,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench import endpoint as endpoint_mode
+from bench import exchanges as exchanges_mode
+from bench import fairness as fairness_mode
 from bench import replies as replies_mode
 from bench import report as template_report
 from bench.compare import growth_comparison, tracing_comparison
-from bench.options import BenchOptions, EndpointOptions, GrowthOptions, Options, RepliesOptions, parse_options
+from bench.options import (
+    BenchOptions,
+    EndpointOptions,
+    ExchangesOptions,
+    FairnessOptions,
+    GrowthOptions,
+    Options,
+    RepliesOptions,
+    parse_options,
+)
 from bench.run import run_bench
 from bench.table import render, write_json
 
@@ -78,6 +89,16 @@ def replies(options: RepliesOptions) -> int:
     return finish(options.output, replies_mode.as_json(run), run.problems)
 
 
+def fairness(options: FairnessOptions) -> int:
+    run = asyncio.run(stoppable(lambda: fairness_mode.run_fairness(options)))
+    print(render(fairness_mode.rows(run)))
+    return finish(options.output, fairness_mode.as_json(run), run.problems)
+
+
+def exchanges(options: ExchangesOptions) -> int:
+    return finish(options.output, asyncio.run(exchanges_mode.run(options.at)), [])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options: Options = parse_options(argv)
     if isinstance(options, GrowthOptions):
@@ -86,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return endpoint(options)
     if isinstance(options, RepliesOptions):
         return replies(options)
+    if isinstance(options, FairnessOptions):
+        return fairness(options)
+    if isinstance(options, ExchangesOptions):
+        return exchanges(options)
     return template(options)
 
 

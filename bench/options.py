@@ -4,6 +4,8 @@ python -m bench [template] [options]   the template sender (worker role); the de
 python -m bench growth [options]       the template sender at C and at 4C with 4L (same C/L), compared
 python -m bench endpoint [options]     POST /initiate-conversation, open loop at a fixed rate (api role)
 python -m bench replies [options]      signed inbound webhooks answered by the reply consumer (api + worker)
+python -m bench fairness [options]     a quiet tenant's dwell behind a noisy one, its cap on and off (worker)
+python -m bench exchanges [--at N ...] DynamoDB write units of one conversation's template and of its Nth reply
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 STEADY_SECONDS = 60  # default N gives about this long at the ideal rate, plus the ramp and the drain
-MODES = ("template", "growth", "endpoint", "replies")
+MODES = ("template", "growth", "endpoint", "replies", "fairness", "exchanges")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +100,38 @@ class RepliesOptions:
         return "replies"
 
 
-Options = BenchOptions | GrowthOptions | EndpointOptions | RepliesOptions
+@dataclass(frozen=True, slots=True)
+class FairnessOptions:
+    concurrency: int
+    ai_latency_s: float
+    noisy: int  # conversations the noisy tenant queues at once, in each noisy phase
+    quiet_rate_per_s: float  # the quiet tenant's trickle
+    phase_s: float  # how long the trickle runs in each phase
+    cap: int  # the noisy project's concurrent_conversations in the "cap on" phase
+    defer_s: int  # COMMS_CONCURRENCY_DEFER_S
+    log_level: str
+    output: Path
+
+    @property
+    def quiet_per_phase(self) -> int:
+        return max(1, round(self.phase_s * self.quiet_rate_per_s))
+
+    @property
+    def mode(self) -> str:
+        return "fairness"
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangesOptions:
+    at: tuple[int, ...]  # the exchanges whose reply is reported (1 and 200 by default)
+    output: Path
+
+    @property
+    def mode(self) -> str:
+        return "exchanges"
+
+
+Options = BenchOptions | GrowthOptions | EndpointOptions | RepliesOptions | FairnessOptions | ExchangesOptions
 
 
 def default_conversations(concurrency: int, ai_latency_s: float) -> int:
@@ -200,6 +233,23 @@ def parser() -> argparse.ArgumentParser:
     replies.add_argument("--warmup", type=int, default=10, help="conversations answered before the measurement")
     replies.add_argument("--tracing", action="store_true", help="both processes export OTLP to an in-bench collector")
     _common(replies, "replies")
+
+    fairness = modes.add_parser(
+        "fairness", help="a quiet tenant's dwell (enqueue to send) behind a noisy tenant's backlog, cap on and off"
+    )
+    fairness.add_argument("--concurrency", "-c", type=int, default=20, help="consumer slots of the worker (20)")
+    fairness.add_argument("--ai-latency", "-l", type=float, default=1.0, help="seconds per model call L (1)")
+    fairness.add_argument("--noisy", type=int, default=300, help="conversations the noisy tenant queues (300)")
+    fairness.add_argument("--quiet-rate", type=float, default=2.0, help="the quiet tenant's conversations/s (2)")
+    fairness.add_argument("--phase-seconds", type=float, default=15.0, help="trickle length of each phase (15)")
+    fairness.add_argument("--cap", type=int, default=None, help="the noisy concurrent_conversations (default C/4)")
+    fairness.add_argument("--defer", type=int, default=5, help="COMMS_CONCURRENCY_DEFER_S (5)")
+    _common(fairness, "fairness")
+    exchanges = modes.add_parser(
+        "exchanges", help="DynamoDB write units of one conversation's template and of its reply at exchange N"
+    )
+    exchanges.add_argument("--at", type=int, nargs="+", default=[1, 200], help="exchanges to report (1 200)")
+    _common(exchanges, "exchanges")
     return p
 
 
@@ -288,6 +338,25 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
             log_level=args.log_level.upper(),
             output=args.output,
             tracing=args.tracing,
+        )
+    if args.mode == "exchanges":
+        if min(args.at) < 1:
+            p.error("--at takes exchange numbers >= 1")
+        return ExchangesOptions(at=tuple(sorted(set(args.at))), output=args.output)
+    if args.mode == "fairness":
+        cap = args.cap or max(1, args.concurrency // 4)
+        if args.concurrency < 2 or args.ai_latency <= 0 or args.noisy < 1 or args.quiet_rate <= 0 or cap < 1:
+            p.error("--concurrency must be >= 2, --ai-latency, --noisy, --quiet-rate and --cap > 0")
+        return FairnessOptions(
+            concurrency=args.concurrency,
+            ai_latency_s=args.ai_latency,
+            noisy=args.noisy,
+            quiet_rate_per_s=args.quiet_rate,
+            phase_s=args.phase_seconds,
+            cap=cap,
+            defer_s=args.defer,
+            log_level=args.log_level.upper(),
+            output=args.output,
         )
     if args.conversations < 1 or args.fragments < 1 or (args.rate is not None and args.rate <= 0):
         p.error("--conversations and --fragments must be >= 1 and --rate > 0")

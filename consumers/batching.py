@@ -1,4 +1,5 @@
-"""SQS batch calls for the consumer runtime: visibility changes and deletes, at most ten entries per call."""
+"""SQS batch calls for the consumer runtime: visibility changes, deletes and deferred copies, at most ten entries
+per call."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
         BatchResultErrorEntryTypeDef,
         ChangeMessageVisibilityBatchRequestEntryTypeDef,
         DeleteMessageBatchRequestEntryTypeDef,
+        SendMessageBatchRequestEntryTypeDef,
     )
 
 SQS_BATCH_LIMIT = 10
@@ -101,13 +103,17 @@ class DeleteBatcher:
 
     async def delete(self, message_id: str, receipt_handle: str) -> bool:
         """Queue one delete and wait for its batch; True when SQS deleted the message."""
+        return await self.delete_soon(message_id, receipt_handle)
+
+    def delete_soon(self, message_id: str, receipt_handle: str) -> asyncio.Future[bool]:
+        """Queue one delete now; the future says (once its batch answered) whether SQS deleted the message."""
         deleted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append(_PendingDelete(message_id, receipt_handle, deleted))
         if len(self._pending) >= SQS_BATCH_LIMIT:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._flush_interval_s, self.flush)
-        return await deleted
+        return deleted
 
     def flush(self) -> None:
         """Send everything pending now, in calls of at most ten."""
@@ -160,3 +166,58 @@ class DeleteBatcher:
                 )
             if not item.deleted.done():
                 item.deleted.set_result(failure is None)
+
+
+@dataclass(slots=True)
+class _PendingSend:
+    entry: SendMessageBatchRequestEntryTypeDef
+    sent: asyncio.Future[str | None]
+
+
+class SendBatcher:
+    """Queues messages with SendMessageBatch: ten per call, or fewer after `flush_interval_s` (deferred copies of
+    one receive go out together). `send` answers the new message id, or None when SQS did not take it."""
+
+    def __init__(self, sqs: SQSClient, queue_url: str, queue_name: str, flush_interval_s: float) -> None:
+        self._sqs = sqs
+        self._queue_url = queue_url
+        self._queue_name = queue_name
+        self._flush_interval_s = flush_interval_s
+        self._pending: list[_PendingSend] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+
+    async def send(self, entry: SendMessageBatchRequestEntryTypeDef) -> str | None:
+        sent: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_PendingSend(entry, sent))
+        if len(self._pending) >= SQS_BATCH_LIMIT:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._flush_interval_s, self.flush)
+        return await sent
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        for _, batch in chunks(pending):
+            call = asyncio.create_task(self._send(list(batch)), name=f"send-batch:{self._queue_name}")
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+
+    async def _send(self, batch: list[_PendingSend]) -> None:
+        entries = [{**item.entry, "Id": str(i)} for i, item in enumerate(batch)]
+        ids: dict[int, str] = {}
+        try:
+            answer = await self._sqs.send_message_batch(QueueUrl=self._queue_url, Entries=entries)  # type: ignore[arg-type]
+            ids = {int(ok["Id"]): ok["MessageId"] for ok in answer.get("Successful", [])}
+            for failed in answer.get("Failed", []):
+                code, sender_fault = failed["Code"], failed["SenderFault"]
+                log.warning("send_failed", queue=self._queue_name, code=code, sender_fault=sender_fault)
+        except AWS_FAILURES as exc:
+            log.warning("send_batch_failed", queue=self._queue_name, code=error_code(exc) or type(exc).__name__)
+        finally:
+            for i, item in enumerate(batch):
+                if not item.sent.done():
+                    item.sent.set_result(ids.get(i))

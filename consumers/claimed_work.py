@@ -7,6 +7,12 @@ maxReceiveCount) a retry would only let SQS move the message to the DLQ and leav
 transient failure at a step that has a failed status of its own ends in that status (`Failure.exhausted`, a reason
 saying retries ran out and what failed last) and the message goes to the DLQ at once; the store's `fail` says what
 that means for each sender, and `comms dlq redrive` sends the message again.
+
+Not now is not a failure: a send pace or an AI key's pace with no turn within the wait a slot may spend
+(`ProviderPaced`), or a project at its `concurrent_conversations` cap (`ConcurrencyCap`), ends in a deferral
+(`Outcome.defer`): the runtime re-queues a copy with a delay, so the wait burns no receive. The cap's in-flight
+lease is taken before the claim when the job names its project (`tenant`), else right after the claim; it is
+refreshed with the claim and released however the message ends.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from consumers.contracts import Disposition, Lease, Outcome, QueueMessage
 from consumers.metrics import ConsumerMetrics
 from consumers.sqs_messages import RedrivePolicy
 from service.domain.claims import RETRIES_EXHAUSTED
+from service.domain.concurrency_cap import ConcurrencyCap, Slot
 from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus, Failure, Message
 from service.domain.errors import DependencyUnavailable
 from service.domain.pacing import SendPacing
@@ -37,6 +44,7 @@ from service.domain.provider_ports import (
     AiResult,
     OutboundMessage,
     PermanentProviderError,
+    ProviderPaced,
     ProviderRateLimited,
     SendOutcomeUnknown,
     SentMessage,
@@ -46,6 +54,15 @@ from service.domain.provider_ports import (
 log = structlog.get_logger(__name__)
 
 RECONCILE_LOOKBACK_S = 120  # an attempt's send may be stamped a little before its attempted_at (clock skew)
+MIN_REFRESH_MARGIN_S = 5.0  # a claim is refreshed once less than this (or an eighth of the lease) is left
+
+
+def refresh_margin_s(lease_s: float) -> float:
+    """How much of a claim's lease may be left when the keep-alive refreshes it: enough for a slow DynamoDB answer
+    (and a retry), at most half the lease. Work shorter than lease - margin (most: an AI call of up to ~40 s under
+    the default 48 s lease, issue 13's growth run) costs no refresh at all."""
+    return min(lease_s / 2, max(MIN_REFRESH_MARGIN_S, lease_s / 8))
+
 
 # ---- what a retry becomes ------------------------------------------------------------------------
 
@@ -71,7 +88,11 @@ def failure_detail(exc: Exception) -> str:
 
 
 def transient_retry(step: str, exc: TransientProviderError) -> Outcome:
-    """Retry later, after the provider's Retry-After when it gave one."""
+    """Retry later, after the provider's Retry-After when it gave one; a pace's "not yet" (`ProviderPaced`) is
+    deferred instead (`<step>_paced`): it was not attempted, so it must not cost a receive."""
+    if isinstance(exc, ProviderPaced):
+        log.info("provider_paced", step=step, retry_after_s=exc.retry_after_s)
+        return Outcome.defer(f"{step}_paced", math.ceil(exc.retry_after_s or 1))
     log.warning("transient_failure", step=step, reason=exc.reason)
     delay = math.ceil(exc.retry_after_s) if exc.retry_after_s else None
     return Outcome.retry(f"{step}_transient", delay, detail=failure_detail(exc))
@@ -164,6 +185,14 @@ class Claimed(Generic[JobT]):
         return int((time.monotonic() - self.started) * 1000)
 
 
+@dataclass(slots=True)
+class CapHold:
+    """The project's in-flight lease one message holds (none: uncapped, not taken yet, or failed open)."""
+
+    slot: Slot | None = None
+    checked: bool = False  # the cap was looked at (before the claim): not again after it
+
+
 @dataclass(frozen=True, slots=True)
 class Prompt(Generic[DraftT]):
     """What the AI is asked to write, and how its answer becomes the ledger entry: `draft(result)` (which keeps
@@ -179,6 +208,7 @@ class Prompt(Generic[DraftT]):
     metadata: dict[str, str] = field(default_factory=dict)
     thread_id: str | None = None  # the conversation's stored continuation; None starts a new one
     history: tuple[Message, ...] = ()  # the conversation as recorded, for a continuation OpenAI no longer holds
+    requests_per_second: float | None = None  # the project's AI pace for this key (None: the default)
 
 
 class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
@@ -192,9 +222,15 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,  # the final update's backoff
         pacing: SendPacing | None = None,  # per-sender pace across the fleet (None: send as slots allow)
+        cap: ConcurrencyCap | None = None,  # per-project concurrent_conversations across the fleet (None: none)
+        monotonic: Callable[[], float] = time.monotonic,  # the keep-alive's clock
+        keep_alive_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,  # ... and its waits
     ) -> None:
+        self._monotonic = monotonic
+        self._keep_alive_sleep = keep_alive_sleep
         self._config = config
         self._pacing = pacing
+        self._cap = cap
         self._ports = ports
         self._claims: ClaimedWorkStore[DraftT] = ports.claims
         self._metrics = metrics
@@ -210,6 +246,11 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
     def log_context(self, job: JobT) -> dict[str, str]:
         """Bound to every log line of the message, besides conversation_id."""
         return {}
+
+    def tenant(self, job: JobT) -> tuple[str, str] | None:
+        """(company_id, project_id) when the job names them: the cap's lease is then taken before the claim
+        (a refused message costs no claim); None: right after the claim, from the claimed record."""
+        return None
 
     @abstractmethod
     async def claim(self, job: JobT, owner: str, message: QueueMessage) -> ConversationRecord | Outcome:
@@ -241,20 +282,48 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
         if isinstance(job, Outcome):
             return job
         owner = f"{message.message_id}/{uuid.uuid4().hex[:12]}"
+        hold = CapHold()
         with bound_contextvars(conversation_id=job.key.conversation_id, **self.log_context(job)):
             try:
-                return await self._claimed(job, owner, message, lease, started)
+                tenant = self.tenant(job)
+                if tenant is not None and not await self._admitted(hold, *tenant):
+                    return self._capped(message)
+                return await self._claimed(job, owner, message, lease, started, hold)
             except DependencyUnavailable as exc:
                 log.warning("dependency_unavailable", detail=str(exc))
                 return Outcome.retry(f"{exc.service}_unavailable")
+            finally:
+                if hold.slot is not None and self._cap is not None:  # done, retry, defer, dead letter or cancelled
+                    await asyncio.shield(self._cap.leave(hold.slot))
 
-    async def _claimed(self, job: JobT, owner: str, message: QueueMessage, lease: Lease, started: float) -> Outcome:
+    async def _admitted(self, hold: CapHold, company_id: str, project_id: str) -> bool:
+        """Under the project's cap (holding a lease in `hold` when it has one), or no cap to keep."""
+        if self._cap is None or hold.checked:
+            return True
+        hold.checked = True
+        admission = await self._cap.enter(company_id, project_id)
+        hold.slot = admission.slot
+        return admission.admitted
+
+    def _capped(self, message: QueueMessage) -> Outcome:
+        assert self._cap is not None
+        return Outcome.defer("concurrency_capped", self._cap.defer_delay_s(message.deferrals))
+
+    async def _claimed(
+        self, job: JobT, owner: str, message: QueueMessage, lease: Lease, started: float, hold: CapHold
+    ) -> Outcome:
+        # No later than the claim's lease starts (the cap's, when taken before the claim, a call earlier: the margin
+        # covers that).
+        claiming_at = self._monotonic()
         record = await self.claim(job, owner, message)
         if isinstance(record, Outcome):
             return record
         claimed = Claimed(job, owner, record, lease, started)
+        if not await self._admitted(hold, record.company_id, record.project_id):
+            await self._release(claimed)
+            return self._capped(message)
         try:
-            async with self._kept_alive(claimed):
+            async with self._kept_alive(claimed, hold, claiming_at):
                 outcome = await self.work(claimed)
         except DependencyUnavailable as exc:  # a retry like any other: the claim is released below
             log.warning("dependency_unavailable", detail=str(exc))
@@ -267,20 +336,33 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
             if failure is not None and await self._give_up(claimed, failure):
                 return Outcome.dead_letter(RETRIES_EXHAUSTED)
             await self._release(claimed)
+        elif outcome.disposition is Disposition.DEFER:
+            await self._release(claimed)
         return outcome
 
     @asynccontextmanager
-    async def _kept_alive(self, claimed: Claimed[JobT]) -> AsyncIterator[None]:
-        """Refresh the claim every half lease while the body runs (rare: a slow AI call outliving half the lease)."""
+    async def _kept_alive(self, claimed: Claimed[JobT], hold: CapHold, claimed_at: float) -> AsyncIterator[None]:
+        """Refresh the claim (and the cap's in-flight lease) while the body runs, each time less than the margin of
+        its lease is left (rare: an AI call outliving most of the lease). A failed refresh is tried again at
+        once-a-quarter-margin until it lands or the lease lapses, so the claim never lapses while work runs
+        unless DynamoDB stays unreachable for the whole margin."""
         lease_s = self._config.claim_lease_s
+        margin_s = refresh_margin_s(lease_s)
 
         async def keep() -> None:
+            expires = claimed_at + lease_s  # monotonic, conservative: taken before the claim was written
             while True:
-                await asyncio.sleep(lease_s / 2)
+                await self._keep_alive_sleep(max(0.0, expires - margin_s - self._monotonic()))
+                refreshing_at = self._monotonic()
                 try:
                     await self._claims.refresh(claimed.key, claimed.owner, self._clock() + lease_s)
+                    expires = refreshing_at + lease_s
                 except DependencyUnavailable as exc:
                     log.warning("claim_refresh_failed", detail=str(exc))
+                    await self._keep_alive_sleep(margin_s / 4)
+                    continue
+                if hold.slot is not None and self._cap is not None:
+                    await self._cap.refresh(hold.slot)
 
         task = asyncio.create_task(keep())
         try:
@@ -414,6 +496,7 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
                         background=prompt.background,
                         timeout_s=self._config.ai_timeout_s,
                         metadata={"conversation_id": claimed.key.conversation_id[:512], **prompt.metadata},
+                        requests_per_second=prompt.requests_per_second,
                     )
                 )
         except PermanentProviderError as exc:
@@ -444,7 +527,7 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
         if claimed.lease.lost.is_set():
             return Outcome.retry("lease_lost")
         if self._pacing is not None and (wait := await self._pacing.wait_turn(outbound)):
-            return Outcome.retry("paced", math.ceil(wait))  # this sender's queue of sends is too long to wait in
+            return Outcome.defer("paced", math.ceil(wait))  # this sender's queue of sends is too long to wait in
         with claimed.lease.protected():  # from the ledger entry on, the runtime never cancels this task
             if not await self._claims.record_attempt(claimed.key, claimed.owner, draft):
                 return Outcome.retry("claim_lost", 1)

@@ -18,14 +18,21 @@ class QueueMessage:
     receipt_handle: str
     body: str
     attributes: dict[str, str]  # SQS message attributes (string values)
-    receive_count: int  # ApproximateReceiveCount, 1 on first delivery
+    # Receives that counted: ApproximateReceiveCount (1 on first delivery) plus the receives a deferred copy's
+    # original had used before it was deferred (`sqs_messages.PRIOR_RECEIVES`), so deferring never resets retries.
+    receive_count: int
     sent_at: float  # SentTimestamp, epoch seconds
+    group: str | None = None  # MessageGroupId (the tenant), kept on a deferred copy
+    deferrals: int = 0  # times this message was deferred before (`Outcome.defer`)
 
 
 class Disposition(StrEnum):
     DONE = "done"  # work finished or permanently failed and recorded: delete the message
     RETRY = "retry"  # transient failure: leave it to reappear (after `retry_delay_s` when given)
     DEAD_LETTER = "dead_letter"  # unprocessable (malformed): move to the DLQ now, no retry loop
+    # Not now, and not a failure (a pace, a concurrency cap): a copy is queued with DelaySeconds=`retry_delay_s`
+    # and the original deleted, so the wait costs no receive toward the DLQ's maxReceiveCount.
+    DEFER = "defer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +49,11 @@ class Outcome:
     @classmethod
     def retry(cls, reason: str, delay_s: int | None = None, *, detail: str | None = None) -> Outcome:
         return cls(Disposition.RETRY, reason, delay_s, detail)
+
+    @classmethod
+    def defer(cls, reason: str, delay_s: int) -> Outcome:
+        """Try again in `delay_s` (at most 900 s a time: SQS's DelaySeconds) without burning a receive."""
+        return cls(Disposition.DEFER, reason, max(0, delay_s))
 
     @classmethod
     def dead_letter(cls, reason: str) -> Outcome:

@@ -22,8 +22,15 @@ class ConsumerMetrics:
         self.received = Counter("comms_messages_received_total", "Messages received", ["queue"], registry=registry)
         self.finished = Counter(
             "comms_messages_finished_total",
-            "Messages finished, by disposition (done/retry/dead_letter) and reason",
+            "Messages finished, by disposition (done/retry/defer/dead_letter) and reason",
             ["queue", "disposition", "reason"],
+            registry=registry,
+        )
+        self.deferrals = Counter(
+            "comms_deferrals_total",
+            "Messages deferred (re-queued with a delay, no receive burnt), by reason (paced, ai_paced,"
+            " concurrency_capped) and result (deferred, copied_delete_failed, copy_failed: retried instead)",
+            ["queue", "reason", "result"],
             registry=registry,
         )
         self.in_flight = Gauge("comms_messages_in_flight", "Messages being processed", ["queue"], registry=registry)

@@ -20,6 +20,10 @@ healthy messages. So on stop:
 - `abandon()` (an operator's second signal) cancels the open receive and all in-flight work at once and makes
   nothing visible; interrupted messages reappear when their visibility lapses.
 
+A deferral (`Outcome.defer`: a pace or a concurrency cap said "not now") is settled as a copy queued with
+DelaySeconds (SendMessageBatch: the copies of one receive together) and the original deleted, so it burns no
+receive; the receives that did count travel with the copy (`sqs_messages.PRIOR_RECEIVES`). See `defer`.
+
 Not ours to avoid: a message made visible while the final receive is open is taken by it (one receive, handed
 back at once), and hidden for a visibility timeout only if that receive is abandoned. Stop takes up to
 `wait_time_s + receive_margin_s` even when idle, longer than a short `grace_s`: the process' termination grace
@@ -32,23 +36,30 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from consumers.backoff import MAX_VISIBILITY_S, PollBackoff, retry_delay_s
-from consumers.batching import DeleteBatcher, change_visibility_batch
+from consumers.batching import DeleteBatcher, SendBatcher, change_visibility_batch
 from consumers.contracts import Disposition, Lease, Outcome, Processor
 from consumers.heartbeat import InFlight, VisibilityHeartbeat
 from consumers.metrics import ConsumerMetrics
-from consumers.sqs_messages import find_redrive_policy, resendable_attributes, to_queue_message
+from consumers.sqs_messages import (
+    SYSTEM_ATTRIBUTES,
+    deferred_copy_attributes,
+    find_redrive_policy,
+    resendable_attributes,
+    to_queue_message,
+)
 from service import tracing
 from service.aws_failures import AWS_FAILURES, error_code
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
-    from types_aiobotocore_sqs.type_defs import MessageTypeDef
+    from types_aiobotocore_sqs.type_defs import MessageTypeDef, SendMessageBatchRequestEntryTypeDef
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +68,7 @@ LEASE_LOST = "lease_lost"  # visibility could not be kept; the work was cancelle
 SHUTDOWN = "shutdown"  # cancelled by stop() after the grace period; made visible again at once
 ABANDONED = "abandoned"  # cancelled by abandon(); left to reappear when its visibility lapses
 CANCELLED = "cancelled"  # cancelled by something else; made visible again at once
+MAX_DELAY_S = 900  # SQS's DelaySeconds limit: a longer deferral comes back after it and is deferred again
 
 
 class ConsumerConfig(BaseModel):
@@ -74,6 +86,9 @@ class ConsumerConfig(BaseModel):
     # 0.5 s: about a third of the DeleteMessageBatch calls of 0.05 s at tens of messages a second; the wait is
     # after the slot is freed and the heartbeat has left the message at least half a visibility timeout.
     delete_flush_interval_s: float = Field(0.5, ge=0, description="Longest a finished delete waits for its batch")
+    copy_flush_interval_s: float = Field(
+        0.01, ge=0, description="Longest a deferred copy waits for others to share its SendMessageBatch"
+    )
     retry_base_s: float = Field(5.0, gt=0, description="Retry backoff: base * 2^(receive_count-1), jittered")
     retry_cap_s: float = Field(300.0, gt=0, le=MAX_VISIBILITY_S)
     poll_backoff_base_s: float = Field(0.5, gt=0, description="Rest after a failed poll, doubling per failure")
@@ -97,6 +112,7 @@ class ConsumerCounts:
     received: int = 0
     complete: int = 0  # DONE
     retried: int = 0  # RETRY, including processor errors, lost leases and work cancelled at stop
+    deferred: int = 0  # DEFER (a copy re-queued with a delay, the original deleted; no receive burnt)
     dead_lettered: int = 0  # DEAD_LETTER
     failed: int = 0  # the processor raised (also counted in retried)
     leases_lost: int = 0
@@ -143,6 +159,7 @@ class QueueConsumer:
             clock=clock,
         )
         self._deletes = DeleteBatcher(sqs, queue_url, queue_name, metrics, config.delete_flush_interval_s)
+        self._copies = SendBatcher(sqs, queue_url, queue_name, config.copy_flush_interval_s)
         self._in_flight: dict[asyncio.Task[None], InFlight] = {}
         self._finishing: set[asyncio.Task[None]] = set()
         self._returns: set[asyncio.Task[None]] = set()
@@ -339,7 +356,7 @@ class QueueConsumer:
                 MaxNumberOfMessages=count,
                 WaitTimeSeconds=self._config.wait_time_s,
                 VisibilityTimeout=self._config.visibility_timeout_s,
-                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
+                MessageSystemAttributeNames=SYSTEM_ATTRIBUTES,  # type: ignore[arg-type]
                 MessageAttributeNames=["All"],
             )
         )
@@ -453,7 +470,7 @@ class QueueConsumer:
         that receive would take the message for nothing, and if abandoned hide it for a visibility timeout."""
         if self._abandoned or not self._stopping or self._no_receive.is_set():
             return False
-        if outcome.disposition is not Disposition.RETRY or item.lease.lost.is_set():
+        if outcome.disposition not in (Disposition.RETRY, Disposition.DEFER) or item.lease.lost.is_set():
             return False  # after a lost lease nothing is changed: the message reappears when its visibility lapses
         delay = outcome.retry_delay_s
         return delay is None or delay <= self._receive_deadline - time.monotonic()
@@ -481,6 +498,8 @@ class QueueConsumer:
                 settled = {"sqs": "deleted" if deleted else "delete_failed"}
             elif outcome.disposition is Disposition.DEAD_LETTER:
                 settled = await self.dead_letter(item)
+            elif outcome.disposition is Disposition.DEFER:
+                settled = await self.defer(item, outcome)
             else:
                 settled = await self.retry_later(item, outcome)
         except Exception:
@@ -513,6 +532,40 @@ class QueueConsumer:
             return {"sqs": "visibility_change_failed"}
         return {"sqs": "visibility_set", "retry_in_s": delay}
 
+    async def defer(self, item: InFlight, outcome: Outcome) -> dict[str, Any]:
+        """Queue a copy (same body, attributes and group) visible after the delay, then delete the original: the
+        copy starts again at receive count 1, so waiting costs no receive toward the DLQ. Part-way failures:
+        - the copy is not sent: the original is retried after the same delay instead (one receive more, never lost);
+        - the copy is sent but the delete fails: the original comes back after its visibility timeout too. Both
+          name one conversation, and its claim lets only one of them send (the other ends `already_done`).
+        The slot is freed once the copy is queued: the original's delete goes out with the next batch (it stays
+        invisible meanwhile; stop() flushes and waits for the batches); a crash before it leaves that duplicate."""
+        if item.lease.lost.is_set():
+            return {"sqs": "left_to_reappear"}  # another consumer may hold it: a copy would only add a duplicate
+        delay = max(0, min(outcome.retry_delay_s or 0, MAX_DELAY_S))
+        entry: SendMessageBatchRequestEntryTypeDef = {
+            "Id": "",  # numbered by the batch
+            "MessageBody": item.message.body,
+            "MessageAttributes": deferred_copy_attributes(item.message, item.message_attributes),
+            "DelaySeconds": delay,
+        }
+        if item.message.group:
+            entry["MessageGroupId"] = item.message.group
+        copy_id = await self._copies.send(entry)
+        if copy_id is None:
+            log.warning("defer_copy_failed", queue=self._queue_name, message_id=item.message.message_id)
+            self._metrics.deferrals.labels(queue=self._queue_name, reason=outcome.reason, result="copy_failed").inc()
+            return {**await self.retry_later(item, outcome), "deferred": False}
+        # Queued now (before the copy can come back and be deleted in the same batch), not waited for.
+        deleted = self._deletes.delete_soon(item.message.message_id, item.message.receipt_handle)
+        deleted.add_done_callback(partial(self._deferred_deleted, outcome.reason))
+        return {"sqs": "copied", "retry_in_s": delay, "copy_message_id": copy_id}
+
+    def _deferred_deleted(self, reason: str, deleted: asyncio.Future[bool]) -> None:
+        ok = not deleted.cancelled() and deleted.result()
+        result = "deferred" if ok else "copied_delete_failed"
+        self._metrics.deferrals.labels(queue=self._queue_name, reason=reason, result=result).inc()
+
     async def dead_letter(self, item: InFlight) -> dict[str, Any]:
         """Copy body and attributes to the DLQ, then delete; if the copy fails, leave it for the redrive policy."""
         if self._dead_letter_url is None:
@@ -542,6 +595,8 @@ class QueueConsumer:
             self.counts.complete += 1
         elif disposition is Disposition.DEAD_LETTER:
             self.counts.dead_lettered += 1
+        elif disposition is Disposition.DEFER:
+            self.counts.deferred += 1
         else:
             self.counts.retried += 1
         if item.lease.lost.is_set():

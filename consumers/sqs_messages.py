@@ -1,10 +1,10 @@
-"""SQS wire shapes and the contract's: a received message as a `QueueMessage`, its attributes for resending,
-and a queue's RedrivePolicy."""
+"""SQS wire shapes and the contract's: a received message as a `QueueMessage`, its attributes for resending (and
+for a deferred copy), and a queue's RedrivePolicy."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -23,6 +23,20 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+# A deferred copy starts at ApproximateReceiveCount 1; this attribute carries the receives its original had used
+# before the one that deferred it, so retries still run out (a retry, a deferral, a retry... is not endless).
+PRIOR_RECEIVES = "priorReceives"
+DEFERRALS = "deferrals"  # how many times the message was deferred (a growing deferral keeps a backlog's churn down)
+RUNTIME_ATTRIBUTES = frozenset({PRIOR_RECEIVES, DEFERRALS})  # the runtime's own: not shown to processors
+SYSTEM_ATTRIBUTES = ["ApproximateReceiveCount", "SentTimestamp", "MessageGroupId"]
+
+
+def _count(message_attributes: Mapping[str, Any], name: str) -> int:
+    try:
+        return max(0, int(message_attributes.get(name, {}).get("StringValue", "0")))
+    except (TypeError, ValueError):
+        return 0
+
 
 def to_queue_message(raw: MessageTypeDef) -> QueueMessage:
     system = raw.get("Attributes", {})
@@ -31,9 +45,15 @@ def to_queue_message(raw: MessageTypeDef) -> QueueMessage:
         message_id=raw.get("MessageId", ""),
         receipt_handle=raw.get("ReceiptHandle", ""),
         body=raw.get("Body", ""),
-        attributes={name: value["StringValue"] for name, value in message_attributes.items() if "StringValue" in value},
-        receive_count=int(system.get("ApproximateReceiveCount", "1")),
+        attributes={
+            name: value["StringValue"]
+            for name, value in message_attributes.items()
+            if "StringValue" in value and name not in RUNTIME_ATTRIBUTES
+        },
+        receive_count=int(system.get("ApproximateReceiveCount", "1")) + _count(message_attributes, PRIOR_RECEIVES),
         sent_at=int(system.get("SentTimestamp", "0")) / 1000,
+        group=system.get("MessageGroupId"),
+        deferrals=_count(message_attributes, DEFERRALS),
     )
 
 
@@ -48,6 +68,19 @@ def resendable_attributes(raw: MessageTypeDef) -> dict[str, MessageAttributeValu
             copy["BinaryValue"] = value["BinaryValue"]
         attributes[name] = copy
     return attributes
+
+
+def deferred_copy_attributes(
+    message: QueueMessage, attributes: Mapping[str, MessageAttributeValueTypeDef]
+) -> dict[str, MessageAttributeValueTypeDef]:
+    """The attributes of `message`'s deferred copy: the same (traceparent included), with the receives that
+    counted before this one (the deferring receive itself does not count) and one deferral more."""
+    copy = {name: value for name, value in attributes.items() if name not in RUNTIME_ATTRIBUTES}
+    prior = message.receive_count - 1
+    if prior > 0:
+        copy[PRIOR_RECEIVES] = {"DataType": "Number", "StringValue": str(prior)}
+    copy[DEFERRALS] = {"DataType": "Number", "StringValue": str(message.deferrals + 1)}
+    return copy
 
 
 @dataclass(frozen=True, slots=True)

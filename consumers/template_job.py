@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from service.domain.company import CompanyRecord
+from service.domain.company import CompanyRecord, ai_requests_per_second
 from service.domain.context import QueueContext
 from service.domain.conversation import ConversationKey, NewConversation
 from service.domain.initiate import SUPPORTED_CHANNELS, is_valid_e164, is_valid_email
@@ -37,6 +37,7 @@ class AiSettings:
     instructions: str
     output_keys: tuple[str, ...]
     background: bool
+    requests_per_second: float | None = None  # the project's pace for this key (None: the default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,7 @@ def _ai_settings(company: CompanyRecord, channel: str) -> AiSettings:
         instructions=instructions,
         output_keys=keys,
         background=openai_config.get("mode") == "background",
+        requests_per_second=ai_requests_per_second(openai_config),
     )
 
 

@@ -69,6 +69,9 @@ class TemplateSender(ClaimedWork[TemplateJob, TemplateDraft, TemplateSenderConfi
     def log_context(self, job: TemplateJob) -> dict[str, str]:
         return {"trace_id": job.trace_id}
 
+    def tenant(self, job: TemplateJob) -> tuple[str, str]:
+        return job.company.company_id, job.company.project_id  # the cap is checked before the claim
+
     async def claim(self, job: TemplateJob, owner: str, message: QueueMessage) -> ConversationRecord | Outcome:
         now = self._clock()
         with self.step("claim"):
@@ -146,6 +149,7 @@ class TemplateSender(ClaimedWork[TemplateJob, TemplateDraft, TemplateSenderConfi
             background=job.ai.background,
             draft=draft,
             metadata={"request_id": job.request_id},
+            requests_per_second=job.ai.requests_per_second,
         )
 
 

@@ -67,6 +67,7 @@ def _ai_channel_config(prefix: str, channel: str, env: str) -> dict[str, Any]:
         "api_key_reference": openai_secret_name(prefix, channel, env),
         "model": "gpt-4.1-mini",
         "mode": "foreground",
+        "requests_per_second": 100,  # the sandbox's key: not an OpenAI account held to its tier's limit
         "template_sender": {
             "instructions": (
                 "You write the first message of a conversation for Demo Homes. Fill the template variables: "
@@ -89,7 +90,9 @@ def demo_company(prefix: str, env: str, now: float) -> CompanyRecord:
             "project_name": "Spring viewings",
             "project_status": "active",
             "allowed_channels": ["whatsapp", "sms", "email"],
-            "rate_limits": {"requests_per_minute": 1200, "burst": 100, "concurrent_conversations": 500},
+            # No concurrent_conversations cap: a capped project pays two conditional writes per message for its
+            # in-flight lease (docs/tenants.md); the demo and the benchmarks measure the uncapped path.
+            "rate_limits": {"requests_per_minute": 1200, "burst": 100},
             "company_rep": {"company_rep_1": "Alex Example"},
             "channel_config": {
                 "whatsapp": {

@@ -31,6 +31,7 @@ from service.adapters.aws.company_directory import DynamoCompanyDirectory
 from service.adapters.aws.conversation_claims import DynamoConversationClaims
 from service.adapters.aws.conversation_lookup import DynamoConversationLookup
 from service.adapters.aws.errors import AWS_FAILURES, error_code
+from service.adapters.aws.inflight_leases import DynamoInflightLeases
 from service.adapters.aws.opt_out_registry import DynamoOptOutRegistry
 from service.adapters.aws.queue_publisher import SqsPublisher
 from service.adapters.aws.reply_claims import DynamoReplyClaims
@@ -51,6 +52,8 @@ from service.config import (
     ConfigurationError,
     Settings,
 )
+from service.domain.ai_pacing import paced_ai_writer
+from service.domain.concurrency_cap import ConcurrencyCap, InflightLeases
 from service.domain.fleet_rate_limit import FleetRateLimiter
 from service.domain.inbound_intake import InboundIntake, IntakeConfig, IntakePorts
 from service.domain.initiation import ConversationInitiator, InitiationPorts
@@ -94,6 +97,7 @@ class Adapters:
     stage: ReplyStage
     signatures: SignatureVerifier
     token_leases: TokenLeases
+    inflight_leases: InflightLeases
     ai: AiWriter | None = None  # built with the consumers (their connection pools are sized for them)
     senders: Mapping[str, MessageSender] | None = None
 
@@ -149,12 +153,23 @@ def aws_adapters(settings: Settings, aws: AwsClients, clock: Callable[[], float]
         ledger=DynamoRequestLedger(dynamodb, settings.idempotency_table, settings.request_idempotency_ttl_s),
         publisher=SqsPublisher(aws.sqs),
         secrets=SecretsManagerStore(aws.secrets, settings.secrets_cache_ttl_s),
-        conversation_claims=DynamoConversationClaims(dynamodb, settings.conversations_table, clock),
-        reply_claims=DynamoReplyClaims(dynamodb, settings.conversations_table, clock),
-        conversations=DynamoConversationLookup(dynamodb, settings.conversations_table, clock=clock),
+        conversation_claims=DynamoConversationClaims(
+            dynamodb,
+            settings.conversations_table,
+            clock,
+            messages_table=settings.messages_table,
+            index_shards=settings.conversation_index_shards,
+        ),
+        reply_claims=DynamoReplyClaims(
+            dynamodb, settings.conversations_table, clock, messages_table=settings.messages_table
+        ),
+        conversations=DynamoConversationLookup(
+            dynamodb, settings.conversations_table, clock=clock, messages_table=settings.messages_table
+        ),
         stage=DynamoReplyStage(dynamodb, settings.stage_table, settings.lock_table),
         signatures=TwilioSignatureVerifier(),
         token_leases=DynamoTokenLeases(dynamodb, settings.rate_limits_table),
+        inflight_leases=DynamoInflightLeases(dynamodb, settings.rate_limits_table),
     )
 
 
@@ -166,6 +181,18 @@ def send_pacing(settings: Settings, leases: TokenLeases) -> SendPacing:
         {channel: rate for channel, rate in defaults.items() if rate > 0},
         asyncio.sleep,
         max_wait_s=settings.send_pace_max_wait_s,
+    )
+
+
+def concurrency_cap(settings: Settings, adapters: Adapters) -> ConcurrencyCap:
+    """Each project's concurrent_conversations across the fleet: company records from the cached directory, the
+    in-flight leases in the rate-limits table, lasting as long as a claim (and refreshed with it)."""
+    return ConcurrencyCap(
+        adapters.companies,
+        adapters.inflight_leases,
+        time.time,
+        lease_s=settings.claim_lease_s,
+        defer_s=settings.concurrency_defer_s,
     )
 
 
@@ -249,7 +276,7 @@ async def _with_providers(settings: Settings, adapters: Adapters, stack: AsyncEx
         stack.push_async_callback(openai_http.aclose)  # closes the aiohttp session
         writer = OpenAiWriter(openai_http, settings.openai_base_url, settings.ai_max_attempts)
         stack.push_async_callback(writer.close)
-        ai = writer
+        ai = paced_ai_writer(settings, adapters.token_leases, writer)  # per-key pace + fleet-wide 429 back-off
     senders = adapters.senders
     if senders is None:
         twilio = TwilioSender(
@@ -302,6 +329,7 @@ async def build_consumers(
     )
     consumers: list[QueueConsumer] = []
     pacing = send_pacing(settings, adapters.token_leases)  # one per process: its shares serve every consumer
+    cap = concurrency_cap(settings, adapters)  # one per process: its remembered refusals serve every consumer
     for queue in queues:
         queue_url = settings.queue_url(queue)
         assert queue_url is not None  # checked above
@@ -328,6 +356,7 @@ async def build_consumers(
                 ),
                 metrics,
                 pacing=pacing,
+                cap=cap,
             )
         else:
             processor = TemplateSender(
@@ -346,6 +375,7 @@ async def build_consumers(
                 ),
                 metrics,
                 pacing=pacing,
+                cap=cap,
             )
         queue_config = consumer_config.model_copy(update={"dead_letter_queue_url": redrive.dead_letter_url})
         consumers.append(QueueConsumer(aws.sqs, queue_url, queue, processor, metrics, queue_config))

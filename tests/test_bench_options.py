@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.options import BenchOptions, EndpointOptions, GrowthOptions, RepliesOptions, parse_options
+from bench.options import (
+    BenchOptions,
+    EndpointOptions,
+    ExchangesOptions,
+    GrowthOptions,
+    RepliesOptions,
+    parse_options,
+)
 
 
 def test_no_mode_is_the_template_mode_with_the_spec_setting() -> None:
@@ -50,3 +57,9 @@ def test_replies_options_and_each_mode_writes_its_own_json() -> None:
     assert (options.conversations, options.fragments, options.tracing) == (20, 3, True)
     assert options.output.name == "replies.json"
     assert Path(parse_options(["endpoint"]).output).name == "endpoint.json"
+
+
+def test_the_exchanges_mode_reports_each_named_exchange_once_in_order() -> None:
+    options = parse_options(["exchanges", "--at", "200", "1", "1"])
+    assert isinstance(options, ExchangesOptions)
+    assert options.at == (1, 200)

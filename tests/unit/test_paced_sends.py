@@ -64,14 +64,14 @@ async def test_two_conversations_from_one_sender_are_sent_a_turn_apart() -> None
     assert len(sent) == 2 and world.clock.sleeps.count(1.0) == 1
 
 
-async def test_a_turn_too_far_off_hands_the_message_back_before_anything_is_recorded() -> None:
+async def test_a_turn_too_far_off_defers_the_message_before_anything_is_recorded() -> None:
     world, leases = FakeWorld(), FakeTokenLeases()
     await deliver(paced_sender(world, leases), world, new_body())  # takes the sender's only token
     impatient, body = paced_sender(world, leases, max_wait_s=0.5), new_body()
 
     outcome = await deliver(impatient, world, body)
 
-    assert (outcome.disposition, outcome.reason, outcome.retry_delay_s) == (Disposition.RETRY, "paced", 1)
+    assert (outcome.disposition, outcome.reason, outcome.retry_delay_s) == (Disposition.DEFER, "paced", 1)
     record = world.table[parse_template_job(body).key]
     assert record.ledger.provider_message_id is None and len(world.sender("sms").sent) == 1
 
