@@ -16,6 +16,7 @@ Tracing (`service.tracing`, the OTEL_* variables) starts before anything is buil
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Literal, TypeVar
@@ -63,6 +64,19 @@ def install_stop_signals(stop: asyncio.Event, force: asyncio.Event) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
 
 
+def freeze_startup_heap() -> None:
+    """What start-up built (modules, botocore's service models, the clients, the caches) lives as long as the
+    process, yet every full pass of the cyclic collector walks all of it: about 0.1 to 0.2 s of CPU, once every few
+    hundred requests. Collected once, then moved out of the collector's view (`gc.freeze`); reference counting still
+    frees any of it that is dropped. `thaw_heap` puts it back when the service stops."""
+    gc.collect()
+    gc.freeze()
+
+
+def thaw_heap() -> None:
+    gc.unfreeze()
+
+
 async def start_http(deps: Dependencies) -> web.AppRunner:
     runner = make_runner(create_app(deps))
     await runner.setup()
@@ -99,7 +113,11 @@ async def run_service(
     runs_consumers = role in ("worker", "all")
     try:
         async with build(settings, expects_consumers=runs_consumers, startup=StartupRetry(stop, sleep)) as deps:
-            await _serve(deps, settings, role, stop, force, on_ready)
+            freeze_startup_heap()
+            try:
+                await _serve(deps, settings, role, stop, force, on_ready)
+            finally:
+                thaw_heap()
     except StartupStopped:
         log.info("service_stopped", role=role, during="startup")
         return

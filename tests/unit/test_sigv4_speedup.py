@@ -74,7 +74,7 @@ def signed_both_ways(
 
 def from_dict(request: dict[str, Any], **headers: str) -> Callable[[], AWSRequest]:
     def make() -> AWSRequest:
-        made = create_request_object(request)
+        made: AWSRequest = create_request_object(request)
         for name, value in headers.items():
             made.headers[name.replace("_", "-")] = value
         return made
@@ -192,8 +192,8 @@ async def test_an_unsigned_payload_request_is_signed_exactly_as_botocore_signs_i
 async def test_every_speedup_applies_to_the_clients_of_this_botocore(clients: dict[str, Any]) -> None:
     """Fails after a botocore upgrade that removed what a speed-up relies on (it would fall back silently)."""
     for client in clients.values():
-        assert speed_up(client) == ["user-agent", "sigv4"]
-        assert speed_up(client) == ["user-agent", "sigv4"]  # applying twice is harmless
+        assert speed_up(client) == ["user-agent", "sigv4", "endpoint", "retry-check", "prepare"]
+        assert speed_up(client) == ["user-agent", "sigv4", "endpoint", "retry-check", "prepare"]  # twice: harmless
 
 
 async def test_the_client_signer_hands_out_the_faster_sigv4(clients: dict[str, Any]) -> None:
