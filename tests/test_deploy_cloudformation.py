@@ -320,8 +320,9 @@ ROLE_MINIMUM: dict[str, dict[str, set[str]]] = {
         "ApiKeysTable": ITEM_READ_WRITE,
         "IdempotencyTable": ITEM_READ_WRITE | {"dynamodb:DeleteItem"},
         "OptOutTable": ITEM_READ_WRITE | {"dynamodb:DeleteItem"},
-        "ConversationsTable": ITEM_READ_WRITE | {"dynamodb:Query"},
+        "ConversationsTable": ITEM_READ_WRITE | {"dynamodb:Query", "dynamodb:BatchGetItem"},
         "ConversationsTable/index": {"dynamodb:Query"},
+        "MessagesTable": {"dynamodb:Query", "dynamodb:UpdateItem"},  # hand-off history, delivery states
         "StageTable": ITEM_READ_WRITE | {"dynamodb:Query", "dynamodb:DeleteItem"},
         "LockTable": ITEM_READ_WRITE | {"dynamodb:DeleteItem"},
         "RateLimitsTable": {"dynamodb:UpdateItem"},
@@ -334,11 +335,13 @@ ROLE_MINIMUM: dict[str, dict[str, set[str]]] = {
     },
     "worker": {
         "ConversationsTable": ITEM_READ_WRITE,
+        "MessagesTable": {"dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"},  # record, read history
         "StageTable": ITEM_READ_WRITE | {"dynamodb:Query", "dynamodb:DeleteItem", "dynamodb:BatchWriteItem"},
         "LockTable": ITEM_READ_WRITE | {"dynamodb:DeleteItem", "dynamodb:BatchWriteItem"},
         "OptOutTable": ITEM_READ_WRITE | {"dynamodb:DeleteItem"},
         "RateLimitsTable": {"dynamodb:UpdateItem"},
-        "CompanyTable": {"dynamodb:DescribeTable"},
+        # readiness, and the project's concurrent_conversations cap read from its current record
+        "CompanyTable": {"dynamodb:DescribeTable", "dynamodb:GetItem"},
         **{
             queue: {
                 "sqs:ReceiveMessage",
@@ -346,6 +349,7 @@ ROLE_MINIMUM: dict[str, dict[str, set[str]]] = {
                 "sqs:ChangeMessageVisibility",
                 "sqs:GetQueueAttributes",
                 "sqs:GetQueueUrl",
+                "sqs:SendMessage",  # a deferral re-queues a copy of the message on its own queue
             }
             for queue in ("WhatsAppQueue", "SmsQueue", "EmailQueue", "RepliesQueue")
         },
@@ -361,7 +365,6 @@ ROLE_MINIMUM: dict[str, dict[str, set[str]]] = {
         "secrets": {"secretsmanager:GetSecretValue"},
     },
 }
-ROLE_MINIMUM["worker"]["RepliesQueue"] = ROLE_MINIMUM["worker"]["RepliesQueue"] | {"sqs:SendMessage"}
 
 
 # ---- the task definition ----------------------------------------------------------------------------
@@ -573,7 +576,7 @@ def test_the_roles_are_split_by_what_each_process_does() -> None:
     for table in ("ApiKeysTable", "IdempotencyTable"):
         assert table not in worker, f"the workers never use {table}"
     assert "HandoffQueue" not in worker
-    assert worker["CompanyTable"] == {"dynamodb:DescribeTable"}  # readiness only
+    assert worker["CompanyTable"] == {"dynamodb:DescribeTable", "dynamodb:GetItem"}  # readiness, the cap
     for resource, actions in worker.items():
         if resource.endswith("DeadLetterQueue"):
             assert actions <= {"sqs:SendMessage", "sqs:GetQueueUrl"}, resource
