@@ -140,8 +140,9 @@ class Settings(BaseSettings):
         5,
         ge=1,
         le=900,
-        description="How long a message over its project's concurrent_conversations cap waits before it is tried"
-        " again (re-queued with this delay: its receive count does not grow)",
+        description="How long a message over its project's concurrent_conversations cap first waits before it is"
+        " tried again (re-queued with this delay: its receive count does not grow); each later deferral of the same"
+        " message waits twice as long (jittered), at most 120 s",
     )
     conversation_index_shards: int = Field(
         8,
