@@ -60,6 +60,7 @@ from bench.write_units import per_unit_of_work
 from local_stack.moto_server import free_port
 from local_stack.seed import DEMO_TWILIO_ACCOUNT_SID, DEMO_TWILIO_AUTH_TOKEN
 from service.adapters.aws.dynamo_codec import from_item
+from service.adapters.aws.resources import MESSAGES_PARTITION_KEY, MESSAGES_SORT_KEY
 
 TARGET_CPU_MS = 10.0  # per answered reply, webhook(s) and consumer together
 TARGET_AWS = 8.0  # AWS requests per answered reply
@@ -259,6 +260,16 @@ async def scan_all(stack: Stack, table: str) -> list[dict[str, Any]]:
     return [from_item(item) for item in await scan_items(stack, table)]
 
 
+async def stored_messages(stack: Stack) -> dict[str, list[dict[str, Any]]]:
+    """Every message item, by conversation_id, in position order (the items' key is "<primary_channel>#<id>";
+    a primary channel never holds a '#')."""
+    by_conversation: dict[str, list[dict[str, Any]]] = {}
+    items = sorted(await scan_all(stack, stack.settings.messages_table), key=lambda i: str(i[MESSAGES_SORT_KEY]))
+    for item in items:
+        by_conversation.setdefault(str(item[MESSAGES_PARTITION_KEY]).split("#", 1)[1], []).append(item)
+    return by_conversation
+
+
 async def verify_replies(
     stack: Stack, conversations: Sequence[ContextMessage], first_index: int, fragments: int, since: int
 ) -> tuple[dict[str, int], list[str]]:
@@ -269,13 +280,15 @@ async def verify_replies(
         for item in await scan_all(stack, stack.settings.conversations_table)
         if item.get("conversation_id") in ids
     }
+    items = await stored_messages(stack)
     statuses = Counter(str(r.get("conversation_status")) for r in records.values())
     statuses["<no record>"] = len(ids) - len(records)
     sent: Counter[str] = Counter(to for to, _ in replies_after(stack, since))
     problems: list[str] = []
     unanswered = twice = resent = 0
     for conversation_id, (index, context) in ids.items():
-        messages = list(records.get(conversation_id, {}).get("messages") or [])
+        # embedded in the record (written before messages became items), then the items
+        messages = [*(records.get(conversation_id, {}).get("messages") or []), *items.get(conversation_id, [])]
         users = [m for m in messages if m.get("role") == "user"]
         for fragment in range(fragments):
             seen = sum(1 for m in users if fragment_text(index, fragment) in str(m.get("content", "")))
