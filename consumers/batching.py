@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import structlog
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 SQS_BATCH_LIMIT = 10
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+P = TypeVar("P")  # a pending entry of a timed batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,40 @@ async def change_visibility_batch(
     return results
 
 
+class _TimedBatches(Generic[P]):
+    """Entries wait for their batch: a call goes out at ten entries, or `flush_interval_s` after the first of a
+    batch; each call runs as its own task (`_send`, the subclass's)."""
+
+    def __init__(self, queue_name: str, flush_interval_s: float, task_name: str) -> None:
+        self._queue_name = queue_name
+        self._flush_interval_s = flush_interval_s
+        self._task_name = f"{task_name}:{queue_name}"
+        self._pending: list[P] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+
+    def _add(self, pending: P) -> None:
+        self._pending.append(pending)
+        if len(self._pending) >= SQS_BATCH_LIMIT:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._flush_interval_s, self.flush)
+
+    def flush(self) -> None:
+        """Send everything pending now, in calls of at most ten."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        for _, batch in chunks(pending):
+            call = asyncio.create_task(self._send(list(batch)), name=self._task_name)
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+
+    async def _send(self, batch: list[P]) -> None:
+        raise NotImplementedError
+
+
 @dataclass(slots=True)
 class _PendingDelete:
     message_id: str
@@ -82,7 +117,7 @@ class _PendingDelete:
     deleted: asyncio.Future[bool]
 
 
-class DeleteBatcher:
+class DeleteBatcher(_TimedBatches[_PendingDelete]):
     """Deletes finished messages with DeleteMessageBatch: ten per call, or fewer after `flush_interval_s`.
 
     A delete SQS reports as Failed (or a call that fails after botocore's own retries) is logged and
@@ -92,14 +127,10 @@ class DeleteBatcher:
     def __init__(
         self, sqs: SQSClient, queue_url: str, queue_name: str, metrics: ConsumerMetrics, flush_interval_s: float
     ) -> None:
+        super().__init__(queue_name, flush_interval_s, "delete-batch")
         self._sqs = sqs
         self._queue_url = queue_url
-        self._queue_name = queue_name
         self._metrics = metrics
-        self._flush_interval_s = flush_interval_s
-        self._pending: list[_PendingDelete] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._calls: set[asyncio.Task[None]] = set()
 
     async def delete(self, message_id: str, receipt_handle: str) -> bool:
         """Queue one delete and wait for its batch; True when SQS deleted the message."""
@@ -108,23 +139,8 @@ class DeleteBatcher:
     def delete_soon(self, message_id: str, receipt_handle: str) -> asyncio.Future[bool]:
         """Queue one delete now; the future says (once its batch answered) whether SQS deleted the message."""
         deleted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append(_PendingDelete(message_id, receipt_handle, deleted))
-        if len(self._pending) >= SQS_BATCH_LIMIT:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._flush_interval_s, self.flush)
+        self._add(_PendingDelete(message_id, receipt_handle, deleted))
         return deleted
-
-    def flush(self) -> None:
-        """Send everything pending now, in calls of at most ten."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        pending, self._pending = self._pending, []
-        for _, batch in chunks(pending):
-            call = asyncio.create_task(self._send(list(batch)), name=f"delete-batch:{self._queue_name}")
-            self._calls.add(call)
-            call.add_done_callback(self._calls.discard)
 
     def hurry(self) -> None:
         """Flush now, and from now on send each delete at the next loop turn (with those of the same turn): a
@@ -174,37 +190,19 @@ class _PendingSend:
     sent: asyncio.Future[str | None]
 
 
-class SendBatcher:
+class SendBatcher(_TimedBatches[_PendingSend]):
     """Queues messages with SendMessageBatch: ten per call, or fewer after `flush_interval_s` (deferred copies of
     one receive go out together). `send` answers the new message id, or None when SQS did not take it."""
 
     def __init__(self, sqs: SQSClient, queue_url: str, queue_name: str, flush_interval_s: float) -> None:
+        super().__init__(queue_name, flush_interval_s, "send-batch")
         self._sqs = sqs
         self._queue_url = queue_url
-        self._queue_name = queue_name
-        self._flush_interval_s = flush_interval_s
-        self._pending: list[_PendingSend] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._calls: set[asyncio.Task[None]] = set()
 
     async def send(self, entry: SendMessageBatchRequestEntryTypeDef) -> str | None:
         sent: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_PendingSend(entry, sent))
-        if len(self._pending) >= SQS_BATCH_LIMIT:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._flush_interval_s, self.flush)
+        self._add(_PendingSend(entry, sent))
         return await sent
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        pending, self._pending = self._pending, []
-        for _, batch in chunks(pending):
-            call = asyncio.create_task(self._send(list(batch)), name=f"send-batch:{self._queue_name}")
-            self._calls.add(call)
-            call.add_done_callback(self._calls.discard)
 
     async def _send(self, batch: list[_PendingSend]) -> None:
         entries = [{**item.entry, "Id": str(i)} for i, item in enumerate(batch)]
