@@ -239,7 +239,10 @@ def rows(run: FairnessRun) -> list[Row]:
         sent = f"{len(phase.dwell_s)}/{len(phase.dwell_s) + phase.waiting} sent"
         table.append(Row(f"Quiet dwell, {phase.name}", f"p50 {phase.shown(0.5)}, p95 {phase.shown(0.95)} ({sent})"))
         if phase.noisy:
-            table.append(Row(f"  noisy conversations sent meanwhile ({phase.name})", str(phase.noisy_sent)))
+            rate = phase.noisy_sent / phase.duration_s if phase.duration_s else 0.0
+            ceiling = f"; its cap allows {phase.cap / options.ai_latency_s:.1f}/s at L" if phase.cap else ""
+            sent = f"{phase.noisy_sent} ({rate:.1f}/s{ceiling})"
+            table.append(Row(f"  noisy conversations sent meanwhile ({phase.name})", sent))
     ok = idle_p95 is not None and on_p95 is not None and on_p95 <= TARGET_FACTOR * idle_p95
     table.append(Row("Quiet p95, cap on", on.shown(0.95), target, check(ok)))
     off_p95 = off.percentile(0.95)
@@ -259,6 +262,7 @@ def as_json(run: FairnessRun) -> dict[str, Any]:
                 "cap": phase.cap,
                 "noisy_queued": phase.noisy,
                 "noisy_sent": phase.noisy_sent,
+                "duration_s": phase.duration_s,
                 "quiet_sent": len(phase.dwell_s),
                 "quiet_waiting": phase.waiting,
                 "quiet_dwell_p50_s": phase.percentile(0.5),

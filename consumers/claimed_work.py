@@ -191,6 +191,7 @@ class CapHold:
 
     slot: Slot | None = None
     checked: bool = False  # the cap was looked at (before the claim): not again after it
+    wait_s: int = 0  # refused: when to come back (the project's next slot in the cap's backlog)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +288,7 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
             try:
                 tenant = self.tenant(job)
                 if tenant is not None and not await self._admitted(hold, *tenant):
-                    return self._capped(message)
+                    return self._capped(hold)
                 return await self._claimed(job, owner, message, lease, started, hold)
             except DependencyUnavailable as exc:
                 log.warning("dependency_unavailable", detail=str(exc))
@@ -302,12 +303,12 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
             return True
         hold.checked = True
         admission = await self._cap.enter(company_id, project_id)
-        hold.slot = admission.slot
+        hold.slot, hold.wait_s = admission.slot, admission.wait_s
         return admission.admitted
 
-    def _capped(self, message: QueueMessage) -> Outcome:
-        assert self._cap is not None
-        return Outcome.defer("concurrency_capped", self._cap.defer_delay_s(message.deferrals))
+    @staticmethod
+    def _capped(hold: CapHold) -> Outcome:
+        return Outcome.defer("concurrency_capped", hold.wait_s)
 
     async def _claimed(
         self, job: JobT, owner: str, message: QueueMessage, lease: Lease, started: float, hold: CapHold
@@ -321,7 +322,7 @@ class ClaimedWork(ABC, Generic[JobT, DraftT, ConfigT, PortsT]):
         claimed = Claimed(job, owner, record, lease, started)
         if not await self._admitted(hold, record.company_id, record.project_id):
             await self._release(claimed)
-            return self._capped(message)
+            return self._capped(hold)
         try:
             async with self._kept_alive(claimed, hold, claiming_at):
                 outcome = await self.work(claimed)

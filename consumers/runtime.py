@@ -612,6 +612,7 @@ class QueueConsumer:
             disposition=str(disposition),
             reason=outcome.reason,
             receive_count=item.message.receive_count,
+            deferrals=item.message.deferrals,
             duration_ms=round(duration_s * 1000, 1),
             lease_lost=item.lease.lost.is_set(),
             **settled,

@@ -26,7 +26,7 @@ T = TypeVar("T")
 # A deferred copy starts at ApproximateReceiveCount 1; this attribute carries the receives its original had used
 # before the one that deferred it, so retries still run out (a retry, a deferral, a retry... is not endless).
 PRIOR_RECEIVES = "priorReceives"
-DEFERRALS = "deferrals"  # how many times the message was deferred (a growing deferral keeps a backlog's churn down)
+DEFERRALS = "deferrals"  # how many times the message was deferred before (logged with its end)
 RUNTIME_ATTRIBUTES = frozenset({PRIOR_RECEIVES, DEFERRALS})  # the runtime's own: not shown to processors
 SYSTEM_ATTRIBUTES = ["ApproximateReceiveCount", "SentTimestamp", "MessageGroupId"]
 

@@ -140,9 +140,10 @@ class Settings(BaseSettings):
         5,
         ge=1,
         le=900,
-        description="How long a message over its project's concurrent_conversations cap first waits before it is"
-        " tried again (re-queued with this delay: its receive count does not grow); each later deferral of the same"
-        " message waits twice as long (jittered), at most 120 s",
+        description="The shortest wait of a message over its project's concurrent_conversations cap (re-queued with"
+        " this delay: its receive count does not grow); the project's later refusals come back one after another,"
+        " each (time its conversations hold their lease) / cap later, so its backlog returns at about the rate the"
+        " cap lets it run (booked at most 900 s ahead)",
     )
     conversation_index_shards: int = Field(
         8,

@@ -9,10 +9,17 @@ tenant's backlog cannot fill every slot of the fleet and the others' messages ke
   runs, and it is released when the message finishes however it ends (done, retry, defer, dead letter, cancel).
 - A refusal is remembered for `refused_memo_s` on this worker, so a backlog of one project met in a row is
   deferred without asking DynamoDB for each message (a release of this worker's own lease forgets it).
-- A refused message waits `defer_s`, doubling with each deferral it already had (jittered, at most
-  `MAX_DEFER_S`): with a fixed wait a backlog of B messages over a cap of c is re-queued about B x B / c times
-  while it drains (each message comes back every `defer_s` until its turn), with a doubling one about
-  B x log2(its wait / defer_s) times, so the queue other tenants share is not kept busy by the churn.
+- A refused message is given a time to come back, as if this worker kept its project's refused messages in a
+  queue laid out in time (`Backlog`): the first `defer_s` from now, each next one `hold / (OVERBOOK x cap)`
+  later, where `hold` is how long the project's conversations hold their lease (a moving average of those this
+  worker saw end; `ASSUMED_HOLD_S` until one has). So the backlog comes back a little faster than the cap drains
+  it: the project keeps running near its cap (returns arriving exactly at the drain rate would find it full about
+  a third of the time, a loss system at full load), a return that finds it full goes to the back, and no wave of
+  returns makes the tenants sharing the queue wait behind it. (Doubling back-offs returned the whole backlog in
+  waves: on one queue served in order, a quiet tenant's message waited behind each wave, and the capped project
+  ran well below its cap between them.) A slot beyond SQS's 900 s delay is not booked: that message comes back at
+  a jittered 450-900 s and is booked then. With R replicas each books its own refusals, so returns come about R
+  times as fast; the surplus is deferred again, evenly.
 - No cap: nothing is asked of DynamoDB at all (the company record comes from the directory's cache).
 - DynamoDB cannot answer (the company record or the lease): fail open, the message goes ahead unleased. The
   cap is about fairness, not a SPEC guarantee (never twice, never lost, opt-outs refused all hold without
@@ -23,6 +30,7 @@ tenant's backlog cannot fill every slot of the fleet and the others' messages ke
 
 from __future__ import annotations
 
+import math
 import random
 import uuid
 from collections import OrderedDict
@@ -38,10 +46,12 @@ from service.domain.ports import CompanyDirectory
 log = structlog.get_logger(__name__)
 
 REFUSED_MEMO_S = 1.0
-# The longest one deferral waits (SQS allows 900). Longer waits churn less, but a capped project whose backlog B is
-# small (B / MAX_DEFER_S < cap / L messages coming back a second) may run below its cap while they sit it out.
-MAX_DEFER_S = 120
-MAX_DOUBLINGS = 10
+MAX_DEFER_S = 900  # SQS's DelaySeconds limit: a later slot is not booked (see `Backlog`)
+# How long a capped project's conversation is assumed to hold its lease until this worker has seen one end: short
+# rather than long, since too short costs a few early re-deferrals and too long leaves the project below its cap.
+ASSUMED_HOLD_S = 1.0
+OVERBOOK = 2  # returns booked per lease the cap frees: keeps a backlogged project near its cap
+HOLD_WEIGHT = 0.2  # of each observed hold in the moving average
 
 
 class InflightLeases(Protocol):
@@ -73,18 +83,30 @@ class Slot:
     key: str  # the project's (`inflight_key`): what a refusal is remembered by
     item_key: str  # the item the lease is held in
     holder: str
+    since: float  # when it was taken (the clock's seconds): how long it was held feeds `Backlog.hold_s`
 
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """`admitted`: go ahead (holding `slot` when the project is capped and the lease was taken)."""
+    """`admitted`: go ahead (holding `slot` when the project is capped and the lease was taken); refused: come
+    back in `wait_s` seconds (the message is deferred that long)."""
 
     admitted: bool
     slot: Slot | None = None
+    wait_s: int = 0
 
 
 ADMITTED_UNCAPPED = Admission(True)
-REFUSED = Admission(False)
+
+
+@dataclass(slots=True)
+class Backlog:
+    """This worker's refused messages of one capped project, as a queue laid out in time: the next one refused
+    comes back at `next_at`, and each takes `hold_s / (OVERBOOK x cap)` of it (the cap frees a lease every
+    `hold_s / cap`)."""
+
+    next_at: float = 0.0
+    hold_s: float = ASSUMED_HOLD_S
 
 
 class ConcurrencyCap:
@@ -108,13 +130,27 @@ class ConcurrencyCap:
         self.defer_s = defer_s  # how long a refused message waits in the queue before it is tried again
         self._refused_memo_s = refused_memo_s
         self._refused_until: OrderedDict[str, float] = OrderedDict()
+        self._backlogs: OrderedDict[str, Backlog] = OrderedDict()
         self._max_keys = max_keys
 
-    def defer_delay_s(self, deferrals: int) -> int:
-        """How long a refused message waits: `defer_s` doubled per earlier deferral, half to all of it (so copies
-        deferred together do not all come back together), at most MAX_DEFER_S."""
-        ceiling = min(MAX_DEFER_S, self.defer_s * 2 ** min(max(0, deferrals), MAX_DOUBLINGS))
-        return max(1, round(self._rng.uniform(max(self.defer_s, ceiling / 2), ceiling)))
+    def refused(self, key: str, cap: int, now: float) -> Admission:
+        """A refusal, with the time its message comes back: its project's next slot in this worker's backlog,
+        `defer_s` from now at the earliest; past MAX_DEFER_S, unbooked and jittered over its second half."""
+        backlog = self._backlog(key)
+        due = max(backlog.next_at, now + self.defer_s)
+        if due - now > MAX_DEFER_S:
+            return Admission(False, wait_s=round(self._rng.uniform(MAX_DEFER_S / 2, MAX_DEFER_S)))
+        backlog.next_at = due + backlog.hold_s / (OVERBOOK * max(1, cap))
+        return Admission(False, wait_s=max(1, math.floor(due - now)))  # whole seconds: early rather than late
+
+    def _backlog(self, key: str) -> Backlog:
+        backlog = self._backlogs.get(key)
+        if backlog is None:
+            backlog = self._backlogs[key] = Backlog()
+        self._backlogs.move_to_end(key)
+        while len(self._backlogs) > self._max_keys:
+            self._backlogs.popitem(last=False)
+        return backlog
 
     async def cap_of(self, company_id: str, project_id: str) -> int | None:
         """The project's concurrent_conversations (None: no cap, or the record could not be read: fail open)."""
@@ -135,7 +171,7 @@ class ConcurrencyCap:
         key = inflight_key(company_id, project_id)
         now = self._clock()
         if now < self._refused_until.get(key, 0.0):
-            return REFUSED
+            return self.refused(key, cap, now)
         try:
             holder = uuid.uuid4().hex[:12]  # short: the lease item holds one entry per running conversation
             held_in = await self._leases.acquire(key, holder, cap, now + self.lease_s, now)
@@ -145,8 +181,8 @@ class ConcurrencyCap:
         if held_in is None:
             self._remember_refusal(key, now + self._refused_memo_s)
             log.info("concurrency_capped", cap=cap)
-            return REFUSED
-        return Admission(True, Slot(key, held_in, holder))
+            return self.refused(key, cap, now)
+        return Admission(True, Slot(key, held_in, holder, now))
 
     async def refresh(self, slot: Slot) -> None:
         try:
@@ -156,6 +192,9 @@ class ConcurrencyCap:
 
     async def leave(self, slot: Slot) -> None:
         self._refused_until.pop(slot.key, None)  # a lease of the project just came free here
+        backlog = self._backlog(slot.key)
+        held = max(0.0, self._clock() - slot.since)
+        backlog.hold_s += HOLD_WEIGHT * (held - backlog.hold_s)
         try:
             await self._leases.release(slot.item_key, slot.holder)
         except DependencyUnavailable as exc:  # it expires by itself after lease_s

@@ -6,6 +6,7 @@ On fakes and a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import orjson
 import pytest
@@ -18,11 +19,11 @@ from consumers.sqs_messages import RedrivePolicy
 from consumers.template_job import parse_template_job
 from consumers.template_sender import TemplatePorts, TemplateSender, TemplateSenderConfig
 from service.domain.company import CompanyRecord, RateLimits
-from service.domain.concurrency_cap import MAX_DEFER_S, ConcurrencyCap, inflight_key
+from service.domain.concurrency_cap import ASSUMED_HOLD_S, MAX_DEFER_S, OVERBOOK, ConcurrencyCap, inflight_key
 from service.domain.conversation import SendState
 from service.domain.provider_ports import ProviderPaced
 from tests.cap_fakes import FakeInflightLeases
-from tests.fakes import FakeClock, FakeWorld, Gate
+from tests.fakes import FakeWorld, Gate
 from tests.unit.test_reply_sender import make_rig as make_reply_rig
 from tests.unit.test_template_sender import COMPANY_ID, PROJECT_ID, SMS_TEXT, company, context
 
@@ -123,13 +124,73 @@ async def test_dynamodb_unavailable_for_the_cap_lets_the_message_go_ahead_unleas
     assert admission.admitted and admission.slot is None
 
 
-def test_a_refused_message_waits_longer_each_time_it_was_deferred_before_up_to_a_bound() -> None:
-    cap = ConcurrencyCap(FakeWorld().companies, FakeInflightLeases(), FakeClock(), lease_s=LEASE_S, defer_s=DEFER_S)
-    delays = {n: [cap.defer_delay_s(n) for _ in range(50)] for n in (0, 1, 3, 20)}
-    assert set(delays[0]) == {DEFER_S}
-    assert all(DEFER_S <= d <= 2 * DEFER_S for d in delays[1]) and len(set(delays[1])) > 1
-    assert all(4 * DEFER_S <= d <= 8 * DEFER_S for d in delays[3])
-    assert all(MAX_DEFER_S / 2 <= d <= MAX_DEFER_S for d in delays[20])
+async def test_a_projects_refused_messages_come_back_twice_as_often_as_its_cap_frees_a_lease() -> None:
+    world, leases = FakeWorld(), FakeInflightLeases()
+    cap = cap_over(world, leases, 2)
+    for _ in range(2):
+        await cap.enter(COMPANY_ID, PROJECT_ID)
+
+    waits = [(await cap.enter(COMPANY_ID, PROJECT_ID)).wait_s for _ in range(9)]
+
+    # ASSUMED_HOLD_S / (OVERBOOK x cap) = 0.25 s apart from DEFER_S on, in whole seconds (SQS's DelaySeconds)
+    assert (ASSUMED_HOLD_S, OVERBOOK) == (1.0, 2)
+    assert waits == [DEFER_S] * 4 + [DEFER_S + 1] * 4 + [DEFER_S + 2]
+
+
+async def test_the_spacing_of_returns_follows_how_long_the_projects_conversations_held_their_lease() -> None:
+    world, leases = FakeWorld(), FakeInflightLeases()
+    cap = cap_over(world, leases, 1)
+    for _ in range(30):  # conversations that each held the project's one lease for 10 s
+        admission = await cap.enter(COMPANY_ID, PROJECT_ID)
+        assert admission.slot is not None
+        world.clock.advance(10.0)
+        await cap.leave(admission.slot)
+    await cap.enter(COMPANY_ID, PROJECT_ID)
+
+    waits = [(await cap.enter(COMPANY_ID, PROJECT_ID)).wait_s for _ in range(3)]
+
+    assert waits[0] == DEFER_S
+    gaps = [later - earlier for earlier, later in itertools.pairwise(waits)]
+    assert all(abs(gap - 10 / OVERBOOK) <= 1 for gap in gaps), gaps  # whole seconds of a moving average near 10 s
+
+
+async def test_a_backlog_that_has_come_back_starts_again_from_the_shortest_wait() -> None:
+    world, leases = FakeWorld(), FakeInflightLeases()
+    cap = cap_over(world, leases, 1)
+    await cap.enter(COMPANY_ID, PROJECT_ID)
+    for _ in range(10):  # booked up to DEFER_S + 10 s from now
+        await cap.enter(COMPANY_ID, PROJECT_ID)
+    world.clock.advance(DEFER_S + 11)  # within the first lease's LEASE_S
+
+    assert (await cap.enter(COMPANY_ID, PROJECT_ID)).wait_s == DEFER_S
+
+
+async def test_a_return_beyond_sqs_longest_delay_is_not_booked_and_comes_back_within_its_second_half() -> None:
+    world, leases = FakeWorld(), FakeInflightLeases()
+    cap = cap_over(world, leases, 1)
+    await cap.enter(COMPANY_ID, PROJECT_ID)
+    while (await cap.enter(COMPANY_ID, PROJECT_ID)).wait_s < MAX_DEFER_S:
+        pass  # booked, each a little later than the one before
+
+    beyond = [(await cap.enter(COMPANY_ID, PROJECT_ID)).wait_s for _ in range(50)]
+
+    assert all(MAX_DEFER_S / 2 <= wait <= MAX_DEFER_S for wait in beyond) and len(set(beyond)) > 1
+    world.clock.advance(MAX_DEFER_S - DEFER_S)  # the booked ones came back: the next is booked near the front
+    assert cap.refused(KEY, 1, world.clock.now()).wait_s == DEFER_S
+
+
+async def test_each_project_has_its_own_backlog() -> None:
+    world, leases = FakeWorld(), FakeInflightLeases()
+    cap = cap_over(world, leases, 1)
+    world.companies.records[(COMPANY_ID, "other-project")] = capped_company(1).model_copy(
+        update={"project_id": "other-project"}
+    )
+    await cap.enter(COMPANY_ID, PROJECT_ID)
+    await cap.enter(COMPANY_ID, "other-project")
+    for _ in range(10):
+        await cap.enter(COMPANY_ID, PROJECT_ID)
+
+    assert (await cap.enter(COMPANY_ID, "other-project")).wait_s == DEFER_S
 
 
 # ---- the skeleton: deferred, never held --------------------------------------------------------------------------
