@@ -21,6 +21,7 @@ PROTECTED_GRACE_S = 10.0  # ConsumerConfig.protected_grace_s: extra wait for wor
 RECEIVE_MARGIN_S = 5.0  # ConsumerConfig.receive_margin_s: how long past poll_wait_s an open poll may run at stop
 FINISH_TIMEOUT_S = 30.0  # ConsumerConfig.finish_timeout_s: longest wait for finishing SQS calls
 HTTP_SHUTDOWN_S = 5.0  # the HTTP runner's shutdown timeout for in-flight requests
+TRACE_FLUSH_S = 3.0  # tracing's last export at stop, after every client closed (service.tracing); 0 s when off
 
 
 class ConfigurationError(Exception):
@@ -225,15 +226,18 @@ class Settings(BaseSettings):
         """Worst-case seconds from SIGTERM to exit of a process running consumers (role worker/all), for the
         pod's terminationGracePeriodSeconds and the ECS stopTimeout (both should be at least this):
 
-            max(drain_grace_s + PROTECTED_GRACE_S, poll_wait_s + RECEIVE_MARGIN_S) + HTTP_SHUTDOWN_S
+            max(drain_grace_s + PROTECTED_GRACE_S, poll_wait_s + RECEIVE_MARGIN_S) + HTTP_SHUTDOWN_S + TRACE_FLUSH_S
 
         with PROTECTED_GRACE_S = 10 (work inside `lease.protected()`, the send, gets that long past the grace),
         RECEIVE_MARGIN_S = 5 (an open long poll is left to end by itself, at most poll_wait_s + 5 s; it runs
-        alongside the drain) and HTTP_SHUTDOWN_S = 5 (the HTTP server's shutdown timeout, after the
-        consumers). Defaults: max(110 + 10, 20 + 5) + 5 = 125. Not counted: the finishing SQS calls of
-        cancelled work, which wait longer only while SQS hangs (each stage bounded by 30 s, FINISH_TIMEOUT_S).
+        alongside the drain), HTTP_SHUTDOWN_S = 5 (the HTTP server's shutdown timeout, after the consumers) and
+        TRACE_FLUSH_S = 3 (the last spans' export, after every client closed: counted whether or not tracing is
+        on, since OTEL_* variables can be added without touching the grace periods derived from this).
+        Defaults: max(110 + 10, 20 + 5) + 5 + 3 = 128. Not counted: the finishing SQS calls of cancelled work,
+        which wait longer only while SQS hangs (each stage bounded by 30 s, FINISH_TIMEOUT_S).
         """
-        return max(self.drain_grace_s + PROTECTED_GRACE_S, self.poll_wait_s + RECEIVE_MARGIN_S) + HTTP_SHUTDOWN_S
+        drain = max(self.drain_grace_s + PROTECTED_GRACE_S, self.poll_wait_s + RECEIVE_MARGIN_S)
+        return drain + HTTP_SHUTDOWN_S + TRACE_FLUSH_S
 
     @property
     def aws_pool_size(self) -> int:

@@ -46,7 +46,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from service import __version__
 from service.aws_failures import error_code
-from service.config import ConfigurationError
+from service.config import TRACE_FLUSH_S, ConfigurationError
 from service.logging import is_secret_key, mask_text
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ SERVICE_NAME = "ai-multi-comms-engine"
 SCOPE = "service"  # the instrumentation scope every span of ours is made under
 MAX_MESSAGE_ATTRIBUTES = 10  # SQS: at most ten message attributes per message
 TRACE_ATTRIBUTES = ("traceparent", "tracestate")
-FLUSH_TIMEOUT_S = 3.0  # the longest service stop waits for the last spans to leave
+FLUSH_TIMEOUT_S = TRACE_FLUSH_S  # the longest service stop waits for the last spans to leave (in its stop budget)
 HTTP_PROTOBUF = "http/protobuf"
 _TRACE_CONTEXT = TraceContextTextMapPropagator()  # SQS carries W3C trace context whatever OTEL_PROPAGATORS says
 _ID_SEGMENT = re.compile(r"^[A-Za-z]+_[A-Za-z0-9]+$")  # resp_..., conv_...: an id in an OpenAI path

@@ -417,20 +417,20 @@ def test_termination_grace_is_derived_from_the_stop_budget_by_default(
 ) -> None:
     manifests = render("default-values.yaml")
     budget = settings_of(manifests, monkeypatch).stop_budget_s
-    assert budget == 125  # max(110 + 10, 20 + 5) + 5
+    assert budget == 128  # max(110 + 10, 20 + 5) + 5 HTTP + 3 trace flush
     margin = chart_values()["shutdownMarginSeconds"]
-    assert grace_of(manifests) == {"api": 5 + 125 + margin, "worker": 125 + margin}
+    assert grace_of(manifests) == {"api": 5 + 128 + margin, "worker": 128 + margin}
 
 
 def test_termination_grace_grows_with_the_drain_grace(render: Render) -> None:
     graces = grace_of(render("default-values.yaml", "config.drain_grace_s=200"))
-    assert graces["worker"] >= 215  # 200 + 10 protected + 5 HTTP
-    assert graces["api"] >= 220  # plus the api's 5 s preStop sleep
+    assert graces["worker"] >= 218  # 200 + 10 protected + 5 HTTP + 3 trace flush
+    assert graces["api"] >= 223  # plus the api's 5 s preStop sleep
 
 
 def test_termination_grace_shorter_than_the_stop_budget_fails_the_render(helm: Path) -> None:
     error = render_error(helm, "default-values.yaml", "worker.terminationGracePeriodSeconds=100")
-    assert "worker.terminationGracePeriodSeconds (100) must be at least 125" in error
+    assert "worker.terminationGracePeriodSeconds (100) must be at least 128" in error
 
 
 @pytest.mark.parametrize(
@@ -472,7 +472,7 @@ def test_worker_scale_down_period_follows_a_longer_drain(render: Render) -> None
     manifests = render("default-values.yaml", "config.drain_grace_s=600")
     scale_down = worker_scale_down(manifests)
     grace = grace_of(manifests)["worker"]
-    assert grace == 615 + 15
+    assert grace == 618 + 15  # 600 + 10 protected + 5 HTTP + 3 trace flush, and the margin
     assert scale_down["stabilizationWindowSeconds"] == grace
     assert {p["periodSeconds"] for p in scale_down["policies"]} == {grace}
 

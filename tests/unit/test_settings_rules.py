@@ -35,9 +35,9 @@ def test_a_short_drain_grace_with_short_timeouts_is_accepted() -> None:
     assert settings.drain_grace_s == 3.0
 
 
-def test_the_stop_budget_is_the_drain_and_protected_grace_or_the_open_poll_plus_the_http_shutdown() -> None:
-    assert load_settings().stop_budget_s == max(110 + 10, 20 + 5) + 5
-    assert load_settings(drain_grace_s=3.0, ai_timeout_s=2.0, provider_timeout_s=1.0).stop_budget_s == 20 + 5 + 5
+def test_the_stop_budget_is_the_drain_and_protected_grace_or_the_open_poll_plus_http_shutdown_and_trace_flush() -> None:
+    assert load_settings().stop_budget_s == max(110 + 10, 20 + 5) + 5 + 3
+    assert load_settings(drain_grace_s=3.0, ai_timeout_s=2.0, provider_timeout_s=1.0).stop_budget_s == 20 + 5 + 5 + 3
 
 
 def test_the_metrics_port_defaults_to_9090_and_must_differ_from_the_port() -> None:

@@ -81,13 +81,14 @@ over its own annotations over serviceAccount.annotations (shared by both). Call 
 
 {{/*
 The stop budget: the worst case from SIGTERM to exit, rounded up; Settings.stop_budget_s in service/config.py:
-  max(drain_grace_s + 10, poll_wait_s + 5) + 5
+  max(drain_grace_s + 10, poll_wait_s + 5) + 5 + 3
 in-flight work drains for config.drain_grace_s and protected work (the send) gets 10 s more, alongside an open
-long poll that may run config.poll_wait_s + 5 s; then the HTTP server closes within 5 s.
+long poll that may run config.poll_wait_s + 5 s; then the HTTP server closes within 5 s and the last spans are
+exported within 3 s.
 */}}
 {{- define "comms.stopBudget" -}}
 {{- $config := .Values.config }}
-{{- addf 5 (maxf (addf $config.drain_grace_s 10) (addf $config.poll_wait_s 5)) | ceil | int }}
+{{- addf 8 (maxf (addf $config.drain_grace_s 10) (addf $config.poll_wait_s 5)) | ceil | int }}
 {{- end }}
 
 {{/* The smallest grace period that lets a pod stop: preStop sleep + the stop budget. */}}
@@ -107,7 +108,7 @@ long poll that may run config.poll_wait_s + 5 s; then the HTTP server closes wit
 {{- if kindIs "invalid" $component.terminationGracePeriodSeconds }}
 {{- add (int $component.preStopSleepSeconds) $budget (int $root.Values.shutdownMarginSeconds) }}
 {{- else if lt (int $component.terminationGracePeriodSeconds) $minimum }}
-{{- fail (printf "%s.terminationGracePeriodSeconds (%d) must be at least %d: preStopSleepSeconds (%d) + the stop budget (%d s = max(config.drain_grace_s %v + 10, config.poll_wait_s %v + 5) + 5 for the HTTP server, rounded up)" $name (int $component.terminationGracePeriodSeconds) $minimum (int $component.preStopSleepSeconds) $budget $root.Values.config.drain_grace_s $root.Values.config.poll_wait_s) }}
+{{- fail (printf "%s.terminationGracePeriodSeconds (%d) must be at least %d: preStopSleepSeconds (%d) + the stop budget (%d s = max(config.drain_grace_s %v + 10, config.poll_wait_s %v + 5) + 5 for the HTTP server + 3 for the trace flush, rounded up)" $name (int $component.terminationGracePeriodSeconds) $minimum (int $component.preStopSleepSeconds) $budget $root.Values.config.drain_grace_s $root.Values.config.poll_wait_s) }}
 {{- else }}
 {{- int $component.terminationGracePeriodSeconds }}
 {{- end }}
