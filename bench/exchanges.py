@@ -6,16 +6,12 @@ message), against a moto server behind the counting proxy, which charges every w
 documents it (`bench.write_units`: item size x copies written, GSIs included). No AI, no Twilio, no SQS: only what
 the conversation's length can change. Printed: the template's units, and each reply's at the exchanges asked for
 (default the 1st and the 200th), by table and index, and the conversation item's size there.
-
-The driver reads the stores' signatures, so the same module measures an older tree (a `git archive` of it on
-PYTHONPATH) for a before/after comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import os
 import uuid
 from collections import Counter
@@ -104,11 +100,16 @@ class Driver:
         self.dynamodb, self.settings, self.ledger, self.proxy = dynamodb, settings, ledger, proxy
         self.now = 1_800_000_000.0
         clock = self.clock
-        extra = _accepted(DynamoConversationClaims, messages_table=settings.messages_table)
-        self.claims = DynamoConversationClaims(dynamodb, settings.conversations_table, clock, **extra)
-        extra = _accepted(DynamoReplyClaims, messages_table=settings.messages_table)
-        self.replies = DynamoReplyClaims(dynamodb, settings.conversations_table, clock, **extra)
-        self._finalise_takes_claimed = "claimed" in inspect.signature(self.replies.finalise).parameters
+        self.claims = DynamoConversationClaims(
+            dynamodb,
+            settings.conversations_table,
+            clock,
+            messages_table=settings.messages_table,
+            index_shards=settings.conversation_index_shards,
+        )
+        self.replies = DynamoReplyClaims(
+            dynamodb, settings.conversations_table, clock, messages_table=settings.messages_table
+        )
 
     def clock(self) -> float:
         return self.now
@@ -149,16 +150,11 @@ class Driver:
             Message(user_sid, "user", QUESTION, utc_iso(self.now)),
             Message(sid(), "assistant", ANSWER, utc_iso(self.now), TokenUsage(1200, 45, 1245), "queued"),
         ]
-        extra = {"claimed": answer.record} if self._finalise_takes_claimed else {}
-        finalised = await self.replies.finalise(key, owner, messages, [user_sid], f"resp_{n:06d}", 1500, **extra)
+        finalised = await self.replies.finalise(
+            key, owner, messages, [user_sid], f"resp_{n:06d}", 1500, claimed=answer.record
+        )
         assert finalised is not None
         return Charge(self.units() - before, await self.item_bytes(key))
-
-
-def _accepted(cls: type, **keywords: Any) -> dict[str, Any]:
-    """The keywords this (possibly older) constructor takes."""
-    parameters = inspect.signature(cls).parameters
-    return {name: value for name, value in keywords.items() if name in parameters}
 
 
 def _line(label: str, charge: Charge) -> str:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from service.adapters.aws import conversation_codec as codec
 from service.adapters.aws.reply_claims import with_fragments
+from service.config import Settings
 from service.domain.claims import (
     REPLYABLE_STATUSES,
     Claim,
@@ -106,6 +107,7 @@ PortT = TypeVar("PortT", bound="FakePort")
 START_EPOCH_S = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 EARLY_DELIVERY_CAP = 20  # held callbacks per conversation (the adapter's PENDING_CAP)
 LOOKUP_SKEW_S = 5.0  # the Twilio sender's clock skew allowance on `find_sent`
+INDEX_SHARDS: int = Settings.model_fields["conversation_index_shards"].default  # as the service is configured
 
 # ---- time ----------------------------------------------------------------------------------------
 
@@ -816,7 +818,7 @@ def record_from_new(new: NewConversation, owner: str, lease_until: float, create
     """The record the template sender's first claim creates (PROCESSING, claimed by `owner`), through the
     adapter's own codec, so the fakes store exactly what DynamoDB would."""
     item = {
-        **codec.new_conversation_fields(new, created_at),
+        **codec.new_conversation_fields(new, created_at, INDEX_SHARDS),
         **codec.item_fields(new.key),
         codec.STATUS: ConversationStatus.PROCESSING.value,
         "claim_owner": owner,

@@ -322,7 +322,7 @@ class RepliesWorld:
         }
         stamp = utc_iso(time.time())
         new = new_conversation(parse_template_job(orjson.dumps(context).decode()))
-        record = new_conversation_fields(new, stamp)
+        record = new_conversation_fields(new, stamp, self.settings.conversation_index_shards)
         first = {"message_id": new_sid(), "timestamp": stamp, "role": "assistant", "content": "Hi Lee, first."}
         record.update(
             {

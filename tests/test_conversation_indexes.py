@@ -35,7 +35,10 @@ def new_conversation(company_id: str, n: int) -> NewConversation:
 
 async def created(deps: Dependencies, shards: int) -> tuple[str, list[NewConversation]]:
     company_id = f"ci-shards-{uuid.uuid4().hex[:8]}"
-    claims = DynamoConversationClaims(deps.aws.dynamodb, deps.settings.conversations_table, index_shards=shards)
+    settings = deps.settings
+    claims = DynamoConversationClaims(
+        deps.aws.dynamodb, settings.conversations_table, messages_table=settings.messages_table, index_shards=shards
+    )
     conversations = [new_conversation(company_id, n) for n in range(CONVERSATIONS)]
     for n, new in enumerate(conversations):
         answer = await claims.claim(new, "worker-1", 1e10, float(n))
@@ -46,7 +49,7 @@ async def created(deps: Dependencies, shards: int) -> tuple[str, list[NewConvers
 def admin(deps: Dependencies, shards: int) -> ConversationAdmin:
     settings = deps.settings
     return ConversationAdmin(
-        deps.aws.dynamodb, settings.conversations_table, settings.messages_table, index_shards=shards
+        deps.aws.dynamodb, settings.conversations_table, messages_table=settings.messages_table, index_shards=shards
     )
 
 

@@ -36,8 +36,12 @@ async def world(settings, deps, tenant) -> AsyncIterator[RepliesWorld]:
 
 
 def template_claims(world: RepliesWorld) -> DynamoConversationClaims:
+    settings = world.settings
     return DynamoConversationClaims(
-        world.deps.aws.dynamodb, world.settings.conversations_table, messages_table=world.settings.messages_table
+        world.deps.aws.dynamodb,
+        settings.conversations_table,
+        messages_table=settings.messages_table,
+        index_shards=settings.conversation_index_shards,
     )
 
 

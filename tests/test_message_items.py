@@ -22,6 +22,7 @@ from service.domain.claims import Claim
 from service.domain.conversation import ConversationKey, ConversationRecord, Message, NewConversation, TokenUsage
 from service.domain.delivery_state import DeliveryStatus
 from service.domain.timefmt import utc_iso
+from tests.fakes import INDEX_SHARDS
 
 EXCHANGES = 510
 SECONDS_PER_EXCHANGE = 60.0  # a brisk chat: the recipient writes, the batching window, the reply
@@ -65,10 +66,13 @@ class Conversations:
         settings, dynamodb = deps.settings, deps.aws.dynamodb
         self.settings, self.dynamodb, self.clock = settings, dynamodb, clock
         tables = (settings.conversations_table,)
-        self.claims = DynamoConversationClaims(dynamodb, *tables, clock, messages_table=settings.messages_table)
+        shards = settings.conversation_index_shards
+        self.claims = DynamoConversationClaims(
+            dynamodb, *tables, clock, messages_table=settings.messages_table, index_shards=shards
+        )
         self.replies = DynamoReplyClaims(dynamodb, *tables, clock, messages_table=settings.messages_table)
         self.lookup = DynamoConversationLookup(dynamodb, *tables, clock=clock, messages_table=settings.messages_table)
-        self.admin = ConversationAdmin(dynamodb, *tables, messages_table=settings.messages_table)
+        self.admin = ConversationAdmin(dynamodb, *tables, messages_table=settings.messages_table, index_shards=shards)
 
     async def raw(self, key: ConversationKey) -> dict[str, Any]:
         answer = await self.dynamodb.get_item(
@@ -189,7 +193,7 @@ async def test_a_record_with_embedded_messages_reads_them_first_and_new_ones_aft
         {"message_id": sid(), "timestamp": utc_iso(clock() - 30), "role": "assistant", "content": "Saturday?"},
     ]
     legacy = {
-        **codec.new_conversation_fields(new, utc_iso(clock())),
+        **codec.new_conversation_fields(new, utc_iso(clock()), INDEX_SHARDS),
         **codec.item_fields(new.key),
         codec.STATUS: "reply_sent",
         "send_state": "sent",

@@ -25,7 +25,6 @@ from rich.progress import Progress
 from consumers.sqs_messages import resendable_attributes
 from consumers.template_job import parse_template_job
 from service.adapters.aws.clients import open_aws_clients
-from service.adapters.aws.conversation_claims import DynamoConversationClaims
 from service.adapters.aws.conversation_codec import item_key
 from service.adapters.aws.dynamo_codec import from_item, to_attribute
 from service.adapters.aws.provisioning import provision_resources
@@ -601,7 +600,7 @@ async def test_a_reopen_is_not_undone_once_the_record_changed_after_it(settings)
     async with AsyncExitStack() as stack:
         ctx, pair = await _own_pair(settings, stack, "whatsapp")
         key = await _exhausted_in_dlq(ctx, pair)
-        claims = DynamoConversationClaims(ctx.aws.dynamodb, ctx.settings.conversations_table)
+        claims = ctx.conversation_claims
         before = await claims.get(key)
         assert before is not None
         reopened_at = await claims.reopen_exhausted(key)

@@ -103,11 +103,6 @@ class CompanyRecord(BaseModel):
     def allows(self, channel: str) -> bool:
         return channel in {c.lower() for c in self.allowed_channels}
 
-    def ai_requests_per_second(self, channel: str) -> float | None:
-        """The project's pace for the OpenAI key of its `channel` (see `ai_requests_per_second`)."""
-        openai_config = self.ai_config.get("openai_config")
-        return ai_requests_per_second(openai_config.get(channel) if isinstance(openai_config, Mapping) else None)
-
     def sender_address(self, channel: str) -> str | None:
         """The company's own number or email on a channel, or None when that channel is not configured."""
         config = self.channel_config

@@ -229,7 +229,7 @@ class Context:
         return ConversationAdmin(
             self.aws.dynamodb,
             self.settings.conversations_table,
-            self.settings.messages_table,
+            messages_table=self.settings.messages_table,
             index_shards=self.settings.conversation_index_shards,
         )
 

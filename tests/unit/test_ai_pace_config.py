@@ -1,44 +1,79 @@
-"""A project's pace for its OpenAI key (service/domain/company.py): `ai_config.openai_config.<channel>
-.requests_per_second`, read leniently, as operators write ai_config by hand."""
+"""A project's pace for its OpenAI key: `ai_config.openai_config.<channel>.requests_per_second`, read leniently
+(operators write ai_config by hand), as it reaches the AI call: the template job's AiSettings (consumers/template_job
+.py), the stored conversation's AiProfile the reply sender reads (conversation_codec), and the AiRequest the template
+sender writes. None there means the default, COMMS_AI_REQUESTS_PER_SECOND."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
+import orjson
 import pytest
 
-from local_stack.seed import demo_company
-from service.domain.company import CompanyRecord, ai_requests_per_second
+from consumers.template_job import TemplateJob, new_conversation, parse_template_job
+from service.adapters.aws import conversation_codec as codec
+from tests.fakes import record_from_new
+from tests.unit.test_template_sender import context, make_rig
+
+SMS_TEXT = "Hi Lee, see you on Saturday."
 
 
-def with_whatsapp_ai(**changes: Any) -> CompanyRecord:
-    record = demo_company("comms", "dev", time.time())
-    openai_config = record.ai_config["openai_config"]
-    whatsapp = {**openai_config["whatsapp"], **changes}
-    return record.model_copy(update={"ai_config": {"openai_config": {**openai_config, "whatsapp": whatsapp}}})
+def body_with_paces(channel: str, **paces: object) -> str:
+    """The channel-queue message for a `channel` job whose company sets `requests_per_second` per channel key
+    (`paces`, e.g. sms=40); the other keys set none."""
+    data = context(channel)
+    openai_config: dict[str, Any] = data["company_data_payload"]["ai_config"]["openai_config"]
+    for key_channel, pace in paces.items():
+        openai_config[key_channel]["requests_per_second"] = pace
+    return orjson.dumps(data).decode()
 
 
-def test_a_channel_s_key_pace_is_read_from_its_openai_config() -> None:
-    record = with_whatsapp_ai(requests_per_second=40)
-    assert record.ai_requests_per_second("whatsapp") == 40.0
-    assert record.ai_requests_per_second("sms") == 100.0  # that channel's key keeps its own (the demo seed's)
+def job_with_paces(channel: str, **paces: object) -> TemplateJob:
+    return parse_template_job(body_with_paces(channel, **paces))
 
 
-def test_a_key_without_its_own_pace_keeps_the_default() -> None:
-    assert with_whatsapp_ai(requests_per_second=None).ai_requests_per_second("whatsapp") is None
+def test_a_template_job_is_paced_at_its_channel_key_s_pace() -> None:
+    assert job_with_paces("sms", sms=40).ai.requests_per_second == 40.0
+
+
+def test_a_template_job_is_not_paced_at_another_channel_key_s_pace() -> None:
+    assert job_with_paces("whatsapp", sms=40, whatsapp=7).ai.requests_per_second == 7.0
+
+
+def test_a_template_job_whose_key_sets_no_pace_is_paced_at_the_default() -> None:
+    assert job_with_paces("sms").ai.requests_per_second is None
 
 
 @pytest.mark.parametrize("value", [0, -1, "8", True, None, float("nan"), float("inf"), [8]])
 def test_an_odd_pace_means_the_default(value: object) -> None:
-    assert ai_requests_per_second({"requests_per_second": value}) is None
+    assert job_with_paces("sms", sms=value).ai.requests_per_second is None
 
 
-@pytest.mark.parametrize("config", [None, "openai", [], {}])
-def test_a_missing_or_odd_openai_config_means_the_default(config: object) -> None:
-    assert ai_requests_per_second(config) is None
+def test_a_stored_conversation_is_answered_at_its_key_s_pace() -> None:
+    new = new_conversation(job_with_paces("sms", sms=40))
+    assert record_from_new(new, "owner", 0.0, "2026-01-01T00:00:00.000Z").ai.requests_per_second == 40.0
 
 
-def test_a_company_without_ai_config_has_no_pace_of_its_own() -> None:
-    record = demo_company("comms", "dev", time.time()).model_copy(update={"ai_config": {}})
-    assert record.ai_requests_per_second("whatsapp") is None
+def test_a_stored_conversation_whose_key_sets_no_pace_is_answered_at_the_default() -> None:
+    new = new_conversation(job_with_paces("sms"))
+    assert record_from_new(new, "owner", 0.0, "2026-01-01T00:00:00.000Z").ai.requests_per_second is None
+
+
+@pytest.mark.parametrize("ai_config", [None, "openai", [], {}])
+def test_a_stored_conversation_with_a_missing_or_odd_ai_config_is_answered_at_the_default(ai_config: object) -> None:
+    item = {"primary_channel": "+447700900123", "conversation_id": "c#p#r#1", "ai_config": ai_config}
+    assert codec.record_from_item(item).ai.requests_per_second is None
+
+
+async def test_the_template_s_ai_call_carries_its_key_s_pace() -> None:
+    rig = make_rig("sms", body_with_paces("sms", sms=40))
+    rig.world.ai.answer_next({"body": SMS_TEXT})
+    await rig.deliver()
+    assert [request.requests_per_second for request in rig.world.ai.requests] == [40.0]
+
+
+async def test_the_template_s_ai_call_without_a_pace_of_its_key_carries_the_default() -> None:
+    rig = make_rig("sms", body_with_paces("sms"))
+    rig.world.ai.answer_next({"body": SMS_TEXT})
+    await rig.deliver()
+    assert [request.requests_per_second for request in rig.world.ai.requests] == [None]

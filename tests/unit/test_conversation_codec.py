@@ -35,6 +35,7 @@ from service.domain.conversation import (
 )
 from service.domain.initiate import validate_initiate_body
 from service.domain.timefmt import utc_iso
+from tests.fakes import INDEX_SHARDS
 
 REQUEST_ID = "5d0f6a52-2b1c-4d7e-9a43-0c8e1f2b3a4d"
 KEY = ConversationKey("+447700900123", f"ci-demo-001#pi-demo-001#{REQUEST_ID}#447700900002")
@@ -79,11 +80,11 @@ class RecordingDynamoDB:
 
 
 def template_claims(dynamodb: RecordingDynamoDB) -> DynamoConversationClaims:
-    return DynamoConversationClaims(dynamodb, "table", clock=lambda: 0.0)
+    return DynamoConversationClaims(dynamodb, "table", clock=lambda: 0.0, messages_table="messages", index_shards=8)
 
 
 def reply_claims(dynamodb: RecordingDynamoDB) -> DynamoReplyClaims:
-    return DynamoReplyClaims(dynamodb, "table", clock=lambda: 0.0)
+    return DynamoReplyClaims(dynamodb, "table", clock=lambda: 0.0, messages_table="messages")
 
 
 def demo_job_body(channel: str) -> str:
@@ -145,7 +146,7 @@ def new_sms() -> NewConversation:
 def test_the_initial_record_of_a_parsed_demo_job_is_exactly_what_the_template_sender_has_always_written():
     new = new_conversation(parse_template_job(demo_job_body("sms")))
 
-    fields = codec.new_conversation_fields(new, "2026-01-01T00:00:00.000Z")
+    fields = codec.new_conversation_fields(new, "2026-01-01T00:00:00.000Z", INDEX_SHARDS)
 
     assert fields == {
         "request_id": REQUEST_ID,
@@ -199,7 +200,8 @@ def test_the_initial_record_of_a_parsed_demo_job_is_exactly_what_the_template_se
 def test_the_initial_record_carries_the_index_attributes_of_its_channel_only(
     channel, sender_attribute, sender, recipient_attribute, recipient
 ):
-    fields = codec.new_conversation_fields(new_conversation(parse_template_job(demo_job_body(channel))), "s")
+    new = new_conversation(parse_template_job(demo_job_body(channel)))
+    fields = codec.new_conversation_fields(new, "s", INDEX_SHARDS)
 
     assert {name: value for name, value in fields.items() if name.startswith("gsi_")} == {
         sender_attribute: sender,
@@ -222,14 +224,14 @@ def test_the_initial_record_leaves_out_what_has_no_value():
         key=KEY, request_id="r", channel="sms", company_id="c", project_id="p", company_address="+447700900002"
     )
 
-    fields = codec.new_conversation_fields(new, "s")
+    fields = codec.new_conversation_fields(new, "s", INDEX_SHARDS)
 
     assert not {"ai_config", "channel_config", "recipient_first_name", "recipient_email", "comms_consent"} & set(fields)
     assert fields["company_rep"] == {} and fields["project_data"] == {} and fields["router_version"] == ""
 
 
 def test_a_created_record_reads_back_processing_claimed_and_open():
-    item = stored(codec.created_item(new_sms(), "worker-1", 1234.5, "2026-01-01T00:00:00.000Z"))
+    item = stored(codec.created_item(new_sms(), "worker-1", 1234.5, "2026-01-01T00:00:00.000Z", INDEX_SHARDS))
 
     record = codec.record_from_item(item)
 
@@ -447,7 +449,7 @@ def test_a_reopened_record_reads_back_with_its_redrive_bookkeeping():
 def test_shared_fields_are_the_record_without_configuration_kept_callbacks_and_index_shard():
     item = stored(
         {
-            **codec.created_item(new_sms(), "worker-1", 1.0, "s"),
+            **codec.created_item(new_sms(), "worker-1", 1.0, "s", INDEX_SHARDS),
             "early_delivery": {"SM9": {"status": "delivered", "at": "s"}},
         }
     )

@@ -18,7 +18,7 @@ from service.adapters.aws import conversation_codec as codec
 from service.adapters.aws.batch_reads import get_items
 from service.adapters.aws.dynamo_calls import get_item, query_items
 from service.adapters.aws.dynamo_codec import attribute_values
-from service.adapters.aws.message_items import DEFAULT_MESSAGES_TABLE, MessageItems
+from service.adapters.aws.message_items import MessageItems
 from service.adapters.aws.resources import COMPANY_SHARD, CONVERSATION_INDEXES
 from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus
 
@@ -76,8 +76,9 @@ class ConversationAdmin:
         self,
         dynamodb: DynamoDBClient,
         table: str,
-        messages_table: str = DEFAULT_MESSAGES_TABLE,
-        index_shards: int = codec.DEFAULT_INDEX_SHARDS,
+        *,
+        messages_table: str,
+        index_shards: int,
     ) -> None:
         self._dynamodb = dynamodb
         self._table = table

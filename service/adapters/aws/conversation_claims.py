@@ -19,7 +19,7 @@ from service.adapters.aws import conversation_codec as codec
 from service.adapters.aws.dynamo_calls import applied, get_item, refusal, update_if, update_or_refusal
 from service.adapters.aws.dynamo_codec import to_item
 from service.adapters.aws.early_delivery import DeliveryStates
-from service.adapters.aws.message_items import DEFAULT_MESSAGES_TABLE, MessageItems
+from service.adapters.aws.message_items import MessageItems
 from service.domain.claims import EXHAUSTIBLE_STATUSES, RETRIES_EXHAUSTED, Claim, decide_conversation, may_reopen
 from service.domain.conversation import (
     ConversationKey,
@@ -50,8 +50,9 @@ class DynamoConversationClaims:
         dynamodb: DynamoDBClient,
         table: str,
         clock: Callable[[], float] = time.time,
-        messages_table: str = DEFAULT_MESSAGES_TABLE,
-        index_shards: int = codec.DEFAULT_INDEX_SHARDS,
+        *,
+        messages_table: str,
+        index_shards: int,
     ) -> None:
         self._dynamodb = dynamodb
         self._table = table

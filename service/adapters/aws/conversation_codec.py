@@ -14,7 +14,6 @@ from typing import Any
 
 from service.adapters.aws.dynamo_codec import attribute_values, to_attribute
 from service.adapters.aws.resources import COMPANY_SHARD, CONVERSATION_INDEXES, Index
-from service.config import Settings
 from service.domain.claims import RETRIES_EXHAUSTED
 from service.domain.company import ai_requests_per_second
 from service.domain.conversation import (
@@ -51,7 +50,6 @@ INDEX_BY_CHANNEL: dict[str, Index] = {
     channel: next(index for index in CONVERSATION_INDEXES if index.partition_key == attribute)
     for channel, attribute in GSI_SENDER.items()
 }
-DEFAULT_INDEX_SHARDS: int = Settings.model_fields["conversation_index_shards"].default
 _TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -255,7 +253,7 @@ def company_shard(company_id: str, conversation_id: str, shards: int) -> str:
     return f"{company_id}#{zlib.crc32(conversation_id.encode()) % shards}"
 
 
-def new_conversation_fields(new: NewConversation, stamp: str, shards: int = DEFAULT_INDEX_SHARDS) -> dict[str, Any]:
+def new_conversation_fields(new: NewConversation, stamp: str, shards: int) -> dict[str, Any]:
     """The SPEC §5 initial record (keys and claim excluded), attributes without a value left out; `shards`: the
     per-company index's shard count (`settings.conversation_index_shards`)."""
     recipient = new.recipient
@@ -327,9 +325,7 @@ def reply_attempt_fields(attempt: ReplyAttempt) -> dict[str, Any]:
     }
 
 
-def created_item(
-    new: NewConversation, owner: str, lease_until: float, stamp: str, shards: int = DEFAULT_INDEX_SHARDS
-) -> dict[str, Any]:
+def created_item(new: NewConversation, owner: str, lease_until: float, stamp: str, shards: int) -> dict[str, Any]:
     """The record a first claim creates: the initial record, PROCESSING, claimed by `owner`."""
     claim = {
         STATUS: ConversationStatus.PROCESSING.value,

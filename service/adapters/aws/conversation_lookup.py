@@ -16,7 +16,7 @@ from service.adapters.aws.batch_reads import get_items
 from service.adapters.aws.dynamo_calls import get_item, query_items, update_if
 from service.adapters.aws.dynamo_codec import attribute_values
 from service.adapters.aws.early_delivery import DeliveryStates
-from service.adapters.aws.message_items import DEFAULT_MESSAGES_TABLE, MessageItems
+from service.adapters.aws.message_items import MessageItems
 from service.adapters.ttl_cache import TtlCache
 from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus, Message
 from service.domain.delivery_state import DeliveryStatus
@@ -39,7 +39,8 @@ class DynamoConversationLookup:
         table: str,
         number_cache_ttl_s: float = 60.0,
         clock: Callable[[], float] = time.time,
-        messages_table: str = DEFAULT_MESSAGES_TABLE,
+        *,
+        messages_table: str,
     ) -> None:
         self._dynamodb = dynamodb
         self._table = table

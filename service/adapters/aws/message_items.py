@@ -34,7 +34,6 @@ from service.adapters.aws.conversation_codec import (
 from service.adapters.aws.dynamo_calls import query_items, refusal, update_or_refusal
 from service.adapters.aws.dynamo_codec import attribute_values, to_item
 from service.adapters.aws.resources import MESSAGES_PARTITION_KEY, MESSAGES_SORT_KEY
-from service.config import Settings
 from service.domain.conversation import ConversationKey, ConversationRecord, Message
 
 if TYPE_CHECKING:
@@ -44,7 +43,6 @@ PARTITION = MESSAGES_PARTITION_KEY
 POSITION = MESSAGES_SORT_KEY
 POSITION_DIGITS = 10
 FIND_PAGE_SIZE = 20  # a status callback is about one of the newest messages: the first page finds it
-DEFAULT_MESSAGES_TABLE: str = Settings.model_fields["messages_table"].default
 # Keep a stored message that is this one (a retried final update must not drop a delivery state applied meanwhile).
 NEW_OR_OTHER = "attribute_not_exists(#pos) OR message_id <> :id"
 POSITION_NAME = {"#pos": POSITION}  # `position` is a DynamoDB reserved word

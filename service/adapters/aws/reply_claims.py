@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from service.adapters.aws import conversation_codec as codec
 from service.adapters.aws.dynamo_calls import update_or_refusal, update_returning
 from service.adapters.aws.early_delivery import DeliveryStates
-from service.adapters.aws.message_items import DEFAULT_MESSAGES_TABLE, MessageItems
+from service.adapters.aws.message_items import MessageItems
 from service.domain.claims import RETRIES_EXHAUSTED, Claim, decide_reply
 from service.domain.conversation import (
     ConversationKey,
@@ -73,7 +73,8 @@ class DynamoReplyClaims:
         dynamodb: DynamoDBClient,
         table: str,
         clock: Callable[[], float] = time.time,
-        messages_table: str = DEFAULT_MESSAGES_TABLE,
+        *,
+        messages_table: str,
     ) -> None:
         self._dynamodb = dynamodb
         self._table = table
