@@ -12,14 +12,15 @@ tenant's backlog cannot fill every slot of the fleet and the others' messages ke
 - A refused message is given a time to come back, as if this worker kept its project's refused messages in a
   queue laid out in time (`Backlog`): the first `defer_s` from now, each next one `hold / (OVERBOOK x cap)`
   later, where `hold` is how long the project's conversations hold their lease (a moving average of those this
-  worker saw end; `ASSUMED_HOLD_S` until one has). So the backlog comes back a little faster than the cap drains
-  it: the project keeps running near its cap (returns arriving exactly at the drain rate would find it full about
-  a third of the time, a loss system at full load), a return that finds it full goes to the back, and no wave of
-  returns makes the tenants sharing the queue wait behind it. (Doubling back-offs returned the whole backlog in
-  waves: on one queue served in order, a quiet tenant's message waited behind each wave, and the capped project
-  ran well below its cap between them.) A slot beyond SQS's 900 s delay is not booked: that message comes back at
-  a jittered 450-900 s and is booked then. With R replicas each books its own refusals, so returns come about R
-  times as fast; the surplus is deferred again, evenly.
+  worker saw end; `ASSUMED_HOLD_S` until one has), and at most `MAX_SPACING_S` later (with a small cap and long
+  holds a freed lease would otherwise wait up to half a hold for the next return). So the backlog comes back a
+  little faster than the cap drains it: the project keeps running near its cap (returns arriving exactly at the
+  drain rate would find it full about a third of the time, a loss system at full load), a return that finds it
+  full goes to the back, and no wave of returns makes the tenants sharing the queue wait behind it. (Doubling
+  back-offs returned the whole backlog in waves: on one queue served in order, a quiet tenant's message waited
+  behind each wave, and the capped project ran well below its cap between them.) A slot beyond SQS's 900 s
+  delay is not booked: that message comes back at a jittered 450-900 s and is booked then. With R replicas each
+  books its own refusals, so returns come about R times as fast; the surplus is deferred again, evenly.
 - No cap: nothing is asked of DynamoDB at all (the company record comes from the directory's cache).
 - DynamoDB cannot answer (the company record or the lease): fail open, the message goes ahead unleased. The
   cap is about fairness, not a SPEC guarantee (never twice, never lost, opt-outs refused all hold without
@@ -51,6 +52,7 @@ MAX_DEFER_S = 900  # SQS's DelaySeconds limit: a later slot is not booked (see `
 # rather than long, since too short costs a few early re-deferrals and too long leaves the project below its cap.
 ASSUMED_HOLD_S = 1.0
 OVERBOOK = 2  # returns booked per lease the cap frees: keeps a backlogged project near its cap
+MAX_SPACING_S = 1.0  # a backlogged project gets a return at least this often (about 0.3 SQS requests each)
 HOLD_WEIGHT = 0.2  # of each observed hold in the moving average
 
 
@@ -103,7 +105,7 @@ ADMITTED_UNCAPPED = Admission(True)
 class Backlog:
     """This worker's refused messages of one capped project, as a queue laid out in time: the next one refused
     comes back at `next_at`, and each takes `hold_s / (OVERBOOK x cap)` of it (the cap frees a lease every
-    `hold_s / cap`)."""
+    `hold_s / cap`), at most MAX_SPACING_S."""
 
     next_at: float = 0.0
     hold_s: float = ASSUMED_HOLD_S
@@ -140,7 +142,7 @@ class ConcurrencyCap:
         due = max(backlog.next_at, now + self.defer_s)
         if due - now > MAX_DEFER_S:
             return Admission(False, wait_s=round(self._rng.uniform(MAX_DEFER_S / 2, MAX_DEFER_S)))
-        backlog.next_at = due + backlog.hold_s / (OVERBOOK * max(1, cap))
+        backlog.next_at = due + min(MAX_SPACING_S, backlog.hold_s / (OVERBOOK * max(1, cap)))
         return Admission(False, wait_s=max(1, math.floor(due - now)))  # whole seconds: early rather than late
 
     def _backlog(self, key: str) -> Backlog:
