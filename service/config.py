@@ -143,8 +143,8 @@ class Settings(BaseSettings):
         le=900,
         description="The shortest wait of a message over its project's concurrent_conversations cap (re-queued with"
         " this delay: its receive count does not grow); the project's later refusals come back one after another,"
-        " each (time its conversations hold their lease) / cap later, so its backlog returns at about the rate the"
-        " cap lets it run (booked at most 900 s ahead)",
+        " each (time its conversations hold their lease) / (2 x cap) later and at most 1 s, so its backlog returns"
+        " a little faster than the cap lets it run (booked at most 900 s ahead)",
     )
     conversation_index_shards: int = Field(
         8,
