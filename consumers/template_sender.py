@@ -20,7 +20,14 @@ from consumers.contracts import Outcome, QueueMessage
 from consumers.sqs_messages import NO_REDRIVE_POLICY, RedrivePolicy
 from consumers.template_job import InvalidContext, TemplateJob, new_conversation, parse_template_job
 from service.domain.claims import Claim, NextStep, next_step
-from service.domain.conversation import ConversationKey, ConversationRecord, ConversationStatus, Message, TemplateDraft
+from service.domain.conversation import (
+    ConversationKey,
+    ConversationRecord,
+    ConversationStatus,
+    Message,
+    TemplateDraft,
+    content_text,
+)
 from service.domain.errors import DependencyUnavailable
 from service.domain.ports import AiWriter, ConversationClaims, MessageSender, SecretStore
 from service.domain.provider_ports import AiResult, OutboundMessage, SentMessage
@@ -30,7 +37,8 @@ log = structlog.get_logger(__name__)
 
 REPAIR = (
     "a redelivery reconciles with the provider and repairs this by itself; by hand: what the final update writes "
-    f"(status {ConversationStatus.INITIAL_MESSAGE_SENT}, send ledger sent with the provider id, the message appended)"
+    f"(status {ConversationStatus.INITIAL_MESSAGE_SENT}, send ledger sent with the provider id, first_message_at set"
+    " and message_count 1: the ledger is the message)"
 )
 
 
@@ -165,12 +173,3 @@ def ai_input(job: TemplateJob) -> str:
         "project_data": job.project_data,
     }
     return orjson.dumps(context).decode()
-
-
-def content_text(channel: str, content: Mapping[str, str]) -> str:
-    """The message as the conversation records it."""
-    if channel == "sms":
-        return content["body"]
-    if channel == "email":
-        return f"{content['subject']}\n\n{content['body']}"
-    return orjson.dumps(dict(content)).decode()

@@ -1157,9 +1157,9 @@ class FakeConversationLookup(FakePort):
 
     @port_call
     async def set_delivery_status(
-        self, key: ConversationKey, index: int, message_sid: str, new: DeliveryStatus
+        self, record: ConversationRecord, index: int, message_sid: str, new: DeliveryStatus
     ) -> bool:
-        return self.table.set_status(key, index, message_sid, new)
+        return self.table.set_status(record.key, index, message_sid, new)
 
     @port_call
     async def hold_delivery_status(self, key: ConversationKey, message_sid: str, new: DeliveryStatus) -> bool:

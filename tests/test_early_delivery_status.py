@@ -69,6 +69,7 @@ async def sending_template(world: RepliesWorld, **attributes: Any) -> tuple[str,
         status="processing",
         messages=[],
         send_state="attempting",
+        generated_content={"1": "Hi"},  # the ledger as the attempt left it: the template message's content
         claim_owner="template-1",
         claim_expires_at=0,
         thread=False,

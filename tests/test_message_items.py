@@ -6,6 +6,7 @@ embedded messages, read first."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from bench.update_expression import item_size
@@ -19,7 +20,14 @@ from service.adapters.aws.dynamo_codec import from_item, to_item
 from service.adapters.aws.reply_claims import DynamoReplyClaims
 from service.bootstrap import Dependencies
 from service.domain.claims import Claim
-from service.domain.conversation import ConversationKey, ConversationRecord, Message, NewConversation, TokenUsage
+from service.domain.conversation import (
+    ConversationKey,
+    ConversationRecord,
+    Message,
+    NewConversation,
+    TemplateDraft,
+    TokenUsage,
+)
 from service.domain.delivery_state import DeliveryStatus
 from service.domain.timefmt import utc_iso
 from tests.fakes import INDEX_SHARDS
@@ -90,11 +98,19 @@ class Conversations:
         return items
 
     async def started(self, new: NewConversation) -> ConversationKey:
+        await self.sent_first(new)
+        return new.key
+
+    async def sent_first(self, new: NewConversation) -> Message:
+        """The template sender's writes: the claim, the attempt (the ledger with the content) and the final update."""
         answer = await self.claims.claim(new, "template-1", self.clock() + 60, self.clock())
         assert answer.verdict is Claim.TAKE
-        first = Message(sid(), "assistant", REPLY, utc_iso(self.clock()), TokenUsage(900, 60, 960))
+        usage = TokenUsage(900, 60, 960)
+        draft = TemplateDraft("resp_000000", {"body": REPLY}, usage, self.clock())
+        assert await self.claims.record_attempt(new.key, "template-1", draft)
+        first = Message(sid(), "assistant", REPLY, utc_iso(self.clock()), usage)
         assert await self.claims.finalise(new.key, first, "resp_000000", 1200)
-        return new.key
+        return first
 
     async def exchange(self, key: ConversationKey, n: int) -> tuple[ConversationRecord, list[Message]]:
         self.clock.now += SECONDS_PER_EXCHANGE
@@ -168,14 +184,12 @@ async def test_a_retried_reply_final_update_records_its_messages_once(deps: Depe
 async def test_a_delivery_state_applied_between_a_final_update_and_its_retry_is_kept(deps: Dependencies) -> None:
     store = Conversations(deps, Clock())
     new = new_conversation()
-    await store.claims.claim(new, "template-1", store.clock() + 60, store.clock())
-    message = Message(sid(), "assistant", REPLY, utc_iso(store.clock()))
-    assert await store.claims.finalise(new.key, message, "resp_000000", 1200)
+    message = await store.sent_first(new)
     record = await store.lookup.find_open("sms", "+447700900002", new.key.primary_channel)
     assert record is not None
     found = await store.lookup.find_message(record, message.message_id)
     assert found is not None and found[0] == 0
-    assert await store.lookup.set_delivery_status(new.key, 0, message.message_id, DeliveryStatus.DELIVERED)
+    assert await store.lookup.set_delivery_status(record, 0, message.message_id, DeliveryStatus.DELIVERED)
 
     assert not await store.claims.finalise(new.key, message, "resp_000000", 1200)  # a retry: already finalised
 
@@ -218,6 +232,77 @@ async def test_a_record_with_embedded_messages_reads_them_first_and_new_ones_aft
     ]
     found = await store.lookup.find_message(claimed, old[2]["message_id"])
     assert found is not None and found[0] == 2  # an embedded message keeps its position
-    assert await store.lookup.set_delivery_status(new.key, 2, old[2]["message_id"], DeliveryStatus.READ)
+    assert await store.lookup.set_delivery_status(claimed, 2, old[2]["message_id"], DeliveryStatus.READ)
     reread = codec.record_from_item(from_item(await store.raw(new.key)))
     assert (await store.lookup.recent_messages(reread, 5))[2].delivery_status == "read"
+
+
+async def test_the_template_message_is_the_records_own_and_its_final_update_writes_no_item(deps: Dependencies) -> None:
+    store = Conversations(deps, Clock())
+    new = new_conversation()
+
+    message = await store.sent_first(new)
+
+    answer = await store.dynamodb.get_item(
+        TableName=store.settings.messages_table, Key=message_items.item_key(new.key, 0), ConsistentRead=True
+    )
+    assert "Item" not in answer
+    record = await store.admin.get(new.key)
+    assert record is not None and record.messages == (message,)  # content, usage and id from the ledger
+
+
+async def test_the_template_messages_delivery_state_is_kept_in_its_positions_item_and_read_over_the_record(
+    deps: Dependencies,
+) -> None:
+    store = Conversations(deps, Clock())
+    new = new_conversation()
+    message = await store.sent_first(new)
+    record = await store.lookup.find_open("sms", "+447700900002", new.key.primary_channel)
+    assert record is not None
+
+    assert await store.lookup.set_delivery_status(record, 0, message.message_id, DeliveryStatus.SENT)
+    assert await store.lookup.set_delivery_status(record, 0, message.message_id, DeliveryStatus.DELIVERED)
+    assert not await store.lookup.set_delivery_status(record, 0, message.message_id, DeliveryStatus.SENT)  # stale
+
+    [kept] = await store.message_items(new.key, 0)
+    assert set(from_item(kept)) == {
+        "conversation_key",
+        "position",
+        "message_id",
+        "delivery_status",
+        "delivery_updated_at",
+    }
+    assert await store.lookup.find_message(record, message.message_id) == (
+        0,
+        replace(message, delivery_status="delivered"),
+    )
+    [first] = await store.lookup.recent_messages(record, 5)
+    assert first == replace(message, delivery_status="delivered")
+    shown = await store.admin.get(new.key)
+    assert shown is not None and shown.messages[0].delivery_status == "delivered"
+
+
+async def test_a_record_whose_template_message_was_written_as_an_item_reads_it_as_before(deps: Dependencies) -> None:
+    store = Conversations(deps, Clock())
+    new = new_conversation()
+    await store.claims.claim(new, "template-1", store.clock() + 60, store.clock())
+    message = Message(sid(), "assistant", "Hi Lee (as the item said)", utc_iso(store.clock()), TokenUsage(1, 2, 3))
+    # What the previous release's final update wrote: the item, then the record without `first_message_at`.
+    await message_items.MessageItems(store.dynamodb, store.settings.messages_table).record(new.key, 0, [message])
+    update = "SET send_state = :sent, provider_message_id = :sid, #count = :one, conversation_status = :status"
+    values = {":sent": "sent", ":sid": message.message_id, ":one": 1, ":status": "initial_message_sent"}
+    params = codec.update_params(
+        store.settings.conversations_table,
+        new.key,
+        update,
+        "attribute_exists(conversation_id)",
+        values,
+        {"#count": codec.MESSAGE_COUNT},
+    )
+    await store.dynamodb.update_item(**params)
+    record = codec.record_from_item(from_item(await store.raw(new.key)))
+
+    assert record.ledger_message is None
+    assert await store.lookup.recent_messages(record, 5) == (message,)
+    assert await store.lookup.set_delivery_status(record, 0, message.message_id, DeliveryStatus.READ)
+    assert (await store.lookup.recent_messages(record, 5))[0].delivery_status == "read"

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 
 class ConversationStatus(StrEnum):
     """Every value a conversation's status may hold; nothing else writes a status string."""
@@ -91,6 +93,15 @@ class Message:
     usage: TokenUsage | None = None
     delivery_status: str | None = None
     fragment_sids: tuple[str, ...] = ()  # a user message: the staged fragments it joined (answered by the next)
+
+
+def content_text(channel: str, content: Mapping[str, str]) -> str:
+    """The template message as the conversation records it (from the content generated for the channel)."""
+    if channel == "sms":
+        return content["body"]
+    if channel == "email":
+        return f"{content['subject']}\n\n{content['body']}"
+    return orjson.dumps(dict(content)).decode()
 
 
 def answered_fragments(record: ConversationRecord, messages: Iterable[Message]) -> frozenset[str]:
@@ -205,6 +216,10 @@ class ConversationRecord:
     # needs the messages asks the store; `message_count` says how many are recorded (the next one's position).
     messages: tuple[Message, ...] = ()
     message_count: int = 0
+    # When the template message was recorded, if the record itself holds it (`ledger_message`): set by the
+    # template's final update, which then writes no item for it (the ledger already has the content, its usage and
+    # its provider id). None: recorded as message 0's item or embedded (records written before), or not yet sent.
+    first_message_at: str | None = None
     claim: Lease = field(default_factory=Lease)  # the template sender's
     ledger: SendLedger = field(default_factory=SendLedger)
     reply_claim: Lease = field(default_factory=Lease)
@@ -227,6 +242,16 @@ class ConversationRecord:
     def recorded_messages(self) -> int:
         """How many messages the conversation has recorded: the position its next message takes."""
         return max(self.message_count, len(self.messages))
+
+    @property
+    def ledger_message(self) -> Message | None:
+        """The template message (position 0) when the record holds it: the ledger's content, usage and provider
+        id, recorded at `first_message_at` (its delivery state is kept apart, in the store)."""
+        ledger = self.ledger
+        if self.first_message_at is None or ledger.provider_message_id is None or ledger.generated is None:
+            return None
+        content = content_text(self.channel, ledger.generated)
+        return Message(ledger.provider_message_id, "assistant", content, self.first_message_at, ledger.usage)
 
     def message_index(self, message_id: str) -> int | None:
         for index, message in enumerate(self.messages):

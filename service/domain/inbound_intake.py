@@ -238,7 +238,7 @@ class InboundIntake:
             return IntakeResult.STATUS_UNKNOWN
         if not is_forward(parse_delivery_status(message.delivery_status or ""), status):
             return IntakeResult.STATUS_STALE
-        applied = await self._ports.conversations.set_delivery_status(conversation.key, index, sid, status)
+        applied = await self._ports.conversations.set_delivery_status(conversation, index, sid, status)
         return IntakeResult.STATUS_APPLIED if applied else IntakeResult.STATUS_STALE
 
     async def _hold(

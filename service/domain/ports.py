@@ -253,10 +253,10 @@ class ConversationLookup(Protocol):
         ...
 
     async def set_delivery_status(
-        self, key: ConversationKey, index: int, message_sid: str, new: DeliveryStatus
+        self, record: ConversationRecord, index: int, message_sid: str, new: DeliveryStatus
     ) -> bool:
-        """Message `index` (its position, `find_message`), forward-only (`delivery_state.may_follow`): False when
-        the stored state is already later."""
+        """Message `index` of `record` (its position, `find_message`), forward-only (`delivery_state.may_follow`):
+        False when the stored state is already later."""
         ...
 
     async def hold_delivery_status(self, key: ConversationKey, message_sid: str, new: DeliveryStatus) -> bool:

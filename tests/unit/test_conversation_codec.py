@@ -315,27 +315,30 @@ async def test_a_recorded_attempt_reads_back_attempting_with_what_it_wrote():
     assert record.ledger.attempted_at == 1700000000.25 and record.thread_id == "conv_1"
 
 
-async def test_a_finalised_template_reads_back_sent_with_its_message_counted_and_stored_as_an_item_first():
-    message = Message("SM1", "assistant", '{"1":"Lee"}', "2026-01-01T00:00:01.000Z", TokenUsage(3, 4, 7))
+async def test_a_finalised_template_is_one_update_and_reads_back_sent_with_the_ledger_as_its_first_message():
+    message = Message("SM1", "assistant", '{"1":"Lee","2":"Hello"}', "2026-01-01T00:00:01.000Z", TokenUsage(3, 4, 7))
     dynamodb = RecordingDynamoDB()
     await template_claims(dynamodb).finalise(KEY, message, "conv_1", 42)
-    (put, item_written), (update, _) = dynamodb.requests
+    [(update, _)] = dynamodb.requests  # no item of its own: the ledger (written by the attempt) is the message
     values = dynamodb.values()
     item = {
         **codec.item_fields(KEY),
+        "channel_method": "whatsapp",
         "conversation_status": values[":sent_status"],
         "send_state": values[":sent"],
         "provider_message_id": values[":sid"],
+        "generated_content": {"1": "Lee", "2": "Hello"},  # from the attempt
+        "ai_usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
         "thread_id": values[":thread"],
         "message_count": values[":one"],
+        "first_message_at": values[":first_at"],
         "task_complete": 0,
     }
 
     record = codec.record_from_item(stored(item))
 
-    assert (put, update) == ("PutItem", "UpdateItem")
-    assert codec.message_from_element(from_item(item_written["Item"])) == message
-    assert from_item(item_written["Item"])["position"] == "0000000000"  # the template message is the first
+    assert update == "UpdateItem"
+    assert record.ledger_message == message
     assert record.status is ConversationStatus.INITIAL_MESSAGE_SENT and record.is_open
     assert record.ledger.state is SendState.SENT and record.ledger.provider_message_id == "SM1"
     assert record.recorded_messages == 1 and record.messages == () and not record.awaits_final_update

@@ -175,9 +175,9 @@ async def test_a_fragment_is_staged_once(world: FakeWorld) -> None:
 
 async def test_a_stale_delivery_status_is_refused(world: FakeWorld) -> None:
     record = world.seed(conversation_record(messages=(message("SM1"),)))
-    assert await world.lookup.set_delivery_status(record.key, 0, "SM1", DeliveryStatus.DELIVERED)
-    assert not await world.lookup.set_delivery_status(record.key, 0, "SM1", DeliveryStatus.SENT)
-    assert not await world.lookup.set_delivery_status(record.key, 0, "SM9", DeliveryStatus.READ)  # another message
+    assert await world.lookup.set_delivery_status(record, 0, "SM1", DeliveryStatus.DELIVERED)
+    assert not await world.lookup.set_delivery_status(record, 0, "SM1", DeliveryStatus.SENT)
+    assert not await world.lookup.set_delivery_status(record, 0, "SM9", DeliveryStatus.READ)  # another message
     assert world.table[record.key].messages[0].delivery_status == "delivered"
 
 

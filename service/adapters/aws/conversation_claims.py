@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from service.adapters.aws import conversation_codec as codec
+from service.adapters.aws import message_items
 from service.adapters.aws.dynamo_calls import applied, get_item, refusal, update_if, update_or_refusal
 from service.adapters.aws.dynamo_codec import to_item
 from service.adapters.aws.early_delivery import DeliveryStates
@@ -160,13 +161,15 @@ class DynamoConversationClaims:
     # ---- the final update and invalid contexts ---------------------------------------------------------
 
     async def finalise(self, key: ConversationKey, message: Message, thread_id: str, processing_time_ms: int) -> bool:
-        """The template message is the conversation's first (position 0: replies wait for initial_message_sent), its
-        item written before the conversation update that says it is recorded; a retry writes the same item."""
-        positions = await self._messages.record(key, 0, [message])
+        """The template message is the conversation's first (position 0: replies wait for initial_message_sent) and
+        the record's own: its ledger holds the content and the usage already (written before the send), so this
+        one conditional update records it (provider id, `first_message_at`, the count), with no item of its own
+        (`ConversationRecord.ledger_message`); a retry is refused once it is SENT."""
+        positions = {message.message_id: message_items.FIRST}
         update = (
             "SET #status = :sent_status, send_state = :sent, provider_message_id = :sid, thread_id = :thread, "
-            "#count = :one, processing_time_ms = :ms, task_complete = :zero, claim_expires_at = :zero, "
-            "updated_at = :stamp"
+            "#count = :one, #first_at = :first_at, processing_time_ms = :ms, task_complete = :zero, "
+            "claim_expires_at = :zero, updated_at = :stamp"
         )
         values = {
             ":sent_status": ConversationStatus.INITIAL_MESSAGE_SENT.value,
@@ -174,11 +177,12 @@ class DynamoConversationClaims:
             ":sid": message.message_id,
             ":thread": thread_id,
             ":one": 1,
+            ":first_at": message.timestamp,
             ":ms": processing_time_ms,
             ":zero": 0,
             ":stamp": self._stamp(),
         }
-        names = {**codec.STATUS_NAME, "#count": codec.MESSAGE_COUNT}
+        names = {**codec.STATUS_NAME, "#count": codec.MESSAGE_COUNT, "#first_at": codec.FIRST_MESSAGE_AT}
         condition = "attribute_exists(conversation_id) AND send_state <> :sent"  # once: refused when already SENT
         params = codec.update_params(self._table, key, update, condition, values, names)
         finalised, item = await update_or_refusal(self._dynamodb, "UpdateItem", **params)

@@ -34,6 +34,7 @@ from service.domain.conversation import (
 STATUS = "conversation_status"
 MESSAGES = "messages"  # embedded messages of records written before `message_items`; [] in newer ones
 MESSAGE_COUNT = "message_count"  # messages recorded (in `message_items`, after any embedded ones)
+FIRST_MESSAGE_AT = "first_message_at"  # set: the template message is the record's own ledger (`ledger_message`)
 # Answered fragments, a string set older records grow with every reply; now on the user message (`fragment_sids`).
 REPLIED_SIDS = "replied_message_sids"
 EARLY_DELIVERY = "early_delivery"  # status callbacks kept until their message is recorded (`early_delivery`)
@@ -105,6 +106,7 @@ def record_from_item(item: Mapping[str, Any]) -> ConversationRecord:
         hand_off_to_human=item.get("hand_off_to_human") is True,
         messages=embedded,
         message_count=max(_int(item.get(MESSAGE_COUNT)), len(embedded)),
+        first_message_at=_text_or_none(item.get(FIRST_MESSAGE_AT)),
         claim=_lease(item.get("claim_owner"), item.get("claim_expires_at")),
         ledger=_ledger(item),
         reply_claim=_lease(item.get("reply_owner"), item.get("reply_lease_expires")),

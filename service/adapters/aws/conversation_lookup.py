@@ -145,12 +145,14 @@ class DynamoConversationLookup:
         return await self._messages.recent(record, limit)
 
     async def find_message(self, record: ConversationRecord, message_sid: str) -> tuple[int, Message] | None:
-        return await self._messages.find(record.key, message_sid, record.messages)
+        return await self._messages.find(record.key, message_sid, record.messages, record.ledger_message)
 
     async def set_delivery_status(
-        self, key: ConversationKey, index: int, message_sid: str, new: DeliveryStatus
+        self, record: ConversationRecord, index: int, message_sid: str, new: DeliveryStatus
     ) -> bool:
-        return await self._states(key).set_status(index, message_sid, new, self._stamp())
+        first = record.ledger_message
+        on_record = index == 0 and first is not None and first.message_id == message_sid
+        return await self._states(record.key).set_status(index, message_sid, new, self._stamp(), on_record=on_record)
 
     async def hold_delivery_status(self, key: ConversationKey, message_sid: str, new: DeliveryStatus) -> bool:
         return await self._states(key).hold(message_sid, new, self._stamp())

@@ -10,7 +10,8 @@ one that records its message, so a full map makes room by dropping its oldest en
 is never refused for lack of room.
 
 Race-free both ways because both sides write the conversation item and read what they wrote (ReturnValues ALL_NEW),
-and a final update writes its message items before that conversation update:
+and a final update writes its message items before that conversation update (the template's message is the
+conversation item's own, recorded by that very update):
     - the callback keeps its state first: the final update's ALL_NEW holds the entry, it applies it;
     - the final update lands first: its message items were written before, so the callback's consistent look-up
       after keeping its state finds the message, and the callback applies it itself.
@@ -26,13 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from service.adapters.aws.conversation_codec import (
-    EARLY_DELIVERY,
-    MESSAGES,
-    embedded_elements,
-    item_key,
-    message_from_element,
-)
+from service.adapters.aws.conversation_codec import EARLY_DELIVERY, MESSAGES, item_key, record_from_item
 from service.adapters.aws.dynamo_calls import update_if, update_or_refusal, update_returning
 from service.adapters.aws.dynamo_codec import attribute_values
 from service.adapters.aws.message_items import MessageItems
@@ -72,15 +67,18 @@ class DeliveryStates:
     def _params(self, **params: Any) -> dict[str, Any]:
         return {"TableName": self.table, "Key": item_key(self.key), **params}
 
-    async def set_status(self, index: int, sid: str, new: DeliveryStatus, stamp: str) -> bool:
+    async def set_status(
+        self, index: int, sid: str, new: DeliveryStatus, stamp: str, *, on_record: bool = False
+    ) -> bool:
         """Forward-only: applied when message `index` (its position) is `sid` and has no state yet or one `new` may
-        replace; else False. The message item, or the element of an older record's embedded list."""
+        replace; else False. The message item (`on_record`: the record's own template message, whose state is
+        position 0's item, created by the first), or the element of an older record's embedded list."""
         placeholders, allowed = _replaceable(new)
         values = {":sid": sid, ":new": new.value, ":stamp": stamp, **allowed}
         condition = "message_id = :sid AND (attribute_not_exists(delivery_status)"
         condition += f" OR delivery_status IN ({', '.join(placeholders)}))" if placeholders else ")"
         update = "SET delivery_status = :new, delivery_updated_at = :stamp"
-        applied = await self.messages.set_status(self.key, index, update, condition, values)
+        applied = await self.messages.set_status(self.key, index, update, condition, values, create=on_record)
         if applied is not None:
             return applied
         element = f"#messages[{index}]"  # no such item: an embedded message
@@ -94,11 +92,13 @@ class DeliveryStates:
         )
         return await update_if(self.dynamodb, "UpdateItem", **params)
 
-    async def _recorded_at(self, record: Mapping[str, Any], sid: str) -> int | None:
-        """The position of the message with this SID, if it is recorded: a consistent look-up."""
-        embedded = tuple(message_from_element(element) for element in embedded_elements(record))
-        found = await self.messages.find(self.key, sid, embedded)
-        return None if found is None else found[0]
+    async def _recorded_at(self, record: Mapping[str, Any], sid: str) -> tuple[int, bool] | None:
+        """The position of the message with this SID, if it is recorded (a consistent look-up), and whether it is
+        the record's own template message (`ledger_message`)."""
+        typed = record_from_item(record)
+        first = typed.ledger_message
+        found = await self.messages.find(self.key, sid, typed.messages, first)
+        return None if found is None else (found[0], first is not None and first.message_id == sid)
 
     async def _forget(self, sid: str) -> None:
         """Drop a kept entry whose message is recorded (any later callback then finds the message itself)."""
@@ -117,6 +117,7 @@ class DeliveryStates:
         if not isinstance(pending, dict) or not pending:
             return
         sids = list(positions)
+        first = record_from_item(record).ledger_message
         try:
             for sid, index in positions.items():
                 entry = pending.get(sid)
@@ -124,7 +125,9 @@ class DeliveryStates:
                     continue
                 status = parse_delivery_status(str(entry.get("status") or ""))
                 if status is not None:
-                    applied = await self.set_status(index, sid, status, str(entry.get("at") or ""))
+                    on_record = first is not None and first.message_id == sid
+                    at = str(entry.get("at") or "")
+                    applied = await self.set_status(index, sid, status, at, on_record=on_record)
                     log.info("early_delivery_status_applied", message_sid=sid, status=status.value, applied=applied)
                 await self._forget(sid)
         except DependencyUnavailable as exc:
@@ -167,9 +170,9 @@ class DeliveryStates:
         )
         if kept:
             return await self._settle(item, sid, new, stamp)
-        index = await self._recorded_at(item, sid)
-        if index is not None:  # recorded after our look-up: straight onto the message
-            return await self.set_status(index, sid, new, stamp)
+        recorded = await self._recorded_at(item, sid)
+        if recorded is not None:  # recorded after our look-up: straight onto the message
+            return await self.set_status(recorded[0], sid, new, stamp, on_record=recorded[1])
         pending = item.get(PENDING_ATTRIBUTE)
         if isinstance(pending, dict) and sid not in pending and len(pending) >= PENDING_CAP:
             return await self._replace_oldest(pending, sid, new, stamp)
@@ -201,10 +204,10 @@ class DeliveryStates:
 
     async def _settle(self, record: Mapping[str, Any], sid: str, new: DeliveryStatus, stamp: str) -> bool:
         """The record after keeping the callback: if its message was recorded meanwhile, apply it there now."""
-        index = await self._recorded_at(record, sid)
-        if index is None:
+        recorded = await self._recorded_at(record, sid)
+        if recorded is None:
             log.info("early_delivery_status_kept", message_sid=sid, status=new.value)
             return True
-        await self.set_status(index, sid, new, stamp)
+        await self.set_status(recorded[0], sid, new, stamp, on_record=recorded[1])
         await self._forget(sid)
         return True
