@@ -129,7 +129,7 @@ class ConcurrencyCap:
         self._leases = leases
         self._clock = clock
         self.lease_s = lease_s
-        self.defer_s = defer_s  # how long a refused message waits in the queue before it is tried again
+        self.defer_s = defer_s  # the shortest wait of a refused message (the first of a backlog waits this long)
         self._refused_memo_s = refused_memo_s
         self._refused_until: OrderedDict[str, float] = OrderedDict()
         self._backlogs: OrderedDict[str, Backlog] = OrderedDict()
