@@ -96,10 +96,11 @@ class Message:
 
 
 def content_text(channel: str, content: Mapping[str, str]) -> str:
-    """The template message as the conversation records it (from the content generated for the channel)."""
-    if channel == "sms":
+    """The template message as the conversation records it (from the content generated for the channel; content
+    without the channel's fields, which only a hand-edited record can hold, reads as its JSON)."""
+    if channel == "sms" and "body" in content:
         return content["body"]
-    if channel == "email":
+    if channel == "email" and "subject" in content and "body" in content:
         return f"{content['subject']}\n\n{content['body']}"
     return orjson.dumps(dict(content)).decode()
 

@@ -586,3 +586,18 @@ def test_only_a_stored_true_flags_a_conversation_for_hand_off(stored: Any) -> No
     record = codec.record_from_item({**codec.item_fields(KEY), "hand_off_to_human": stored})
 
     assert record.hand_off_to_human is (stored is True)
+
+
+def test_a_template_message_whose_content_lacks_the_channels_fields_reads_as_its_json():
+    item = {
+        **codec.item_fields(KEY),
+        "channel_method": "sms",
+        "send_state": "sent",
+        "provider_message_id": "SM1",
+        "generated_content": {"text": "hand-edited"},
+        "first_message_at": "2026-01-01T00:00:01.000Z",
+    }
+
+    message = codec.record_from_item(stored(item)).ledger_message
+
+    assert message is not None and message.content == '{"text":"hand-edited"}'
