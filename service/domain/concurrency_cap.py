@@ -103,12 +103,13 @@ ADMITTED_UNCAPPED = Admission(True)
 
 @dataclass(slots=True)
 class Backlog:
-    """This worker's refused messages of one capped project, as a queue laid out in time: the next one refused
-    comes back at `next_at`, and each takes `hold_s / (OVERBOOK x cap)` of it (the cap frees a lease every
-    `hold_s / cap`), at most MAX_SPACING_S."""
+    """What this worker keeps of one capped project: its refused messages as a queue laid out in time (the next one
+    refused comes back at `next_at`, and each takes `hold_s / (OVERBOOK x cap)` of it, since the cap frees a lease
+    every `hold_s / cap`; at most MAX_SPACING_S), and until when a refusal is remembered (`refused_until`)."""
 
     next_at: float = 0.0
     hold_s: float = ASSUMED_HOLD_S
+    refused_until: float = 0.0
 
 
 class ConcurrencyCap:
@@ -131,8 +132,7 @@ class ConcurrencyCap:
         self.lease_s = lease_s
         self.defer_s = defer_s  # the shortest wait of a refused message (the first of a backlog waits this long)
         self._refused_memo_s = refused_memo_s
-        self._refused_until: OrderedDict[str, float] = OrderedDict()
-        self._backlogs: OrderedDict[str, Backlog] = OrderedDict()
+        self._backlogs: OrderedDict[str, Backlog] = OrderedDict()  # by project key, the least recently used dropped
         self._max_keys = max_keys
 
     def refused(self, key: str, cap: int, now: float) -> Admission:
@@ -172,7 +172,7 @@ class ConcurrencyCap:
             return ADMITTED_UNCAPPED
         key = inflight_key(company_id, project_id)
         now = self._clock()
-        if now < self._refused_until.get(key, 0.0):
+        if now < self._backlog(key).refused_until:
             return self.refused(key, cap, now)
         try:
             holder = uuid.uuid4().hex[:12]  # short: the lease item holds one entry per running conversation
@@ -181,7 +181,7 @@ class ConcurrencyCap:
             log.warning("concurrency_cap_fail_open", reason=str(exc))
             return ADMITTED_UNCAPPED
         if held_in is None:
-            self._remember_refusal(key, now + self._refused_memo_s)
+            self._backlog(key).refused_until = now + self._refused_memo_s
             log.info("concurrency_capped", cap=cap)
             return self.refused(key, cap, now)
         return Admission(True, Slot(key, held_in, holder, now))
@@ -193,17 +193,11 @@ class ConcurrencyCap:
             log.warning("inflight_lease_refresh_failed", reason=str(exc))
 
     async def leave(self, slot: Slot) -> None:
-        self._refused_until.pop(slot.key, None)  # a lease of the project just came free here
         backlog = self._backlog(slot.key)
+        backlog.refused_until = 0.0  # a lease of the project just came free here
         held = max(0.0, self._clock() - slot.since)
         backlog.hold_s += HOLD_WEIGHT * (held - backlog.hold_s)
         try:
             await self._leases.release(slot.item_key, slot.holder)
         except DependencyUnavailable as exc:  # it expires by itself after lease_s
             log.warning("inflight_lease_release_failed", reason=str(exc))
-
-    def _remember_refusal(self, key: str, until: float) -> None:
-        self._refused_until[key] = until
-        self._refused_until.move_to_end(key)
-        while len(self._refused_until) > self._max_keys:
-            self._refused_until.popitem(last=False)
