@@ -21,7 +21,7 @@ PROTECTED_GRACE_S = 10.0  # ConsumerConfig.protected_grace_s: extra wait for wor
 RECEIVE_MARGIN_S = 5.0  # ConsumerConfig.receive_margin_s: how long past poll_wait_s an open poll may run at stop
 FINISH_TIMEOUT_S = 30.0  # ConsumerConfig.finish_timeout_s: longest wait for finishing SQS calls
 HTTP_SHUTDOWN_S = 5.0  # the HTTP runner's shutdown timeout for in-flight requests
-TRACE_FLUSH_S = 3.0  # tracing's last export at stop, after every client closed (service.tracing); 0 s when off
+TRACE_FLUSH_S = 3.0  # the longest wait for tracing's last export at stop, after every client closed (service.tracing)
 
 
 class ConfigurationError(Exception):

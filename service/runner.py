@@ -10,7 +10,7 @@ ingress never routes to. At start-up a worker waits for an SQS that does not ans
 doubling delay) instead of exiting; a SIGTERM meanwhile ends the wait and the process, cleanly.
 
 Tracing (`service.tracing`, the OTEL_* variables) starts before anything is built and is flushed last, within
-`tracing.FLUSH_TIMEOUT_S`.
+`config.TRACE_FLUSH_S`.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ async def run_service(
         log.info("service_stopped", role=role, during="startup")
         return
     finally:
-        await traces.shutdown()  # the last spans leave (bounded: tracing.FLUSH_TIMEOUT_S) after every client closed
+        await traces.shutdown()  # the last spans leave (bounded: config.TRACE_FLUSH_S) after every client closed
     log.info("service_stopped", role=role)
 
 

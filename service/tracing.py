@@ -68,7 +68,6 @@ SERVICE_NAME = "ai-multi-comms-engine"
 SCOPE = "service"  # the instrumentation scope every span of ours is made under
 MAX_MESSAGE_ATTRIBUTES = 10  # SQS: at most ten message attributes per message
 TRACE_ATTRIBUTES = ("traceparent", "tracestate")
-FLUSH_TIMEOUT_S = TRACE_FLUSH_S  # the longest service stop waits for the last spans to leave (in its stop budget)
 HTTP_PROTOBUF = "http/protobuf"
 _TRACE_CONTEXT = TraceContextTextMapPropagator()  # SQS carries W3C trace context whatever OTEL_PROPAGATORS says
 _ID_SEGMENT = re.compile(r"^[A-Za-z]+_[A-Za-z0-9]+$")  # resp_..., conv_...: an id in an OpenAI path
@@ -144,7 +143,7 @@ class Tracing:
     def active(self) -> bool:
         return self._provider is not None
 
-    async def shutdown(self, timeout_s: float = FLUSH_TIMEOUT_S) -> bool:
+    async def shutdown(self, timeout_s: float = TRACE_FLUSH_S) -> bool:
         """Stop making spans, then export what is buffered, for at most `timeout_s`; False when that ran out
         (a collector that does not answer never holds the stop longer). Idempotent."""
         provider, self._provider = self._provider, None

@@ -254,6 +254,11 @@ class ConversationRecord:
         content = content_text(self.channel, ledger.generated)
         return Message(ledger.provider_message_id, "assistant", content, self.first_message_at, ledger.usage)
 
+    def holds_message(self, message_id: str) -> bool:
+        """Whether the message with this provider id is the record's own template message (`ledger_message`)."""
+        first = self.ledger_message
+        return first is not None and first.message_id == message_id
+
     def message_index(self, message_id: str) -> int | None:
         for index, message in enumerate(self.messages):
             if message.message_id == message_id:

@@ -150,8 +150,7 @@ class DynamoConversationLookup:
     async def set_delivery_status(
         self, record: ConversationRecord, index: int, message_sid: str, new: DeliveryStatus
     ) -> bool:
-        first = record.ledger_message
-        on_record = index == 0 and first is not None and first.message_id == message_sid
+        on_record = index == 0 and record.holds_message(message_sid)
         return await self._states(record.key).set_status(index, message_sid, new, self._stamp(), on_record=on_record)
 
     async def hold_delivery_status(self, key: ConversationKey, message_sid: str, new: DeliveryStatus) -> bool:

@@ -96,9 +96,8 @@ class DeliveryStates:
         """The position of the message with this SID, if it is recorded (a consistent look-up), and whether it is
         the record's own template message (`ledger_message`)."""
         typed = record_from_item(record)
-        first = typed.ledger_message
-        found = await self.messages.find(self.key, sid, typed.messages, first)
-        return None if found is None else (found[0], first is not None and first.message_id == sid)
+        found = await self.messages.find(self.key, sid, typed.messages, typed.ledger_message)
+        return None if found is None else (found[0], typed.holds_message(sid))
 
     async def _forget(self, sid: str) -> None:
         """Drop a kept entry whose message is recorded (any later callback then finds the message itself)."""
@@ -117,7 +116,7 @@ class DeliveryStates:
         if not isinstance(pending, dict) or not pending:
             return
         sids = list(positions)
-        first = record_from_item(record).ledger_message
+        typed = record_from_item(record)
         try:
             for sid, index in positions.items():
                 entry = pending.get(sid)
@@ -125,9 +124,8 @@ class DeliveryStates:
                     continue
                 status = parse_delivery_status(str(entry.get("status") or ""))
                 if status is not None:
-                    on_record = first is not None and first.message_id == sid
                     at = str(entry.get("at") or "")
-                    applied = await self.set_status(index, sid, status, at, on_record=on_record)
+                    applied = await self.set_status(index, sid, status, at, on_record=typed.holds_message(sid))
                     log.info("early_delivery_status_applied", message_sid=sid, status=status.value, applied=applied)
                 await self._forget(sid)
         except DependencyUnavailable as exc:
