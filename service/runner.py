@@ -29,7 +29,7 @@ from consumers.runtime import QueueConsumer
 from consumers.sqs_messages import StartupRetry, StartupStopped
 from service.api.app import create_app, create_metrics_app, make_runner
 from service.bootstrap import Dependencies, build
-from service.config import EventLoop, Settings
+from service.config import HTTP_SHUTDOWN_S, EventLoop, Settings
 from service.tracing import start_from_environment
 
 Role = Literal["api", "worker", "all"]
@@ -157,8 +157,12 @@ async def _serve(
         deps.readiness.draining = True
         log.info("service_stopping", role=role, grace_s=settings.drain_grace_s)
         await stop_consumers(deps.consumers, settings.drain_grace_s, force)
-        # Metrics stay scrapeable through the drain; both listeners close together (within HTTP_SHUTDOWN_S).
+        # Metrics stay scrapeable through the drain; both listeners close together (within HTTP_SHUTDOWN_S), and
+        # the request ledger completions of the last answered requests end within the same bound.
+        loop = asyncio.get_running_loop()
+        http_deadline = loop.time() + HTTP_SHUTDOWN_S
         await asyncio.gather(http.cleanup(), *([metrics_http.cleanup()] if metrics_http else []))
+        await deps.initiator.settle(http_deadline - loop.time())
 
 
 async def stop_consumers(consumers: Sequence[QueueConsumer], grace_s: float, force: asyncio.Event) -> None:

@@ -7,6 +7,11 @@ one cancelled during the claim write releases the claim it may have written.
 A repeat of a request_id that is still being queued waits for it (bounded by
 `duplicate_wait_s`, polling the ledger) and answers as it does; a repeat whose body
 differs from the first is refused (the state table is in `service.domain.claims`).
+
+The caller is answered once its message is queued: the ledger completion (which only lets a later repeat answer
+at once instead of waiting) runs after the answer, as a task the initiator keeps until it ends (`settle`, at
+stop). Its failure never changed the answer: the claim's lease runs out and a repeat after that queues a twin,
+which the consumers' conversation claim acknowledges without sending twice.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ class ConversationInitiator:
         self._clock = clock
         self._duplicate_wait_s = duplicate_wait_s
         self._sleep = sleep
+        self._completions: set[asyncio.Task[None]] = set()
 
     async def initiate(self, request: InitiateRequest, trace_id: str) -> InitiateOutcome:
         company = await self._checked_company(request)
@@ -219,13 +225,29 @@ class ConversationInitiator:
             # Nothing was queued: free the request_id so the caller's retry can queue it at once.
             await self._release_quietly(key)
             raise
+        completion = asyncio.create_task(self._complete(key, queue_timestamp, conversation_id), name="request-complete")
+        self._completions.add(completion)
+        completion.add_done_callback(self._completions.discard)
+        return InitiateOutcome(conversation_id, queue_timestamp, enqueued=True)
+
+    async def _complete(self, key: str, queue_timestamp: str, conversation_id: str) -> None:
         try:
             await self._ports.ledger.complete(key, queue_timestamp)
-        except DependencyUnavailable as exc:
-            # The message is queued. The claim lease expires; a repeat after that queues a twin,
-            # which the consumers' conversation claim acknowledges without sending twice.
+        except Exception as exc:  # the message is queued and the caller answered: the lease runs out (module doc)
             log.warning("request_completion_not_recorded", conversation_id=conversation_id, error=str(exc))
-        return InitiateOutcome(conversation_id, queue_timestamp, enqueued=True)
+
+    async def settle(self, timeout_s: float) -> int:
+        """Wait (at most `timeout_s`) for the ledger completions still running; the number left unfinished, which
+        are cancelled (their claims lapse, module doc). The service calls it at stop, before its clients close."""
+        pending = set(self._completions)
+        if not pending:
+            return 0
+        _, unfinished = await asyncio.wait(pending, timeout=max(0.0, timeout_s))
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            log.warning("request_completions_abandoned", count=len(unfinished))
+        return len(unfinished)
 
     async def _release_quietly(self, key: str) -> None:
         try:

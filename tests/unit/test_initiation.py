@@ -119,6 +119,12 @@ class Rig:
         return self.ledger.faults.calls["read"]
 
     async def initiate(self, body: dict[str, Any] | None = None) -> InitiateOutcome:
+        """The answer, once the ledger completion that follows it has ended too."""
+        outcome = await self.answer(body)
+        assert await self.initiator.settle(timeout_s=5) == 0
+        return outcome
+
+    async def answer(self, body: dict[str, Any] | None = None) -> InitiateOutcome:
         return await self.initiator.initiate(validate_initiate_body(body or self.body), trace_id="trace-1")
 
     def hold_elsewhere(self, body_hash: str | None = None, lease_s: float = LEASE_S) -> RequestRecord:
@@ -341,6 +347,35 @@ async def test_a_publish_failure_releases_the_claim_so_the_retry_queues_at_once(
     assert rig.world.clock.sleeps == []
 
 
+async def test_the_caller_is_answered_once_queued_and_the_ledger_completes_after(rig: Rig) -> None:
+    completing = asyncio.Event()
+    release = asyncio.Event()
+
+    async def held() -> None:
+        completing.set()
+        await release.wait()
+
+    rig.ledger.faults.on_next("complete", held)
+
+    outcome = await rig.answer()
+
+    assert outcome.enqueued is True and len(rig.queued) == 1
+    await completing.wait()
+    assert rig.ledger.records[rig.key].state is RequestState.IN_PROGRESS
+    release.set()
+    assert await rig.initiator.settle(timeout_s=5) == 0
+    assert rig.ledger.records[rig.key].state is RequestState.COMPLETED
+
+
+async def test_a_completion_still_running_at_stop_is_abandoned_after_the_timeout(rig: Rig) -> None:
+    rig.ledger.faults.on_next("complete", asyncio.Event().wait)  # an AWS call that hangs
+
+    await rig.answer()
+
+    assert await rig.initiator.settle(timeout_s=0.01) == 1
+    assert rig.ledger.records[rig.key].state is RequestState.IN_PROGRESS  # its lease runs out (module doc)
+
+
 async def test_a_completion_not_recorded_still_answers_queued(rig: Rig) -> None:
     rig.world.requests.faults.fail_next("complete")
 
@@ -462,6 +497,7 @@ async def test_a_deadline_after_the_claim_still_settles_the_ledger(rig: Rig) -> 
     gate.set()
     for _ in range(10):
         await asyncio.sleep(0)
+    assert await rig.initiator.settle(timeout_s=5) == 0
 
     assert len(rig.queued) == 1
     assert rig.ledger.records[rig.key].state is RequestState.COMPLETED
