@@ -47,6 +47,7 @@ from service.adapters.providers.twilio_signature import TwilioSignatureVerifier
 from service.config import (
     CHANNELS,
     FINISH_TIMEOUT_S,
+    HTTP_SHUTDOWN_S,
     PROTECTED_GRACE_S,
     RECEIVE_MARGIN_S,
     ConfigurationError,
@@ -224,17 +225,21 @@ async def build(
         if expects_consumers:
             adapters = await _with_providers(settings, adapters, stack)
             consumers = await build_consumers(settings, aws, adapters, registry, startup)
+        initiator = ConversationInitiator(
+            InitiationPorts(adapters.companies, adapters.opt_outs, adapters.ledger, adapters.publisher),
+            {channel: settings.queue_url(channel) for channel in CHANNELS},
+            lease_s=settings.request_claim_lease_s,
+            clock=time.time,
+            duplicate_wait_s=settings.duplicate_wait_s,
+        )
+        # Before the clients close: the request-ledger completions still running (none left when the runner
+        # settled them already; a bench or a test building its own wiring gets the same wait).
+        stack.push_async_callback(initiator.settle, HTTP_SHUTDOWN_S)
         yield Dependencies(
             settings=settings,
             aws=aws,
             adapters=adapters,
-            initiator=ConversationInitiator(
-                InitiationPorts(adapters.companies, adapters.opt_outs, adapters.ledger, adapters.publisher),
-                {channel: settings.queue_url(channel) for channel in CHANNELS},
-                lease_s=settings.request_claim_lease_s,
-                clock=time.time,
-                duplicate_wait_s=settings.duplicate_wait_s,
-            ),
+            initiator=initiator,
             intake=InboundIntake(
                 IntakePorts(
                     conversations=adapters.conversations,

@@ -1,5 +1,6 @@
 """An initiate request is answered once its message is queued; the request ledger's completion follows the answer,
-and a service stopping right after the answer waits for it before closing its AWS clients."""
+and a service stopping right after the answer (or any wiring closing: a bench, a test) waits for it before closing
+its AWS clients."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import aiohttp
 
 from local_stack.moto_server import free_port
 from local_stack.seed import DemoTenant
-from service.bootstrap import Dependencies
+from service.bootstrap import Dependencies, build
 from service.config import Settings
 from service.domain.claims import RequestState, request_key
+from service.domain.initiate import validate_initiate_body
 from service.runner import run_service
 from tests.bodies import initiate_body
 
@@ -63,4 +65,27 @@ async def test_a_completion_after_the_answer_lands_before_the_service_closes_its
         body["company_data"]["company_id"], body["company_data"]["project_id"], body["request_data"]["request_id"]
     )
     record = await deps.adapters.ledger.read(key)  # the tests' own wiring: the service's clients are closed
+    assert record is not None and record.state is RequestState.COMPLETED
+
+
+async def test_wiring_built_outside_the_runner_waits_for_its_completions_before_closing(
+    settings: Settings, tenant: DemoTenant, deps: Dependencies
+) -> None:
+    body = initiate_body()
+    async with build(settings) as own:
+        ledger: Any = own.adapters.ledger
+        complete = ledger.complete
+
+        async def late_complete(key: str, queue_timestamp: str) -> None:
+            await asyncio.sleep(COMPLETION_DELAY_S)  # still running when the wiring closes
+            await complete(key, queue_timestamp)
+
+        ledger.complete = late_complete
+        outcome = await own.initiator.initiate(validate_initiate_body(body), trace_id="t")
+        assert outcome.enqueued
+
+    key = request_key(
+        body["company_data"]["company_id"], body["company_data"]["project_id"], body["request_data"]["request_id"]
+    )
+    record = await deps.adapters.ledger.read(key)
     assert record is not None and record.state is RequestState.COMPLETED
