@@ -306,3 +306,53 @@ async def test_a_record_whose_template_message_was_written_as_an_item_reads_it_a
     assert await store.lookup.recent_messages(record, 5) == (message,)
     assert await store.lookup.set_delivery_status(record, 0, message.message_id, DeliveryStatus.READ)
     assert (await store.lookup.recent_messages(record, 5))[0].delivery_status == "read"
+
+
+class CountingDynamoDB:
+    """The shared client, with the Query calls made through it counted."""
+
+    def __init__(self, dynamodb: Any) -> None:
+        self._dynamodb = dynamodb
+        self.queries = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dynamodb, name)
+
+    def query(self, **params: Any) -> Any:
+        self.queries += 1
+        return self._dynamodb.query(**params)
+
+
+async def test_a_first_replys_history_is_the_records_template_message_read_from_no_item(deps: Dependencies) -> None:
+    store = Conversations(deps, Clock())
+    new = new_conversation()
+    message = await store.sent_first(new)
+    record = await store.lookup.find_open("sms", "+447700900002", new.key.primary_channel)
+    assert record is not None
+    assert await store.lookup.set_delivery_status(record, 0, message.message_id, DeliveryStatus.DELIVERED)
+    counting = CountingDynamoDB(store.dynamodb)
+    replies = DynamoReplyClaims(
+        counting,  # type: ignore[arg-type]
+        store.settings.conversations_table,
+        store.clock,
+        messages_table=store.settings.messages_table,
+    )
+
+    history = await replies.recent_messages(record, 40)
+
+    assert history == (message,)  # content and fragments; the delivery state, kept in position 0's item, not read
+    assert counting.queries == 0
+
+
+async def test_a_later_replys_history_reads_the_items_after_the_template_message(deps: Dependencies) -> None:
+    store = Conversations(deps, Clock())
+    new = new_conversation()
+    message = await store.sent_first(new)
+    _, first_exchange = await store.exchange(new.key, 1)
+    record = await store.lookup.find_open("sms", "+447700900002", new.key.primary_channel)
+    assert record is not None
+
+    history = await store.replies.recent_messages(record, 40)
+
+    assert [m.message_id for m in history] == [message.message_id, *(m.message_id for m in first_exchange)]
+    assert [m.fragment_sids for m in history] == [(), (first_exchange[0].message_id,), ()]

@@ -212,7 +212,8 @@ class ReplyClaims(ClaimedWorkStore[ReplyAttempt], Protocol):
         ...
 
     async def recent_messages(self, record: ConversationRecord, limit: int) -> tuple[Message, ...]:
-        """The newest `limit` messages `record` has recorded, oldest first."""
+        """The newest `limit` messages `record` has recorded, oldest first: a reply's context and the fragments
+        they answered. Delivery states may be left out (the template message's is not read)."""
         ...
 
 

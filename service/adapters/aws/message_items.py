@@ -108,12 +108,19 @@ class MessageItems:
         )
         await refusal(put, "PutItem")  # refused: this message is stored there already
 
-    async def recent(self, record: ConversationRecord, limit: int | None = None) -> tuple[Message, ...]:
+    async def recent(
+        self, record: ConversationRecord, limit: int | None = None, *, delivery_states: bool = True
+    ) -> tuple[Message, ...]:
         """The newest `limit` (None: all) of the messages `record` has recorded, oldest first: one Query of the
         positions wanted (none for a record whose messages are all embedded), the embedded ones before them, the
-        record's own template message (with its delivery state) at position 0."""
-        items = await self._items(record, len(record.messages), limit)
+        record's own template message (with its delivery state) at position 0.
+
+        `delivery_states=False` (a reply's context and its answered fragments, which need no delivery state):
+        the template message as the record holds it, its position's item not read, so a conversation's first
+        reply reads no item at all."""
         first = record.ledger_message
+        floor = len(record.messages) if first is None or delivery_states else max(len(record.messages), FIRST + 1)
+        items = await self._items(record, floor, limit)
         messages: list[Message]
         if first is not None and (limit is None or limit >= record.recorded_messages):
             kept, rest = _split_first(items)
@@ -138,10 +145,11 @@ class MessageItems:
         rest = ({k: v for k, v in found.items() if k not in (PARTITION, POSITION)} for found in items)
         return [*embedded, *head, *rest]
 
-    async def _items(self, record: ConversationRecord, embedded: int, limit: int | None) -> list[dict[str, Any]]:
-        """The message items among the newest `limit` positions the record counts (after its embedded ones)."""
+    async def _items(self, record: ConversationRecord, floor: int, limit: int | None) -> list[dict[str, Any]]:
+        """The message items among the newest `limit` positions the record counts, from position `floor` on (after
+        its embedded ones)."""
         end = record.recorded_messages
-        start = embedded if limit is None else max(embedded, end - limit)
+        start = floor if limit is None else max(floor, end - limit)
         if end <= start:
             return []
         query = {

@@ -183,7 +183,7 @@ class DynamoReplyClaims:
         return codec.record_from_item(item)
 
     async def recent_messages(self, record: ConversationRecord, limit: int) -> tuple[Message, ...]:
-        return await self._messages.recent(record, limit)
+        return await self._messages.recent(record, limit, delivery_states=False)  # a first reply reads no item
 
     async def _owned(
         self, key: ConversationKey, owner: str, operation: str, update: str, values: Mapping[str, Any]
