@@ -231,10 +231,13 @@ class ConversationInitiator:
         return InitiateOutcome(conversation_id, queue_timestamp, enqueued=True)
 
     async def _complete(self, key: str, queue_timestamp: str, conversation_id: str) -> None:
+        # Either way the message is queued and the caller answered: the claim's lease runs out (module doc).
         try:
             await self._ports.ledger.complete(key, queue_timestamp)
-        except Exception as exc:  # the message is queued and the caller answered: the lease runs out (module doc)
+        except DependencyUnavailable as exc:
             log.warning("request_completion_not_recorded", conversation_id=conversation_id, error=str(exc))
+        except Exception:  # a defect, not AWS: nobody awaits this task, so it is logged here with its traceback
+            log.exception("request_completion_failed", conversation_id=conversation_id)
 
     async def settle(self, timeout_s: float) -> int:
         """Wait (at most `timeout_s`) for the ledger completions still running; the number left unfinished, which

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog.testing
 
 from service.domain.claims import (
     Claim,
@@ -501,3 +502,13 @@ async def test_a_deadline_after_the_claim_still_settles_the_ledger(rig: Rig) -> 
 
     assert len(rig.queued) == 1
     assert rig.ledger.records[rig.key].state is RequestState.COMPLETED
+
+
+async def test_a_completion_that_fails_for_another_reason_is_logged_and_the_answer_stands(rig: Rig) -> None:
+    rig.world.requests.faults.fail_next("complete", error=RuntimeError("a defect"))
+
+    with structlog.testing.capture_logs() as logs:
+        outcome = await rig.initiate()
+
+    assert outcome.enqueued is True and len(rig.queued) == 1
+    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == ["request_completion_failed"]
