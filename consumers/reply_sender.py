@@ -56,7 +56,8 @@ REPLY_CHANNELS = ("whatsapp", "sms")  # email replies are not handled (README)
 FIRST_MESSAGE_IN_FLIGHT_RETRY_S = 5
 CREDENTIALS_UNUSABLE_RETRY_S = 60
 # The newest messages read for a reply: the AI's context when OpenAI no longer holds the conversation, and (their
-# user messages' fragment SIDs) the fragments already answered. One bounded Query, whatever the conversation's length.
+# user messages' fragment SIDs) the fragments already answered. One bounded Query, whatever the conversation's length
+# (none before its first reply: the template message is the record's own).
 REPLY_HISTORY_KEPT = 40
 REPLIED = ConversationStatus.REPLY_SENT.value  # the outcome reason and log event of a reply recorded
 REPAIR = (
