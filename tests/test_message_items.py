@@ -70,8 +70,9 @@ def sid() -> str:
 class Conversations:
     """The three stores on one moto, reading raw items to measure them."""
 
-    def __init__(self, deps: Dependencies, clock: Clock) -> None:
-        settings, dynamodb = deps.settings, deps.aws.dynamodb
+    def __init__(self, deps: Dependencies, clock: Clock, dynamodb: Any = None) -> None:
+        """`dynamodb`: the client the stores use (default: the shared one)."""
+        settings, dynamodb = deps.settings, dynamodb or deps.aws.dynamodb
         self.settings, self.dynamodb, self.clock = settings, dynamodb, clock
         tables = (settings.conversations_table,)
         shards = settings.conversation_index_shards
@@ -96,6 +97,12 @@ class Conversations:
             )
             items.append(answer["Item"])
         return items
+
+    async def open_record(self, new: NewConversation) -> ConversationRecord:
+        """The conversation as a webhook finds it (the pair's open conversation)."""
+        record = await self.lookup.find_open("sms", "+447700900002", new.key.primary_channel)
+        assert record is not None
+        return record
 
     async def started(self, new: NewConversation) -> ConversationKey:
         await self.sent_first(new)
@@ -185,8 +192,7 @@ async def test_a_delivery_state_applied_between_a_final_update_and_its_retry_is_
     store = Conversations(deps, Clock())
     new = new_conversation()
     message = await store.sent_first(new)
-    record = await store.lookup.find_open("sms", "+447700900002", new.key.primary_channel)
-    assert record is not None
+    record = await store.open_record(new)
     found = await store.lookup.find_message(record, message.message_id)
     assert found is not None and found[0] == 0
     assert await store.lookup.set_delivery_status(record, 0, message.message_id, DeliveryStatus.DELIVERED)
@@ -257,8 +263,7 @@ async def test_the_template_messages_delivery_state_is_kept_in_its_positions_ite
     store = Conversations(deps, Clock())
     new = new_conversation()
     message = await store.sent_first(new)
-    record = await store.lookup.find_open("sms", "+447700900002", new.key.primary_channel)
-    assert record is not None
+    record = await store.open_record(new)
 
     assert await store.lookup.set_delivery_status(record, 0, message.message_id, DeliveryStatus.SENT)
     assert await store.lookup.set_delivery_status(record, 0, message.message_id, DeliveryStatus.DELIVERED)
@@ -327,18 +332,11 @@ async def test_a_first_replys_history_is_the_records_template_message_read_from_
     store = Conversations(deps, Clock())
     new = new_conversation()
     message = await store.sent_first(new)
-    record = await store.lookup.find_open("sms", "+447700900002", new.key.primary_channel)
-    assert record is not None
+    record = await store.open_record(new)
     assert await store.lookup.set_delivery_status(record, 0, message.message_id, DeliveryStatus.DELIVERED)
     counting = CountingDynamoDB(store.dynamodb)
-    replies = DynamoReplyClaims(
-        counting,  # type: ignore[arg-type]
-        store.settings.conversations_table,
-        store.clock,
-        messages_table=store.settings.messages_table,
-    )
 
-    history = await replies.recent_messages(record, 40)
+    history = await Conversations(deps, store.clock, counting).replies.recent_messages(record, 40)
 
     assert history == (message,)  # content and fragments; the delivery state, kept in position 0's item, not read
     assert counting.queries == 0
@@ -349,8 +347,7 @@ async def test_a_later_replys_history_reads_the_items_after_the_template_message
     new = new_conversation()
     message = await store.sent_first(new)
     _, first_exchange = await store.exchange(new.key, 1)
-    record = await store.lookup.find_open("sms", "+447700900002", new.key.primary_channel)
-    assert record is not None
+    record = await store.open_record(new)
 
     history = await store.replies.recent_messages(record, 40)
 
