@@ -28,6 +28,7 @@ _NON_WORD = re.compile(r"[^a-z0-9]+")
 _PHONE = re.compile(r"(?<![\w-])\+?\d{8,15}(?![\w-])")
 _EMAIL = re.compile(r"([A-Za-z0-9._%+-])[A-Za-z0-9._%+-]*@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
 REDACTED = "[REDACTED]"
+FOREIGN_MESSAGE_MAX_CHARS = 2000  # a library message longer than this is cut (its text may be a caller's header)
 
 
 def mask_phone(match: re.Match[str]) -> str:
@@ -70,6 +71,9 @@ def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMap
 
 # Libraries that log every request (and, for botocore, where credentials came from) at INFO.
 _CHATTY_LOGGERS = ("botocore", "aiobotocore", "twilio", "aiohttp.access", "httpx2", "httpcore2", "openai")
+# Libraries that warn about what a caller sent (OpenTelemetry: a malformed `tracestate` header, quoted whole): the
+# caller's mistake, nothing an operator can act on, and one line per request to whoever sends it.
+_CALLER_INPUT_LOGGERS = ("opentelemetry.trace.span", "opentelemetry.trace.propagation.tracecontext")
 
 
 class _StreamLogger:
@@ -92,22 +96,94 @@ class _StreamLogger:
     log = debug = info = warn = warning = error = critical = exception = fatal = failure = msg
 
 
+class _JsonLines(logging.Handler):
+    """Python's standard `logging` (what aiohttp, asyncio, botocore and OpenTelemetry write) as the service's own
+    lines: one JSON object each, the logger named, a traceback in `exception`, phone numbers masked, the message
+    cut at `FOREIGN_MESSAGE_MAX_CHARS` (a library may quote what a caller sent, a header of kilobytes)."""
+
+    def __init__(self, out: _StreamLogger) -> None:
+        super().__init__()
+        self._out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._out.msg(self.format(record).encode())
+        except Exception:  # logging must never raise into the code that logs
+            self.handleError(record)
+
+
+def _bounded(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    message = str(event.get("event", ""))
+    if len(message) > FOREIGN_MESSAGE_MAX_CHARS:
+        event["event"] = f"{message[:FOREIGN_MESSAGE_MAX_CHARS]}… ({len(message)} characters, cut)"
+    return event
+
+
+def _printable(value: Any) -> Any:
+    """`value` with every string made encodable: a lone surrogate (a header's byte that is not UTF-8, as aiohttp
+    decodes it) becomes "?" instead of failing the line, and with it the request that logs it."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode()
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
+
+
+def json_line(event: Any, **options: Any) -> bytes:
+    """orjson's encoding of a log event (structlog's JSONRenderer serializer), never raising on its strings."""
+    try:
+        return orjson.dumps(event, **options)
+    except TypeError:
+        return orjson.dumps(_printable(event), **options)
+
+
+def _render(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
+    return json_line(event, default=str).decode()
+
+
 def configure_logging(level: str = "INFO", *, to_stderr: bool = False) -> None:
-    """JSON lines on stdout (the service), or on stderr (operator commands, whose stdout is data)."""
+    """JSON lines on stdout (the service), or on stderr (operator commands, whose stdout is data); the standard
+    library's records too, through the same redaction (replacing any handler an earlier call installed)."""
     numeric_level = getattr(logging, level)
-    logging.basicConfig(format="%(message)s", stream=sys.stderr if to_stderr else sys.stdout, level=numeric_level)
+    out = _StreamLogger(to_stderr)
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    handler = _JsonLines(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.contextvars.merge_contextvars,  # a library line inside a request carries its ids
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                stamp,
+                _bounded,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact_event,
+                _render,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _JsonLines)] + [handler]
+    root.setLevel(numeric_level)
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, numeric_level))
+    for name in _CALLER_INPUT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             structlog.processors.format_exc_info,
             redact_event,
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+            structlog.processors.JSONRenderer(serializer=json_line),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=lambda *_: _StreamLogger(to_stderr),
+        logger_factory=lambda *_: out,
         cache_logger_on_first_use=True,
     )
