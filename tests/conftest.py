@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from local_stack.moto_server import LOCAL_CREDENTIALS, MotoServer, start_moto_server
 from local_stack.seed import DemoTenant, seed_demo_tenant
 from service.adapters.aws.provisioning import provision_resources
-from service.api.app import create_app
+from service.api.app import create_app, make_runner
 from service.bootstrap import Dependencies, build
 from service.config import Settings
 from tests.bodies import initiate_body
@@ -46,6 +47,19 @@ async def deps(settings: Settings) -> AsyncIterator[Dependencies]:
 @pytest.fixture(scope="session")
 async def tenant(deps: Dependencies) -> DemoTenant:
     return await seed_demo_tenant(deps.aws, deps.settings)
+
+
+@pytest.fixture(scope="session")
+async def served(deps: Dependencies, tenant: DemoTenant) -> AsyncIterator[tuple[str, int]]:
+    """The app behind the server the service runs (`make_runner`: its answers to malformed requests), on
+    127.0.0.1: (host, port) for raw-socket clients."""
+    runner = make_runner(create_app(deps))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield host, port
+    await runner.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -7,16 +7,12 @@ server sees it in several segments; malformed requests are written on a raw sock
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from local_stack.seed import DemoTenant
-from service.api.app import create_app, make_runner
 from service.bootstrap import Dependencies
 from service.runner import start_http
 from tests.conftest import initiate_body
@@ -102,18 +98,7 @@ async def test_webhook_body_over_the_limit_is_413_payload_too_large(api: TestCli
     assert b"xxxx" not in response.body
 
 
-# --- malformed requests: answered by the server the service runs (make_runner) -------------------
-
-
-@pytest.fixture(scope="module")
-async def served(deps: Dependencies, tenant: DemoTenant) -> AsyncIterator[tuple[str, int]]:
-    runner = make_runner(create_app(deps))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    yield host, port
-    await runner.cleanup()
+# --- malformed requests: answered by the server the service runs (`served`: make_runner) ------------
 
 
 async def _send(served: tuple[str, int], writes: list[bytes]) -> RawResponse:

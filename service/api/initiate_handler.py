@@ -8,6 +8,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from service.api.request_bodies import read_limited_body
 from service.api.responses import json_response
 from service.api.state import DEPS, PAYLOAD_REQUEST_ID, TRACE_ID
 from service.domain.access import authenticate, authorise, rate_limit_for
@@ -17,23 +18,6 @@ from service.domain.initiate import payload_request_id, validate_identifiers, va
 ACCEPTED_MESSAGE = "Request accepted and queued for processing"
 
 
-async def read_limited_body(request: web.Request, limit: int) -> bytes:
-    """The whole raw body, however framed and segmented, or 413 PAYLOAD_TOO_LARGE as soon as it is
-    known to exceed `limit` (from Content-Length, or once more than `limit` bytes have arrived)."""
-    too_large = ApiError(ErrorCode.PAYLOAD_TOO_LARGE, f"request body exceeds {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    # One read answers with what is buffered, not the whole body: read until EOF.
-    parts: list[bytes] = []
-    received = 0
-    while chunk := await request.content.readany():
-        received += len(chunk)
-        if received > limit:
-            raise too_large
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 def parse_json(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
@@ -41,9 +25,16 @@ def parse_json(raw: bytes) -> Any:
         raise ApiError(ErrorCode.INVALID_REQUEST, "request body is not valid JSON") from exc
 
 
+def _one_api_key(request: web.Request) -> str | None:
+    """The x-api-key header; None (401) when there are several: a gateway in front that checks another of them
+    than this service reads would let one key pass for another."""
+    presented = request.headers.getall("x-api-key", [])
+    return presented[0] if len(presented) == 1 else None
+
+
 async def initiate_conversation(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    key = await authenticate(request.headers.get("x-api-key"), deps.api_keys)
+    key = await authenticate(_one_api_key(request), deps.api_keys)
     structlog.contextvars.bind_contextvars(company_id=key.company_id, project_id=key.project_id)
     own_company = await deps.companies.get(key.company_id, key.project_id)
     wait = await deps.rate_limiter.check(key.key_id, rate_limit_for(own_company, deps.default_rate_limit))

@@ -26,9 +26,11 @@ RETRY_AFTER_S = 5
 
 
 def _trace_id(request: web.Request) -> str:
+    """The caller's trace id when it is a plain one (printable ASCII, at most 200 characters), else a fresh one: it
+    goes into every log line and the queued message, and a header's bytes need not even be UTF-8."""
     for header in ("X-Amzn-Trace-Id", "traceparent", "X-Request-Id"):
         value = request.headers.get(header)
-        if value and len(value) <= 200:
+        if value and len(value) <= 200 and value.isascii() and value.isprintable():
             return value
     return uuid.uuid4().hex
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from service.api.middleware import RETRY_AFTER_S
+from service.api.request_bodies import read_form
 from service.api.responses import error_response
 from service.api.state import DEPS, REQUEST_ID
 from service.domain.errors import DependencyUnavailable, ErrorCode
@@ -41,8 +42,7 @@ def public_url(request: web.Request, public_base_url: str | None) -> str:
 
 
 async def _signed(request: web.Request) -> SignedRequest:
-    form = await request.post()
-    params = {name: value for name, value in form.items() if isinstance(value, str)}
+    params = await read_form(request)
     url = public_url(request, request.app[DEPS].settings.public_base_url)
     return SignedRequest(url, params, request.headers.get(SIGNATURE_HEADER, ""))
 

@@ -28,6 +28,10 @@ project_data one level below a DynamoDB item (limit 32 levels), and the queue
 serialiser refuses past ~254. The check is iterative and stops at the first
 level past the limit, and runs right after the section type checks, before
 anything reads inside a nested value.
+
+Storable: a number DynamoDB cannot hold (magnitude 1e126 and up, or below 1e-130 but not 0) or a string holding
+U+FFFE/U+FFFF (outside SQS's character set) anywhere in the body -> INVALID_PROJECT_DATA inside project_data,
+INVALID_REQUEST elsewhere; accepted, the message would be lost after the caller's 200.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ _EMAIL = re.compile(
     re.ASCII,
 )
 _CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+# DynamoDB's number range (magnitude; 0 too), and the characters of a JSON body SQS refuses (`_unstorable`).
+DYNAMODB_MIN, DYNAMODB_MAX = 1e-130, 1e126
+_NOT_FOR_SQS = re.compile("[\ufffe\uffff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +148,34 @@ def _depth_exceeds(value: object, limit: int) -> bool:
     return False
 
 
+def _unstorable(value: object) -> str | None:
+    """What in `value` (walked iteratively; its depth is already bounded) DynamoDB or SQS would refuse, else None:
+    a number outside DynamoDB's range (|x| from 1e-130 to below 1e126, or 0), or a string or key holding U+FFFE or
+    U+FFFF, the two characters of the BMP outside SQS's message character set (a JSON body writes them as they are).
+    Accepted, either would be lost after the caller's 200: the queue send or the consumer's first write refused."""
+    stack: list[object] = [value]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, float) and current != 0 and not DYNAMODB_MIN <= abs(current) < DYNAMODB_MAX:
+            return f"the number {current!r} is outside what DynamoDB stores"
+        if isinstance(current, str) and _NOT_FOR_SQS.search(current):
+            return "a string holds U+FFFE or U+FFFF, which SQS refuses"
+        if isinstance(current, dict):
+            stack.extend(current.keys())
+            stack.extend(current.values())
+        elif isinstance(current, list):
+            stack.extend(current)
+    return None
+
+
+def _check_storable(body: dict[str, Any], project_data: dict[str, Any]) -> None:
+    for name, value in body.items():
+        problem = _unstorable(project_data if name == "project_data" else value)
+        if problem:
+            code = ErrorCode.INVALID_PROJECT_DATA if name == "project_data" else ErrorCode.INVALID_REQUEST
+            raise ApiError(code, f"'{name}': {problem}")
+
+
 def _section(body: dict[str, Any], name: str, missing: ErrorCode, invalid: ErrorCode) -> dict[str, Any]:
     if name not in body or body[name] is None:
         raise ApiError(missing, f"'{name}' is required")
@@ -221,6 +256,7 @@ def validate_initiate_body(body: object) -> InitiateRequest:
     if not isinstance(project_data, dict):
         raise ApiError(ErrorCode.INVALID_PROJECT_DATA_TYPE, "'project_data' must be a JSON object")
     _check_nesting(body, project_data)
+    _check_storable(body, project_data)
 
     request_id = _request_field(
         request, "request_id", ErrorCode.MISSING_REQUEST_ID, ErrorCode.INVALID_REQUEST_ID_FORMAT
