@@ -97,6 +97,13 @@ class Settings(BaseSettings):
     request_idempotency_ttl_s: int = Field(7 * 86400, ge=60, description="How long a request_id is remembered")
     sqs_send_attempts: int = Field(3, ge=1, le=10)
     public_base_url: str | None = Field(None, description="Public URL Twilio calls (webhooks, status callbacks)")
+    http_idle_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        le=3600,
+        description="An HTTP connection without a complete request for this long is closed (one whose client never"
+        " finishes its headers too); keep it above the load balancer's idle timeout (ALB: 60 s)",
+    )
     request_deadline_s: float = Field(
         5.0, gt=0, le=60, description="Whole-request deadline on the HTTP paths; over it: 503 with Retry-After"
     )

@@ -12,13 +12,18 @@ the dead-letter queue).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from local_stack.seed import DemoTenant
+from service.api.app import create_app, make_runner
+from service.bootstrap import Dependencies
 from tests.conftest import initiate_body
 from tests.fault_proxy import RawResponse, exchange
 
@@ -179,3 +184,25 @@ async def test_a_character_sqs_refuses_outside_project_data_is_400(
     body["recipient_data"]["recipient_first_name"] = "Lee\uffff"
     response = await api.post(INITIATE, json=body, headers={"x-api-key": tenant.api_key})
     assert (response.status, (await response.json())["error_code"]) == (400, "INVALID_REQUEST")
+
+
+# --- a client that never finishes its headers ----------------------------------------------------------------------
+
+
+async def test_a_connection_that_never_finishes_its_headers_is_closed_after_the_idle_timeout(
+    deps: Dependencies,
+) -> None:
+    quick = dataclasses.replace(deps, settings=deps.settings.model_copy(update={"http_idle_timeout_s": 0.2}))
+    runner = make_runner(create_app(quick))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /initiate-conversation HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")
+        async with asyncio.timeout(30):  # a bound on the test only: the server closes it at 0.2 s
+            assert await reader.read() == b""
+        writer.close()
+    finally:
+        await runner.cleanup()

@@ -113,4 +113,13 @@ class ServiceRunner(web.AppRunner):
 
 
 def make_runner(app: web.Application, *, shutdown_timeout: float = HTTP_SHUTDOWN_S) -> web.AppRunner:
-    return ServiceRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    """The server for `app`. aiohttp keeps a connection that has not sent a whole request open for an hour by
+    default (its keep-alive timer runs from the connection's start): a client trickling half a header line per
+    connection would hold a file descriptor each for that long. `http_idle_timeout_s` closes them sooner."""
+    return ServiceRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=app[DEPS].settings.http_idle_timeout_s,
+    )
