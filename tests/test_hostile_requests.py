@@ -25,7 +25,7 @@ from local_stack.seed import DemoTenant
 from service.api.app import create_app, make_runner
 from service.bootstrap import Dependencies
 from tests.conftest import initiate_body
-from tests.fault_proxy import RawResponse, exchange
+from tests.fault_proxy import RawResponse, exchange, parse_response
 
 INITIATE = "/initiate-conversation"
 
@@ -206,3 +206,31 @@ async def test_a_connection_that_never_finishes_its_headers_is_closed_after_the_
         writer.close()
     finally:
         await runner.cleanup()
+
+
+# --- expectations ---------------------------------------------------------------------------------------------------
+
+
+async def test_an_expectation_other_than_100_continue_is_417_json_without_echo(
+    served: tuple[str, int], tenant: DemoTenant
+) -> None:
+    headers = [(b"Expect", b"<script>s3cr3t</script>"), (b"x-api-key", tenant.api_key.encode())]
+    response = await send(served, raw_request("POST", INITIATE, orjson.dumps(initiate_body()), headers))
+    assert _error_code(response) == (417, "INVALID_REQUEST")
+    assert b"s3cr3t" not in response.body
+
+
+async def test_an_initiate_that_expects_100_continue_is_served(served: tuple[str, int], tenant: DemoTenant) -> None:
+    headers = [
+        (b"Expect", b"100-continue"),
+        (b"x-api-key", tenant.api_key.encode()),
+        (b"Content-Type", b"application/json"),
+    ]
+    reader, writer = await asyncio.open_connection(*served)
+    writer.write(raw_request("POST", INITIATE, orjson.dumps(initiate_body()), headers))
+    raw = await reader.read()
+    writer.close()
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert raw.startswith(interim)
+    response = parse_response(raw[len(interim) :])
+    assert (response.status, response.json()["status"]) == (200, "success")

@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from service import __version__, tracing
 from service.api.health import healthz, metrics, readyz
@@ -32,6 +33,15 @@ from service.config import HTTP_SHUTDOWN_S
 log = structlog.get_logger("service.api")
 
 
+async def continue_only(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` answered as aiohttp does; any other expectation is 417 with the SPEC §2 body (aiohttp's
+    own 417 is plain text quoting the header, and it is sent before any middleware runs)."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await _default_expect_handler(request)
+        return None
+    return http_error_response(417, str(uuid.uuid4()))
+
+
 def create_app(deps: Dependencies) -> web.Application:
     """The public app: API, webhooks (unless disabled), health and OpenAPI. `/metrics` is not here: it has its
     own listener (`create_metrics_app`, on `metrics_port`), so the ingress never exposes it."""
@@ -48,10 +58,10 @@ def create_app(deps: Dependencies) -> web.Application:
     async def openapi(_: web.Request) -> web.Response:
         return json_response(document)
 
-    app.router.add_post("/initiate-conversation", initiate_conversation)
+    app.router.add_post("/initiate-conversation", initiate_conversation, expect_handler=continue_only)
     if deps.settings.webhooks_enabled:
-        app.router.add_post("/webhooks/twilio/status", twilio_status)
-        app.router.add_post("/webhooks/twilio/{channel:whatsapp|sms}", twilio_inbound)
+        app.router.add_post("/webhooks/twilio/status", twilio_status, expect_handler=continue_only)
+        app.router.add_post("/webhooks/twilio/{channel:whatsapp|sms}", twilio_inbound, expect_handler=continue_only)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)
