@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from service.domain.company import CompanyRecord, ai_requests_per_second
 from service.domain.context import QueueContext
 from service.domain.conversation import ConversationKey, NewConversation
-from service.domain.initiate import SUPPORTED_CHANNELS, is_valid_e164, is_valid_email
+from service.domain.initiate import SUPPORTED_CHANNELS, is_valid_e164, is_valid_email, unstorable_reason
 from service.versions import PROCESSOR_VERSION
 
 DEFAULT_WHATSAPP_VARIABLES = ("1", "2")
@@ -132,6 +132,9 @@ def parse_template_job(body: str) -> TemplateJob:
 
     def invalid(reason: str) -> InvalidContext:
         return InvalidContext(reason, primary_channel=recipient, conversation_id=conversation_id)
+
+    if unstorable_reason(payload):  # queued before the endpoint refused it (or by another producer): never storable
+        raise invalid("unstorable_value")
 
     try:
         company = CompanyRecord.model_validate(context.company_data_payload)

@@ -62,7 +62,7 @@ _EMAIL = re.compile(
     re.ASCII,
 )
 _CONTROL_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-# DynamoDB's number range (magnitude; 0 too), and the characters of a JSON body SQS refuses (`_unstorable`).
+# DynamoDB's number range (magnitude; 0 too), and the characters of a JSON body SQS refuses (`unstorable_reason`).
 DYNAMODB_MIN, DYNAMODB_MAX = 1e-130, 1e126
 _NOT_FOR_SQS = re.compile("[\ufffe\uffff]")
 
@@ -148,7 +148,7 @@ def _depth_exceeds(value: object, limit: int) -> bool:
     return False
 
 
-def _unstorable(value: object) -> str | None:
+def unstorable_reason(value: object) -> str | None:
     """What in `value` (walked iteratively; its depth is already bounded) DynamoDB or SQS would refuse, else None:
     a number outside DynamoDB's range (|x| from 1e-130 to below 1e126, or 0), or a string or key holding U+FFFE or
     U+FFFF, the two characters of the BMP outside SQS's message character set (a JSON body writes them as they are).
@@ -170,7 +170,7 @@ def _unstorable(value: object) -> str | None:
 
 def _check_storable(body: dict[str, Any], project_data: dict[str, Any]) -> None:
     for name, value in body.items():
-        problem = _unstorable(project_data if name == "project_data" else value)
+        problem = unstorable_reason(project_data if name == "project_data" else value)
         if problem:
             code = ErrorCode.INVALID_PROJECT_DATA if name == "project_data" else ErrorCode.INVALID_REQUEST
             raise ApiError(code, f"'{name}': {problem}")

@@ -79,6 +79,16 @@ def test_conversation_id_of_another_request_is_invalid_and_names_the_conversatio
     assert (raised.value.reason, raised.value.primary_channel) == ("conversation_id_mismatch", "+447700900123")
 
 
+@pytest.mark.parametrize("value", [1e200, 1e-200, "a\uffff"])
+def test_a_value_the_stores_refuse_is_invalid_and_names_the_conversation(value):
+    """Queued before the endpoint refused such values: dead-lettered at once, not retried as an outage."""
+    context = context_for()
+    context["frontend_payload"]["project_data"]["slot"] = value
+    with pytest.raises(InvalidContext) as raised:
+        parse(context)
+    assert (raised.value.reason, raised.value.primary_channel) == ("unstorable_value", "+447700900123")
+
+
 def test_missing_ai_instructions_are_invalid():
     context = context_for()
     del context["company_data_payload"]["ai_config"]["openai_config"]["whatsapp"]["template_sender"]
