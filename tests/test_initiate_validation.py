@@ -251,6 +251,15 @@ async def test_error_body_echoes_the_callers_request_id(api, tenant):
     assert (await response.json())["request_id"] == body["request_data"]["request_id"]
 
 
+@pytest.mark.parametrize("request_id", ["x" * 60_000, "a\u0000b", "5f0c7d4e-1111-4222-8333-444455556666\n"])
+async def test_error_body_never_echoes_a_request_id_that_is_not_one(api, tenant, request_id):
+    body = initiate_body(request_data={"request_id": request_id})
+    response = await api.post("/initiate-conversation", json=body, headers={"x-api-key": tenant.api_key})
+    answer = await response.json()
+    assert answer["error_code"] == "INVALID_REQUEST_ID"
+    assert answer["request_id"] == response.headers["X-Request-Id"] != request_id
+
+
 async def test_error_body_without_a_request_id_gets_a_generated_one(api, tenant):
     response = await api.post(
         "/initiate-conversation", json=_without("request_data", "request_id"), headers={"x-api-key": tenant.api_key}

@@ -89,12 +89,13 @@ class InitiateRequest:
 
 
 def payload_request_id(body: object) -> str | None:
-    """The caller's request_id if the body carries one as a string, for echoing in errors."""
+    """The caller's request_id, for echoing in errors, when it is one (a UUID v4): anything else is not echoed
+    (a request_id of 60 KiB, or holding a NUL or a newline, would come back whole in every refusal)."""
     if isinstance(body, dict):
         request_data = body.get("request_data")
         if isinstance(request_data, dict):
             value = request_data.get("request_id")
-            if isinstance(value, str) and value:
+            if isinstance(value, str) and _UUID4.fullmatch(value):
                 return value
     return None
 
