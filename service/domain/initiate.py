@@ -257,7 +257,6 @@ def validate_initiate_body(body: object) -> InitiateRequest:
     if not isinstance(project_data, dict):
         raise ApiError(ErrorCode.INVALID_PROJECT_DATA_TYPE, "'project_data' must be a JSON object")
     _check_nesting(body, project_data)
-    _check_storable(body, project_data)
 
     request_id = _request_field(
         request, "request_id", ErrorCode.MISSING_REQUEST_ID, ErrorCode.INVALID_REQUEST_ID_FORMAT
@@ -302,6 +301,7 @@ def validate_initiate_body(body: object) -> InitiateRequest:
     if not consent:
         raise ApiError(ErrorCode.CONSENT_REQUIRED, "the recipient has not consented to communications")
 
+    _check_storable(body, project_data)  # last: a field's own rule names what is wrong with it first
     normalised = {**body, "project_data": project_data, "request_data": {**request, "channel_method": channel}}
     return InitiateRequest(
         company_id=company_id,

@@ -9,4 +9,7 @@ from twilio.request_validator import RequestValidator
 
 class TwilioSignatureVerifier:
     def valid(self, auth_token: str, url: str, params: Mapping[str, str], signature: str) -> bool:
-        return bool(RequestValidator(auth_token).validate(url, dict(params), signature))
+        try:
+            return bool(RequestValidator(auth_token).validate(url, dict(params), signature))
+        except UnicodeEncodeError:  # a URL from header bytes that are not UTF-8: Twilio signed no such URL
+            return False
