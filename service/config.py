@@ -165,6 +165,15 @@ class Settings(BaseSettings):
     twilio_base_url: str | None = None
     sendgrid_base_url: str = "https://api.sendgrid.com"
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_whitespace_at_an_end(cls, value: object) -> object:
+        """A value from a Kubernetes Secret or a ConfigMap block scalar often ends in a newline: kept, a table name
+        or a queue URL names nothing that exists, and the service runs, ready, refusing every request."""
+        if isinstance(value, str) and value != value.strip():
+            raise ValueError("has whitespace at an end (a trailing newline from a Secret or ConfigMap?)")
+        return value
+
     @field_validator("cors_allow_origin")
     @classmethod
     def _origin_not_blank(cls, value: str) -> str:

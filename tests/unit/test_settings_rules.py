@@ -53,3 +53,32 @@ def test_webhooks_need_a_public_base_url() -> None:
         load_settings().require_public_base_url()
     load_settings(public_base_url="https://comms.example.com").require_public_base_url()
     load_settings(webhooks_enabled=False).require_public_base_url()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("COMMS_IDEMPOTENCY_TABLE", "comms-idempotency\n"),
+        ("COMMS_CONVERSATIONS_TABLE", " comms-conversations"),
+        ("COMMS_WHATSAPP_QUEUE_URL", "http://127.0.0.1:4566/000000000000/comms-whatsapp\n"),
+        ("COMMS_AWS_REGION", "eu-west-2\n"),
+        ("COMMS_AWS_ENDPOINT_URL", "http://127.0.0.1:4566\n"),
+        ("COMMS_PUBLIC_BASE_URL", "https://comms.example.com\r\n"),
+        ("COMMS_HOST", "0.0.0.0\t"),
+        ("COMMS_REQUEST_DEADLINE_S", "5\n"),
+        ("COMMS_WEBHOOKS_ENABLED", "true\n"),
+    ],
+)
+def test_a_value_with_whitespace_at_an_end_stops_start_up_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """As a Kubernetes Secret or a ConfigMap block scalar hands it over: silently kept, a table name with a newline
+    made every initiate a 503 while readiness said ready."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError, match=f"{variable}: .*whitespace at an end"):
+        load_settings()
+
+
+def test_a_value_with_inner_spaces_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMMS_CONSUMER_QUEUES", "whatsapp, sms")
+    assert load_settings().consumed_queues == ["whatsapp", "sms"]
