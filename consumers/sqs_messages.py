@@ -13,7 +13,8 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
 from consumers.contracts import QueueMessage
-from service.aws_failures import AWS_FAILURES, error_code
+from service.aws_failures import AWS_FAILURES, MISSING_QUEUE_CODES, error_code
+from service.config import ConfigurationError
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -192,5 +193,7 @@ async def read_redrive_policy(
             return await find_redrive_policy(sqs, queue_url)
         return await retry.call("read_redrive_policy", queue, lambda: find_redrive_policy(sqs, queue_url))
     except AWS_FAILURES as exc:
+        if error_code(exc) in MISSING_QUEUE_CODES:  # a queue URL that names nothing: the process can never consume
+            raise ConfigurationError(f"the {queue} queue does not exist: {queue_url} ({error_code(exc)})") from exc
         log.warning("redrive_policy_unreadable", queue=queue, code=error_code(exc) or type(exc).__name__)
         return NO_REDRIVE_POLICY

@@ -6,6 +6,8 @@ from __future__ import annotations
 from botocore.exceptions import BotoCoreError, ClientError
 
 AWS_FAILURES: tuple[type[Exception], ...] = (ClientError, BotoCoreError)
+# What SQS answers for a queue URL that names no queue (the query protocol's code, then the JSON protocol's).
+MISSING_QUEUE_CODES = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 
 
 def error_code(exc: BaseException) -> str | None:

@@ -15,14 +15,18 @@ import sys
 from collections.abc import Callable, Sequence
 
 from service.adapters.aws.provisioning import provision_resources
+from service.aws_failures import AWS_FAILURES
 from service.config import ConfigurationError, Settings, load_settings
+from service.domain.errors import DependencyUnavailable
 from service.logging import configure_logging
 from service.operator import COMMANDS as OPERATOR_COMMANDS
 from service.operator import register as register_operator
 from service.operator import run as run_operator
+from service.operator.output import classify_failure
 from service.runner import Role, run_on, run_service
 
 EXIT_CONFIG = 2
+BOOTSTRAP_FAILURES: tuple[type[Exception], ...] = (*AWS_FAILURES, DependencyUnavailable)
 
 
 async def _run_local(base: Settings, role: Role, ai_latency_s: float) -> None:
@@ -90,7 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "serve":
         return _serving(lambda: run_on(settings.event_loop, run_service(settings, args.role)))
     elif args.command == "bootstrap":
-        asyncio.run(_bootstrap(settings))
+        try:
+            asyncio.run(_bootstrap(settings))
+        except BOOTSTRAP_FAILURES as exc:  # exit codes as the operator commands'
+            failure = classify_failure(exc)
+            print(f"comms: bootstrap: {failure.message}", file=sys.stderr)
+            return failure.exit_code
     elif args.command in OPERATOR_COMMANDS:
         return run_operator(args, settings)
     return 0

@@ -7,6 +7,7 @@ one readable message so a bad deployment fails fast and says why.
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -172,6 +173,31 @@ class Settings(BaseSettings):
         or a queue URL names nothing that exists, and the service runs, ready, refusing every request."""
         if isinstance(value, str) and value != value.strip():
             raise ValueError("has whitespace at an end (a trailing newline from a Secret or ConfigMap?)")
+        return value
+
+    @field_validator(
+        "aws_endpoint_url",
+        "dynamodb_endpoint_url",
+        "sqs_endpoint_url",
+        "secretsmanager_endpoint_url",
+        "whatsapp_queue_url",
+        "sms_queue_url",
+        "email_queue_url",
+        "replies_queue_url",
+        "handoff_queue_url",
+        "public_base_url",
+        "openai_base_url",
+        "twilio_base_url",
+        "sendgrid_base_url",
+    )
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        """An http(s) URL with a host (empty: not set); anything else failed later, deep in a client, as a
+        traceback."""
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL with a host")
         return value
 
     @field_validator("cors_allow_origin")

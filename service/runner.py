@@ -29,7 +29,7 @@ from consumers.runtime import QueueConsumer
 from consumers.sqs_messages import StartupRetry, StartupStopped
 from service.api.app import create_app, create_metrics_app, make_runner
 from service.bootstrap import Dependencies, build
-from service.config import HTTP_SHUTDOWN_S, EventLoop, Settings
+from service.config import HTTP_SHUTDOWN_S, ConfigurationError, EventLoop, Settings
 from service.tracing import start_from_environment
 
 Role = Literal["api", "worker", "all"]
@@ -80,8 +80,7 @@ def thaw_heap() -> None:
 async def start_http(deps: Dependencies) -> web.AppRunner:
     runner = make_runner(create_app(deps))
     await runner.setup()
-    site = web.TCPSite(runner, deps.settings.host, deps.settings.port, backlog=2048, reuse_address=True)
-    await site.start()
+    await _listen(runner, web.TCPSite(runner, deps.settings.host, deps.settings.port, backlog=2048, reuse_address=True))
     return runner
 
 
@@ -89,9 +88,18 @@ async def start_metrics_http(deps: Dependencies) -> web.AppRunner:
     """`/metrics` alone on `metrics_port` (same host), so the public listener never serves it."""
     runner = web.AppRunner(create_metrics_app(deps), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, deps.settings.host, deps.settings.metrics_port, reuse_address=True)
-    await site.start()
+    await _listen(runner, web.TCPSite(runner, deps.settings.host, deps.settings.metrics_port, reuse_address=True))
     return runner
+
+
+async def _listen(runner: web.AppRunner, site: web.TCPSite) -> None:
+    """Start listening; a port in use or a host that does not resolve is the configuration's problem (exit 2 with
+    the reason), not a traceback."""
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigurationError(f"cannot listen on {site.name}: {exc.strerror or exc}") from exc
 
 
 async def run_service(

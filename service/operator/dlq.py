@@ -43,6 +43,7 @@ from consumers.sqs_messages import find_redrive_policy, resendable_attributes
 from consumers.template_job import InvalidContext, parse_template_job
 from service.adapters.aws.errors import error_code
 from service.adapters.aws.resources import QUEUE_KINDS
+from service.aws_failures import MISSING_QUEUE_CODES
 from service.config import CHANNELS
 from service.domain.conversation import ConversationKey, ConversationRecord
 from service.domain.errors import DependencyUnavailable
@@ -57,7 +58,6 @@ PEEK_VISIBILITY_S = 30  # `show` releases what it peeked at once; this only boun
 REDRIVE_VISIBILITY_S = 120  # far longer than one copy-then-delete round trip
 RECEIVE_WAIT_S = 1  # a short long-poll: sees every message server, ends quickly when the DLQ is empty
 BODY_PREVIEW_CHARS = 160
-_MISSING_QUEUE_CODES = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")
 _BATCH_TOO_LONG_CODES = ("AWS.SimpleQueueService.BatchRequestTooLong", "BatchRequestTooLong")
 RUN_ATTRIBUTE = "commsRedriveRun"  # message attribute naming the redrive run that sent a copy
 MAX_MESSAGE_ATTRIBUTES = 10  # SQS: a message with 10 attributes of its own cannot be tagged (it still moves)
@@ -164,7 +164,7 @@ async def _queue_url(sqs: SQSClient, name: str) -> str | None:
     try:
         answer = await sqs.get_queue_url(QueueName=name)
     except ClientError as exc:
-        if error_code(exc) in _MISSING_QUEUE_CODES:
+        if error_code(exc) in MISSING_QUEUE_CODES:
             return None
         raise
     return answer["QueueUrl"]
@@ -183,7 +183,7 @@ async def resolve_queue(ctx: Context, kind: str) -> QueuePair:
     try:
         dlq_url = (await find_redrive_policy(sqs, source_url)).dead_letter_url
     except ClientError as exc:
-        if error_code(exc) not in _MISSING_QUEUE_CODES:
+        if error_code(exc) not in MISSING_QUEUE_CODES:
             raise
         if exc.operation_name != "GetQueueUrl":  # the source queue is missing, not the DLQ its policy names
             raise UsageError(

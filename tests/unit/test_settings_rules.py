@@ -82,3 +82,15 @@ def test_a_value_with_whitespace_at_an_end_stops_start_up_naming_the_variable(
 def test_a_value_with_inner_spaces_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMMS_CONSUMER_QUEUES", "whatsapp, sms")
     assert load_settings().consumed_queues == ["whatsapp", "sms"]
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:4566", "ftp://host", "http://", "not a url"])
+def test_an_endpoint_that_is_not_an_http_url_stops_start_up(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("COMMS_AWS_ENDPOINT_URL", value)
+    with pytest.raises(ConfigurationError, match=r"COMMS_AWS_ENDPOINT_URL: .*http:// or https:// URL"):
+        load_settings()
+
+
+def test_an_empty_endpoint_means_the_real_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMMS_OPENAI_BASE_URL", "")
+    assert not load_settings().openai_base_url
