@@ -33,6 +33,7 @@ must allow for it.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -162,6 +163,7 @@ class QueueConsumer:
         self._copies = SendBatcher(sqs, queue_url, queue_name, config.copy_flush_interval_s)
         self._in_flight: dict[asyncio.Task[None], InFlight] = {}
         self._finishing: set[asyncio.Task[None]] = set()
+        self._stop_deadline: float | None = None  # monotonic; set when stop() begins
         self._returns: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._no_receive = asyncio.Event()  # set while no ReceiveMessage of ours is open at SQS
@@ -219,6 +221,13 @@ class QueueConsumer:
         self._stopping = True
         self._deletes.hurry()  # the last deletes go out at once instead of after the flush interval
         log.info("consumer_stopping", queue=self._queue_name, ongoing=self.ongoing, grace_s=grace_s)
+        config = self._config
+        # The whole stop ends by this (Settings.stop_budget_s counts it): what finishes after the drain (cancelled
+        # work's SQS calls, returns, the last deletes) has what the drain left, at most finish_timeout_s. Cut, a
+        # message only reappears later (after its visibility timeout) and the claims acknowledge a repeat.
+        self._stop_deadline = time.monotonic() + max(
+            grace_s + config.protected_grace_s, config.wait_time_s + config.receive_margin_s
+        )
         try:
             polling = asyncio.create_task(self.stop_polling(), name=f"stop-polling:{self._queue_name}")
             try:
@@ -227,10 +236,14 @@ class QueueConsumer:
                 await polling
             pending = self._finishing | self._returns  # shielded finishing steps and returns
             if pending:
-                _, late = await asyncio.wait(pending, timeout=self._config.finish_timeout_s)
+                _, late = await asyncio.wait(pending, timeout=self._finish_window())
                 if late:
                     log.error("finishing_timed_out", queue=self._queue_name, pending=len(late))
-            await self._deletes.close()
+            try:
+                async with asyncio.timeout(self._finish_window()):
+                    await self._deletes.close()
+            except TimeoutError:
+                log.error("last_deletes_timed_out", queue=self._queue_name)
         finally:
             if self._heartbeat_task is not None:
                 self._heartbeat_task.cancel()
@@ -290,7 +303,13 @@ class QueueConsumer:
         for item in protected:
             item.cancel()
         if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=self._config.finish_timeout_s)
+            await asyncio.wait(set(self._in_flight), timeout=self._finish_window())
+
+    def _finish_window(self) -> float:
+        """How long a finishing stage of stop() may still wait: what is left before the stop deadline, at most
+        finish_timeout_s (the whole of it before a stop began)."""
+        left = self._stop_deadline - time.monotonic() if self._stop_deadline is not None else math.inf
+        return max(0.0, min(self._config.finish_timeout_s, left))
 
     def _poller_ended(self, poller: asyncio.Task[None]) -> None:
         if not poller.cancelled() and poller.exception() is not None:

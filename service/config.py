@@ -20,7 +20,7 @@ CONSUMABLE_QUEUES = (*CHANNELS, "replies")
 # The stop path's fixed bounds (see `Settings.stop_budget_s`); the consumer runtime and the runner use these.
 PROTECTED_GRACE_S = 10.0  # ConsumerConfig.protected_grace_s: extra wait for work inside lease.protected()
 RECEIVE_MARGIN_S = 5.0  # ConsumerConfig.receive_margin_s: how long past poll_wait_s an open poll may run at stop
-FINISH_TIMEOUT_S = 30.0  # ConsumerConfig.finish_timeout_s: longest wait for finishing SQS calls
+FINISH_TIMEOUT_S = 30.0  # ConsumerConfig.finish_timeout_s: longest wait per finishing stage (within the stop budget)
 HTTP_SHUTDOWN_S = 5.0  # the HTTP runner's shutdown timeout for in-flight requests
 TRACE_FLUSH_S = 3.0  # the longest wait for tracing's last export at stop, after every client closed (service.tracing)
 
@@ -275,8 +275,10 @@ class Settings(BaseSettings):
         alongside the drain), HTTP_SHUTDOWN_S = 5 (the HTTP server's shutdown timeout, after the consumers) and
         TRACE_FLUSH_S = 3 (the last spans' export, after every client closed: counted whether or not tracing is
         on, since OTEL_* variables can be added without touching the grace periods derived from this).
-        Defaults: max(110 + 10, 20 + 5) + 5 + 3 = 128. Not counted: the finishing SQS calls of cancelled work,
-        which wait longer only while SQS hangs (each stage bounded by 30 s, FINISH_TIMEOUT_S).
+        Defaults: max(110 + 10, 20 + 5) + 5 + 3 = 128. The consumers' stop holds to its part whatever SQS does:
+        the finishing SQS calls of cancelled work, the returns and the last deletes wait only for what the drain
+        left of it (each stage at most FINISH_TIMEOUT_S); cut while SQS hangs, a message reappears after its
+        visibility timeout and the claims acknowledge the repeat.
         """
         drain = max(self.drain_grace_s + PROTECTED_GRACE_S, self.poll_wait_s + RECEIVE_MARGIN_S)
         return drain + HTTP_SHUTDOWN_S + TRACE_FLUSH_S

@@ -682,6 +682,38 @@ async def test_stop_waits_a_bounded_while_for_protected_work_and_cancels_the_res
     assert sorted(m["Body"] for m in await raw_receive(sqs, queue.url)) == ["plain", "stuck"]
 
 
+class HangingReturns(RecordingSqs):
+    """SQS that no longer answers the calls making messages visible again (as when it hangs during a stop)."""
+
+    async def change_message_visibility_batch(self, **request: Any) -> Any:
+        await asyncio.Event().wait()
+
+    async def change_message_visibility(self, **request: Any) -> Any:
+        await asyncio.Event().wait()
+
+
+async def test_stop_ends_by_its_budget_when_the_finishing_calls_hang(sqs, metrics):
+    """Found from outside: with SQS hanging, a stop waited finish_timeout_s twice after the drain and outlived the
+    pod's grace period (SIGKILL). Now what finishes after the drain has only what the stop's budget leaves."""
+    queue = await create_queue(sqs, visibility_s=30)
+    started = asyncio.Event()
+
+    async def rule(message: QueueMessage, lease: Lease) -> Outcome:
+        started.set()
+        await asyncio.Event().wait()
+        return Outcome.done("never")
+
+    await send(sqs, queue, ["stuck"])
+    cfg = config(visibility_timeout_s=30, protected_grace_s=0.2, receive_margin_s=0.5, finish_timeout_s=600)
+    consumer = QueueConsumer(HangingReturns(sqs), queue.url, queue.name, Recorder(rule), metrics, cfg)
+    await consumer.start()
+    await eventually(started.is_set, what="the message in flight")
+    with capture_logs() as logs:
+        async with asyncio.timeout(60):  # hang guard: unbounded, the finishing waits would take 2 x 600 s
+            await consumer.stop(grace_s=0.2)
+    assert [e["pending"] for e in logs if e["event"] == "finishing_timed_out"] == [1]
+
+
 # -- stopping while a long poll is open ------------------------------------------------------------------------
 
 
