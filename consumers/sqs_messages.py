@@ -116,6 +116,10 @@ async def find_redrive_policy(sqs: SQSClient, queue_url: str) -> RedrivePolicy:
     return RedrivePolicy(url, max_receives)
 
 
+# What a start-up attempt may end in while SQS is not answering (AWS failures are then judged one by one).
+NO_ANSWER_YET: tuple[type[Exception], ...] = (*AWS_FAILURES, TimeoutError)
+
+
 class StartupStopped(Exception):
     """The process was told to stop while it waited for SQS at start-up."""
 
@@ -140,6 +144,9 @@ class StartupRetry:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     base_s: float = 0.5
     cap_s: float = 30.0
+    # One attempt's bound: an SQS that hangs would otherwise hold it for the client's read timeout times its
+    # attempts (about 100 s) before the first warning says why the worker is not starting.
+    attempt_timeout_s: float = 10.0
 
     async def call(self, what: str, queue: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """`attempt()` until SQS answers; raises `StartupStopped` as soon as `stop` is set (mid-call included)."""
@@ -147,9 +154,9 @@ class StartupRetry:
         failures = 0
         while True:
             try:
-                return await self._unless_stopped(attempt())
-            except AWS_FAILURES as exc:
-                if not sqs_did_not_answer(exc):
+                return await self._unless_stopped(self._bounded(attempt))
+            except NO_ANSWER_YET as exc:
+                if not isinstance(exc, TimeoutError) and not sqs_did_not_answer(exc):
                     raise
                 failures += 1
                 log.warning(
@@ -162,6 +169,10 @@ class StartupRetry:
                 )
             await self._unless_stopped(self.sleep(delay))
             delay = min(self.cap_s, delay * 2)
+
+    async def _bounded(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        async with asyncio.timeout(self.attempt_timeout_s):
+            return await attempt()
 
     async def _unless_stopped(self, step: Awaitable[T]) -> T:
         if self.stop.is_set():

@@ -28,6 +28,7 @@ from aiohttp import web
 from consumers.runtime import QueueConsumer
 from consumers.sqs_messages import StartupRetry, StartupStopped
 from service.api.app import create_app, create_metrics_app, make_runner
+from service.api.health import create_starting_app
 from service.bootstrap import Dependencies, build
 from service.config import HTTP_SHUTDOWN_S, ConfigurationError, EventLoop, Settings
 from service.tracing import start_from_environment
@@ -84,6 +85,14 @@ async def start_http(deps: Dependencies) -> web.AppRunner:
     return runner
 
 
+async def start_starting_http(settings: Settings) -> web.AppRunner:
+    """`create_starting_app` on the public port until the service's own app takes it over."""
+    runner = web.AppRunner(create_starting_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    await _listen(runner, web.TCPSite(runner, settings.host, settings.port, reuse_address=True))
+    return runner
+
+
 async def start_metrics_http(deps: Dependencies) -> web.AppRunner:
     """`/metrics` alone on `metrics_port` (same host), so the public listener never serves it."""
     runner = web.AppRunner(create_metrics_app(deps), access_log=None, handle_signals=False, shutdown_timeout=1.0)
@@ -119,8 +128,13 @@ async def run_service(
     force = asyncio.Event()
     install_stop_signals(stop, force)
     runs_consumers = role in ("worker", "all")
+    # Building the consumers may wait for SQS: meanwhile the port answers the probes (alive, not ready).
+    starting = await start_starting_http(settings) if runs_consumers else None
     try:
         async with build(settings, expects_consumers=runs_consumers, startup=StartupRetry(stop, sleep)) as deps:
+            if starting is not None:
+                await starting.cleanup()
+                starting = None
             freeze_startup_heap()
             try:
                 await _serve(deps, settings, role, stop, force, on_ready)
@@ -130,6 +144,8 @@ async def run_service(
         log.info("service_stopped", role=role, during="startup")
         return
     finally:
+        if starting is not None:
+            await starting.cleanup()
         await traces.shutdown()  # the last spans leave (bounded: config.TRACE_FLUSH_S) after every client closed
     log.info("service_stopped", role=role)
 

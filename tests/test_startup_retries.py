@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
@@ -85,6 +86,58 @@ async def test_a_worker_waits_for_sqs_at_startup_then_consumes(
     finally:
         stop.set()
         await service
+
+
+async def test_while_waiting_for_sqs_the_worker_answers_its_probes_alive_and_not_ready(
+    worker_settings: Settings, sqs_proxy: FaultProxy
+) -> None:
+    """Found from outside: the port stayed closed for the whole wait, so the chart's startup probe restarted a pod
+    that was only waiting (and nothing was logged for 100 s)."""
+    sqs_proxy.reset()
+    answers: list[tuple[str, int]] = []
+
+    async def rest(delay_s: float) -> None:
+        if not answers:
+            async with aiohttp.ClientSession() as session:
+                for path in ("/healthz", "/readyz"):
+                    async with session.get(f"http://127.0.0.1:{worker_settings.port}{path}") as answer:
+                        answers.append((path, answer.status))
+            sqs_proxy.pass_through()
+        await asyncio.sleep(0)
+
+    stop, ready = asyncio.Event(), asyncio.Event()
+    service = asyncio.create_task(
+        run_service(worker_settings, "worker", stop=stop, on_ready=lambda _: ready.set(), sleep=rest)
+    )
+    try:
+        await asyncio.wait({service, asyncio.ensure_future(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        assert ready.is_set(), f"the worker ended instead of waiting: {service.exception()!r}"
+        url = f"http://127.0.0.1:{worker_settings.port}/readyz"
+        async with aiohttp.ClientSession() as session, session.get(url) as answer:  # the service's own app now
+            assert "starting: waiting for SQS" not in await answer.text()
+    finally:
+        stop.set()
+        await service
+    assert answers == [("/healthz", 200), ("/readyz", 503)]
+
+
+async def test_an_attempt_sqs_never_answers_counts_as_failed_after_its_bound() -> None:
+    rests: list[float] = []
+    calls = 0
+
+    async def rest(delay_s: float) -> None:
+        rests.append(delay_s)
+
+    async def hangs_once() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.Event().wait()  # an SQS that accepts and never answers
+        return "answered"
+
+    retry = StartupRetry(asyncio.Event(), rest, attempt_timeout_s=0.01)
+    assert await retry.call("probe", "whatsapp", hangs_once) == "answered"
+    assert rests == [0.5]
 
 
 async def test_the_wait_is_capped() -> None:

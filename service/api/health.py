@@ -25,3 +25,16 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; mounted on the metrics listener only (`create_metrics_app`)."""
     return web.Response(body=generate_latest(request.app[DEPS].registry), content_type="text/plain", charset="utf-8")
+
+
+def create_starting_app() -> web.Application:
+    """What the public port answers while a worker waits for SQS at start-up (before its app exists): alive, not
+    ready. Without it a startup probe finds the port closed and restarts a pod that is only waiting."""
+    app = web.Application()
+
+    async def starting(_: web.Request) -> web.Response:
+        return json_response({"status": "not_ready", "problems": ["starting: waiting for SQS"]}, status=503)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", starting)
+    return app
