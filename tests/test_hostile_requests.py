@@ -234,3 +234,12 @@ async def test_an_initiate_that_expects_100_continue_is_served(served: tuple[str
     assert raw.startswith(interim)
     response = parse_response(raw[len(interim) :])
     assert (response.status, response.json()["status"]) == (200, "success")
+
+
+async def test_a_webhook_field_over_its_length_is_400_naming_the_field_not_its_value(served: tuple[str, int]) -> None:
+    form = WEBHOOK_FORM.replace(b"Body=hi", b"Body=" + b"s3cr3t" * 4000)
+    headers = [(b"Content-Type", b"application/x-www-form-urlencoded"), (b"X-Twilio-Signature", b"c2ln")]
+    response = await send(served, raw_request("POST", "/webhooks/twilio/sms", form, headers))
+    assert _error_code(response) == (400, "INVALID_REQUEST")
+    assert response.json()["message"] == "Body: over the length a Twilio webhook carries"
+    assert b"s3cr3t" not in response.body

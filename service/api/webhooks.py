@@ -28,6 +28,8 @@ log = structlog.get_logger(__name__)
 
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 SIGNATURE_HEADER = "X-Twilio-Signature"
+# The form field each InboundMessage field comes from (for refusals that name them).
+FORM_FIELD = {"message_sid": "MessageSid", "sender": "From", "company_address": "To", "body": "Body"}
 _UNAVAILABLE_CODES = {"dynamodb": ErrorCode.DATABASE_ERROR, "sqs": ErrorCode.QUEUE_ERROR}
 
 
@@ -73,9 +75,14 @@ async def twilio_inbound(request: web.Request) -> web.Response:
     signed = await _signed(request)
     try:
         message = inbound_from_form(channel, signed.params)
-    except (InvalidInbound, ValidationError):
+    except InvalidInbound:
         return error_response(
             ErrorCode.INVALID_REQUEST, "MessageSid, From and To are required", _request_id(request), status=400
+        )
+    except ValidationError as exc:  # present but over a limit: name the fields, never their values
+        fields = ", ".join(sorted({FORM_FIELD.get(str(e["loc"][0]), str(e["loc"][0])) for e in exc.errors()}))
+        return error_response(
+            ErrorCode.INVALID_REQUEST, f"{fields}: over the length a Twilio webhook carries", _request_id(request)
         )
     try:
         result = await request.app[DEPS].intake.receive(message, signed)
