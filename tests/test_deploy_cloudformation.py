@@ -376,7 +376,10 @@ def task_definition_placeholders() -> set[str]:
 
 def filled_task_definition(role: str, drain_grace_s: str | None = None) -> dict[str, Any]:
     """task-definition.json as `envsubst` fills it for one role, with plausible stack outputs."""
-    values = {name: f"x-{name}" for name in task_definition_placeholders()}
+    values = {
+        name: f"https://sqs.eu-west-2.amazonaws.com/123456789012/x-{name}" if name.endswith("Url") else f"x-{name}"
+        for name in task_definition_placeholders()
+    }
     values |= {
         "COMMS_ROLE": role,
         "IMAGE": "123456789012.dkr.ecr.eu-west-2.amazonaws.com/comms-engine:0.1.0",

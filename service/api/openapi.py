@@ -10,6 +10,20 @@ from service.domain.initiate import E164_PATTERN, SUPPORTED_CHANNELS, UUID4_PATT
 _JSON = "application/json"
 
 
+# What DynamoDB and SQS take (`initiate.unstorable_reason`): strings without U+FFFE/U+FFFF, numbers in range.
+_SQS_TEXT = "^[^\\uFFFE\\uFFFF]*$"
+_STORABLE_SCALAR: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "pattern": _SQS_TEXT},
+        {"type": "number", "minimum": 1e-130, "exclusiveMaximum": 1e126},
+        {"type": "number", "maximum": -1e-130, "exclusiveMinimum": -1e126},
+        {"const": 0},
+        {"type": "boolean"},
+        {"type": "null"},
+    ]
+}
+
+
 def _error_response(description: str, status: int) -> dict[str, Any]:
     codes = [code.value for code in ErrorCode if code.http_status == status]
     schema = {"allOf": [{"$ref": "#/components/schemas/ErrorBody"}, {"properties": {"error_code": {"enum": codes}}}]}
@@ -33,14 +47,25 @@ def _request_schema() -> dict[str, Any]:
                 "type": "object",
                 "required": ["comms_consent"],
                 "properties": {
-                    "recipient_first_name": {"type": "string"},
-                    "recipient_last_name": {"type": "string"},
+                    "recipient_first_name": {"type": "string", "pattern": _SQS_TEXT},
+                    "recipient_last_name": {"type": "string", "pattern": _SQS_TEXT},
                     "recipient_tel": {"type": "string", "pattern": E164_PATTERN},
                     "recipient_email": {"type": "string", "format": "email"},
                     "comms_consent": {"type": "boolean"},
                 },
             },
-            "project_data": {"type": "object", "description": "Passed to the AI as context"},
+            "project_data": {
+                "type": "object",
+                "description": "Passed to the AI as context. At any depth (at most 16): numbers DynamoDB stores"
+                " (0, or a magnitude from 1e-130 to below 1e126) and no U+FFFE/U+FFFF (outside SQS's character set)",
+                "additionalProperties": {
+                    "anyOf": [
+                        _STORABLE_SCALAR,
+                        {"type": "array", "items": _STORABLE_SCALAR},
+                        {"type": "object", "additionalProperties": _STORABLE_SCALAR},
+                    ]
+                },
+            },
             "request_data": {
                 "type": "object",
                 "required": ["request_id", "channel_method", "initial_request_timestamp"],
