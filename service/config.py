@@ -196,6 +196,10 @@ class Settings(BaseSettings):
         traceback."""
         if value:
             parts = urlsplit(value)
+            try:
+                parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
+            except ValueError:
+                raise ValueError("has a port that is not a number from 0 to 65535") from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError("must be an http:// or https:// URL with a host")
         return value
@@ -289,12 +293,17 @@ class Settings(BaseSettings):
         return self.consumer_concurrency * max(1, len(self.consumed_queues)) + 32
 
 
+def _reason(message: str) -> str:
+    return message.removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment; raise `ConfigurationError` with every problem listed."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(
-            f"COMMS_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {err['msg']}" for err in exc.errors()
+            f"COMMS_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {_reason(err['msg'])}"
+            for err in exc.errors()
         )
         raise ConfigurationError(f"invalid configuration: {problems}") from exc

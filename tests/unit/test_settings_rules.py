@@ -84,10 +84,14 @@ def test_a_value_with_inner_spaces_is_kept(monkeypatch: pytest.MonkeyPatch) -> N
     assert load_settings().consumed_queues == ["whatsapp", "sms"]
 
 
-@pytest.mark.parametrize("value", ["127.0.0.1:4566", "ftp://host", "http://", "not a url"])
+@pytest.mark.parametrize(
+    "value", ["127.0.0.1:4566", "ftp://host", "http://", "not a url", "http://127.0.0.1:99999", "http://h:abc"]
+)
 def test_an_endpoint_that_is_not_an_http_url_stops_start_up(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("COMMS_AWS_ENDPOINT_URL", value)
-    with pytest.raises(ConfigurationError, match=r"COMMS_AWS_ENDPOINT_URL: .*http:// or https:// URL"):
+    with pytest.raises(
+        ConfigurationError, match=r"^invalid configuration: COMMS_AWS_ENDPOINT_URL: (must be|has a port)"
+    ):
         load_settings()
 
 
