@@ -121,12 +121,16 @@ async def test_while_waiting_for_sqs_the_worker_answers_its_probes_alive_and_not
     assert answers == [("/healthz", 200), ("/readyz", 503)]
 
 
-async def test_an_attempt_sqs_never_answers_counts_as_failed_after_its_bound() -> None:
-    rests: list[float] = []
-    calls = 0
+class Rests(list[float]):
+    """A start-up retry's rests, written down and not waited."""
 
-    async def rest(delay_s: float) -> None:
-        rests.append(delay_s)
+    async def __call__(self, delay_s: float) -> None:
+        self.append(delay_s)
+
+
+async def test_an_attempt_sqs_never_answers_counts_as_failed_after_its_bound() -> None:
+    rests = Rests()
+    calls = 0
 
     async def hangs_once() -> str:
         nonlocal calls
@@ -135,17 +139,14 @@ async def test_an_attempt_sqs_never_answers_counts_as_failed_after_its_bound() -
             await asyncio.Event().wait()  # an SQS that accepts and never answers
         return "answered"
 
-    retry = StartupRetry(asyncio.Event(), rest, attempt_timeout_s=0.01)
+    retry = StartupRetry(asyncio.Event(), rests, attempt_timeout_s=0.01)
     assert await retry.call("probe", "whatsapp", hangs_once) == "answered"
     assert rests == [0.5]
 
 
 async def test_the_wait_is_capped() -> None:
-    rests: list[float] = []
+    rests = Rests()
     calls = 0
-
-    async def rest(delay_s: float) -> None:
-        rests.append(delay_s)
 
     async def flaky() -> str:
         nonlocal calls
@@ -154,7 +155,7 @@ async def test_the_wait_is_capped() -> None:
             raise EndpointConnectionError(endpoint_url="http://sqs.test")
         return "answered"
 
-    retry = StartupRetry(asyncio.Event(), rest, base_s=0.5, cap_s=8.0)
+    retry = StartupRetry(asyncio.Event(), rests, base_s=0.5, cap_s=8.0)
     assert await retry.call("probe", "whatsapp", flaky) == "answered"
     assert rests == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]
 
