@@ -128,9 +128,10 @@ async def run_service(
     force = asyncio.Event()
     install_stop_signals(stop, force)
     runs_consumers = role in ("worker", "all")
-    # Building the consumers may wait for SQS: meanwhile the port answers the probes (alive, not ready).
-    starting = await start_starting_http(settings) if runs_consumers else None
+    starting: web.AppRunner | None = None
     try:
+        if runs_consumers:  # building the consumers may wait for SQS: meanwhile the port answers the probes
+            starting = await start_starting_http(settings)
         async with build(settings, expects_consumers=runs_consumers, startup=StartupRetry(stop, sleep)) as deps:
             if starting is not None:
                 await starting.cleanup()
