@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -49,17 +50,25 @@ async def tenant(deps: Dependencies) -> DemoTenant:
     return await seed_demo_tenant(deps.aws, deps.settings)
 
 
-@pytest.fixture(scope="session")
-async def served(deps: Dependencies, tenant: DemoTenant) -> AsyncIterator[tuple[str, int]]:
-    """The app behind the server the service runs (`make_runner`: its answers to malformed requests), on
-    127.0.0.1: (host, port) for raw-socket clients."""
+@asynccontextmanager
+async def serving(deps: Dependencies) -> AsyncIterator[tuple[str, int]]:
+    """The app behind the server the service runs (`make_runner`: its answers to malformed requests, its idle
+    timeout), on 127.0.0.1: (host, port) for raw-socket clients."""
     runner = make_runner(create_app(deps))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     host, port = runner.addresses[0][:2]
-    yield host, port
-    await runner.cleanup()
+    try:
+        yield host, port
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+async def served(deps: Dependencies, tenant: DemoTenant) -> AsyncIterator[tuple[str, int]]:
+    async with serving(deps) as address:
+        yield address
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ import contextlib
 import enum
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -206,11 +206,19 @@ class RawResponse:
 
 
 def http_request(
-    method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None, *, chunked: bool = False
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+    *,
+    chunked: bool = False,
 ) -> bytes:
-    """The request head (ending in the blank line); with `chunked`, the body must be sent with `chunked_body`."""
+    """The request head (ending in the blank line); with `chunked`, the body must be sent with `chunked_body`.
+    Headers as a mapping or as pairs (a name may repeat); written in latin-1, so a value holding U+0080..U+00FF is
+    sent as those very bytes (how a test sends a header that is not UTF-8)."""
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or []
     lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    lines += [f"{name}: {value}" for name, value in pairs]
     lines.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 

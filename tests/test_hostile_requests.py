@@ -18,24 +18,20 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from local_stack.seed import DemoTenant
-from service.api.app import create_app, make_runner
 from service.bootstrap import Dependencies
-from tests.conftest import initiate_body
-from tests.fault_proxy import RawResponse, exchange, parse_response
+from tests.conftest import initiate_body, serving
+from tests.fault_proxy import RawResponse, exchange, http_request, parse_response
 
 INITIATE = "/initiate-conversation"
 
 
 def raw_request(method: str, path: str, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None) -> bytes:
-    """A request written as bytes: header values are sent exactly as given (not necessarily UTF-8)."""
-    lines = [f"{method} {path} HTTP/1.1".encode(), b"Host: 127.0.0.1", b"Connection: close"]
-    lines += [name + b": " + value for name, value in headers or []]
-    lines.append(b"Content-Length: %d" % len(body))
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+    """A whole request, its header values sent exactly as the bytes given (not necessarily UTF-8)."""
+    pairs = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers or []]
+    return http_request(method, path, body, pairs) + body
 
 
 async def send(served: tuple[str, int], request: bytes) -> RawResponse:
@@ -193,19 +189,12 @@ async def test_a_connection_that_never_finishes_its_headers_is_closed_after_the_
     deps: Dependencies,
 ) -> None:
     quick = dataclasses.replace(deps, settings=deps.settings.model_copy(update={"http_idle_timeout_s": 0.2}))
-    runner = make_runner(create_app(quick))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
+    async with serving(quick) as (host, port):
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(b"POST /initiate-conversation HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")
         async with asyncio.timeout(30):  # a bound on the test only: the server closes it at 0.2 s
             assert await reader.read() == b""
         writer.close()
-    finally:
-        await runner.cleanup()
 
 
 # --- expectations ---------------------------------------------------------------------------------------------------
